@@ -540,7 +540,7 @@ def _load_hf_model(
 
 
 def _materialize_buffers(model: torch.nn.Module, hf_config: Any) -> None:
-    for name, module in model.named_modules():
+    for module in model.modules():
         if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
             with torch.device("cpu"):
                 fresh = type(module)(config=hf_config)
