@@ -231,7 +231,7 @@ class SpeechLM:
         return int(self.bridge.cfg.d_model)
 
     @property
-    def hf_model(self) -> torch.nn.Module:
+    def hf_model(self) -> Any:
         return self.bridge.original_model
 
     @property
@@ -301,7 +301,7 @@ def load_model(
     else:
         the_spec = detect_family(weights_dir, config, tok_dir)
 
-    hf = _load_hf_model(weights_dir, config, the_spec, dtype)
+    hf: Any = _load_hf_model(weights_dir, config, the_spec, dtype)
     if lora_base is not None:
         hf = _merge_lora(hf, path)
     hf.eval()
@@ -411,7 +411,7 @@ def _lora_base(path: Path) -> Path | None:
     return base_path
 
 
-def _merge_lora(hf: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+def _merge_lora(hf: Any, adapter_dir: Path) -> Any:
     try:
         from peft import PeftModel
     except ImportError:
@@ -553,7 +553,7 @@ def _materialize_buffers(model: torch.nn.Module, hf_config: Any) -> None:
         raise WeightFileError(f"tensors left unloaded: {leftovers[:5]}")
 
 
-def _is_tied(hf: torch.nn.Module) -> bool:
+def _is_tied(hf: Any) -> bool:
     out = hf.get_output_embeddings()
     return out is not None and out.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
 

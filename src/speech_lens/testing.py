@@ -207,7 +207,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 def _sentencepiece_llama(directory: Path, added: list[str], extra_files: dict[str, Any]) -> None:
     """A Llama-2 style SentencePiece ``tokenizer.model`` of exactly 32000 pieces plus added tokens
     declared in ``tokenizer_config.json`` (as SpiritLM and SpeechGPT ship them)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    from sentencepiece import sentencepiece_model_pb2
+
+    pb: Any = sentencepiece_model_pb2
 
     sp = pb.ModelProto.SentencePiece
     m = pb.ModelProto()
@@ -485,6 +487,7 @@ def build_sims(
     d = Path(directory)
     n_text = len(AutoTokenizer.from_pretrained(str(base_tokenizer_dir)))
     vocab = n_text + 502
+    base_cfg: Any
     if base == "qwen2":
         base_cfg = Qwen2Config(
             vocab_size=151936,
