@@ -1,15 +1,27 @@
 """Prompt encoders: utterances -> each family's exact token sequence + a position table.
 
-Interface types are defined here first; the encoders follow (issue 4).
+``encode_prompt`` writes an :class:`~speech_lens.data.Utterance` as speech-only, text-only or
+interleaved prompt in the family's marker convention (read from the adapter spec's
+``PromptSpec``), returns the tokenizer's ids and, for every position, its kind, word and unit;
+``word_targets`` gives each word's text tokens for lens metrics.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
+
+from speech_lens.data import TIME_EPS, UnitRule, Utterance, Word, assign_words
+from speech_lens.vocab import VocabLayout
 
 # Position kinds in a PositionTable
 BOS, TEXT, SPEECH, PROSODY, MARKER = "bos", "text", "speech", "prosody", "marker"
@@ -47,6 +59,12 @@ class EncodedPrompt:
     spans: tuple[WordSpan, ...]
     utterance_id: str
     family: str
+    # added by the encoders (defaults keep hand-built prompts valid)
+    text: str = ""  # the prompt as a string, before BOS (what the tokenizer was given)
+    token_strings: tuple[str, ...] = ()
+    mode: str = ""  # "speech", "text" or "interleaved"
+    modalities: tuple[str, ...] = ()  # TEXT or SPEECH per word
+    unit_rule: str = "end"
 
     def __post_init__(self) -> None:
         n = int(self.tokens.shape[0])
@@ -64,6 +82,36 @@ class EncodedPrompt:
     def positions_of(self, kind: str) -> Int[Tensor, " n"]:
         return torch.tensor([p for p, k in enumerate(self.kind) if k == kind], dtype=torch.long)
 
+    def table(self) -> list[dict[str, object]]:
+        """One row per position: pos, id, token, kind, word index, word, unit index."""
+        rows = []
+        for p in range(len(self)):
+            w = int(self.word_index[p])
+            rows.append(
+                {
+                    "pos": p,
+                    "id": int(self.tokens[p]),
+                    "token": self.token_strings[p] if self.token_strings else "",
+                    "kind": self.kind[p],
+                    "word_index": w,
+                    "word": self.words[w] if w >= 0 else "",
+                    "unit_index": int(self.unit_index[p]),
+                }
+            )
+        return rows
+
+    def format_table(self) -> str:
+        """The position table as aligned text (for printing)."""
+        head = f"{'pos':>4} {'id':>7}  {'token':<14} {'kind':<8} {'word':<16} unit"
+        lines = [head]
+        for r in self.table():
+            w = f"{r['word_index']}:{r['word']}" if int(str(r["word_index"])) >= 0 else "-"
+            u = str(r["unit_index"]) if int(str(r["unit_index"])) >= 0 else "-"
+            lines.append(
+                f"{r['pos']:>4} {r['id']:>7}  {str(r['token'])[:14]:<14} {r['kind']:<8} {w[:16]:<16} {u}"
+            )
+        return "\n".join(lines)
+
 
 @dataclass(frozen=True)
 class WordTarget:
@@ -76,3 +124,458 @@ class WordTarget:
     word: str
     spaced: tuple[int, ...]
     bare: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------
+
+Mode = Literal["speech", "text", "interleaved"]
+SpanSampler = Literal["poisson", "spiritlm", "alternate"]
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be built as asked (message names the utterance and the field)."""
+
+
+@dataclass(frozen=True)
+class _Seg:
+    """One piece of the prompt string: an added token (known id) or one word's text."""
+
+    kind: str
+    text: str
+    token_id: int | None = None  # None: text, tokenized with its neighbours
+    word: int = -1
+    unit: int = -1
+
+
+def encode_prompt(
+    model: Any,
+    utterance: Utterance,
+    *,
+    mode: Mode = "speech",
+    speech_words: set[int] | None = None,
+    seed: int | None = None,
+    span_sampler: SpanSampler = "poisson",
+    unit_rule: UnitRule = "end",
+    span_mean: float | None = None,
+    speech_fraction: float = 0.3,
+) -> EncodedPrompt:
+    """Encode an utterance in the model family's exact prompt format, with its position table.
+
+    ``model`` is a :class:`~speech_lens.SpeechLM` (anything with ``.tokenizer``, ``.layout`` and
+    ``.spec``); the format comes from ``model.spec.prompt`` (markers, BOS rule), never from the
+    family name.
+
+    * ``mode="speech"``: every unit of the utterance (silence included), after the speech marker
+      unless the family scores bare units (``speech_only_marker = false``, SIMS).
+    * ``mode="text"``: the words as text after the text marker.
+    * ``mode="interleaved"``: each word in one modality, switching at word boundaries; the speech
+      words are ``speech_words`` (word indices) or sampled with ``span_sampler`` and ``seed``.
+      A speech run of words ``a..b`` takes the units whose reference time (``unit_rule``) lies in
+      ``[words[a].start, words[b].end]`` (slamkit's ``bisect`` recipe); units in silence before or
+      after the run are dropped. Markers open every run (and close it where the family has a close
+      marker, SpeechGPT ``<eosp>``).
+
+    Units are deduplicated when the family's spec says so. Prosody streams the model knows
+    (SpiritLM Expressive pitch/style) are cut to each speech run's time window, deduplicated per
+    stream as the spec says, and merged by timestamp (``frame / rate`` with the spec's rates,
+    stable, ties coarser stream first: style -> pitch -> units), i.e. as SpiritLM's tokenizer
+    writes the run's audio.
+
+    The ids are the tokenizer's own ids for the concatenated prompt string (with BOS as the
+    family adds it); text words are written so that each gets its in-sentence (leading-space)
+    form. ``spans`` has one :class:`WordSpan` per word, in its modality: for a text word its
+    tokens; for a spoken word the positions from its first to its last unit (prosody tokens in
+    between included). Units in silence are in no span; a spoken word with no unit gets an empty
+    span (``start == end`` at the place it would be).
+    """
+    tok, layout, spec = model.tokenizer, model.layout, model.spec
+    ps = spec.prompt
+    utterance.check_layout(layout)
+    uid = utterance.id
+    words = utterance.words
+    n_words = len(words)
+    if abs(utterance.frame_rate - layout.units.frame_rate) > 0.01 * layout.units.frame_rate:
+        warnings.warn(
+            f"utterance {uid!r}: frame_rate {utterance.frame_rate} Hz differs from the "
+            f"{spec.name} units' {layout.units.frame_rate} Hz (units from another tokenizer?)",
+            stacklevel=2,
+        )
+
+    # the unit sequence the model sees, with each unit's frames and word
+    if layout.units.dedup:
+        du = utterance.dedup()
+        units, frames = du.units, du.unit_frames()
+    else:
+        units = utterance.frames()
+        frames = [(i, i + 1) for i in range(len(units))]
+    fr = utterance.frame_rate
+    if unit_rule == "end":
+        times = [e / fr for _, e in frames]
+    elif unit_rule == "midpoint":
+        times = [(s + e) / 2 / fr for s, e in frames]
+    else:
+        raise PromptError(
+            f"utterance {uid!r}: unit_rule must be 'end' or 'midpoint', got {unit_rule!r}"
+        )
+    unit_word = assign_words(times, words, unit_rule)
+
+    # modality of every word
+    if mode == "speech":
+        modal = [SPEECH] * n_words
+    elif mode == "text":
+        modal = [TEXT] * n_words
+    elif mode == "interleaved":
+        if speech_words is None:
+            rng = np.random.default_rng(seed)
+            speech_words = sample_speech_words(
+                n_words, span_sampler, rng, span_mean=span_mean, speech_fraction=speech_fraction
+            )
+        bad = sorted(i for i in speech_words if not 0 <= int(i) < n_words)
+        if bad:
+            raise PromptError(
+                f"utterance {uid!r}: field speech_words: indices {bad} outside 0..{n_words - 1}"
+            )
+        modal = [SPEECH if i in speech_words else TEXT for i in range(n_words)]
+    else:
+        raise PromptError(
+            f"utterance {uid!r}: mode must be speech, text or interleaved, got {mode!r}"
+        )
+
+    runs: list[tuple[str, int, int]] = []  # (modality, first word, last word + 1)
+    for i, m in enumerate(modal):
+        if runs and runs[-1][0] == m:
+            runs[-1] = (m, runs[-1][1], i + 1)
+        else:
+            runs.append((m, i, i + 1))
+
+    marker_id = {t: layout.marker_ids[n] for n, t in layout.marker_tokens.items()}
+
+    def added(text: str) -> _Seg:
+        i = marker_id.get(text)
+        if i is None:
+            i = tok.convert_tokens_to_ids(text)
+            if i is None or i == tok.unk_token_id:
+                raise PromptError(
+                    f"{spec.name}: prompt marker {text!r} is not a token of the tokenizer"
+                )
+        return _Seg(MARKER, text, int(i))
+
+    segs: list[_Seg] = []
+    for m, a, b in runs:
+        if m == SPEECH:
+            marked = mode != "speech" or ps.speech_only_marker
+            if marked and ps.speech_open:
+                segs.append(added(ps.speech_open))
+            if mode == "speech":
+                k0, k1 = 0, len(units)
+            else:
+                k0 = bisect.bisect_left(times, words[a].start - TIME_EPS)
+                hi = words[b - 1].end + (TIME_EPS if unit_rule == "end" else -TIME_EPS)
+                k1 = (
+                    bisect.bisect_right(times, hi)
+                    if unit_rule == "end"
+                    else bisect.bisect_left(times, hi)
+                )
+            segs.extend(
+                _speech_run(utterance, layout, units, frames, unit_word, k0, k1, a, b, mode)
+            )
+            if marked and ps.speech_close:
+                segs.append(added(ps.speech_close))
+        else:
+            if ps.text_open:
+                segs.append(added(ps.text_open))
+            ctx = segs[-1].text if segs else ""
+            for i in range(a, b):
+                w = words[i].text
+                # every word in its in-sentence form: the first one after a marker may not need
+                # the space (SentencePiece adds ▁ itself)
+                bare_ok = i == a and _bare_is_in_sentence(tok, ctx, w)
+                segs.append(_Seg(TEXT, w if bare_ok else " " + w, None, i))
+            if ps.text_close:
+                segs.append(added(ps.text_close))
+
+    ids, seg_of = _tokenize_segments(tok, segs, uid)
+    prompt_text = "".join(s.text for s in segs)
+    prefix = _special_prefix(tok, prompt_text, ids, ps.bos)
+    all_ids = prefix + ids
+    kinds = [BOS] * len(prefix) + [segs[j].kind for j in seg_of]
+    word_idx = [-1] * len(prefix) + [segs[j].word for j in seg_of]
+    unit_idx = [-1] * len(prefix) + [segs[j].unit for j in seg_of]
+    spans = _word_spans(words, modal, word_idx, kinds, len(prefix))
+    return EncodedPrompt(
+        tokens=torch.tensor(all_ids, dtype=torch.long),
+        kind=tuple(kinds),
+        word_index=torch.tensor(word_idx, dtype=torch.long),
+        unit_index=torch.tensor(unit_idx, dtype=torch.long),
+        words=tuple(w.text for w in words),
+        spans=spans,
+        utterance_id=uid,
+        family=spec.name,
+        text=prompt_text,
+        token_strings=tuple(str(t) for t in tok.convert_ids_to_tokens(all_ids)),
+        mode=mode,
+        modalities=tuple(modal),
+        unit_rule=unit_rule,
+    )
+
+
+def _speech_run(
+    utt: Utterance,
+    layout: VocabLayout,
+    units: Sequence[int],
+    frames: Sequence[tuple[int, int]],
+    unit_word: Sequence[int],
+    k0: int,
+    k1: int,
+    a: int,
+    b: int,
+    mode: str,
+) -> list[_Seg]:
+    """Units k0..k1-1 of a speech run (words a..b-1) merged with the prosody streams the model has."""
+    ub = layout.units
+    # (timestamp, rate for tie order, seg); units keep the word only if it is one of the run's
+    items: list[tuple[float, float, _Seg]] = []
+    if k1 <= k0:
+        return []
+    f0, f1 = frames[k0][0], frames[k1 - 1][1]
+    for k in range(k0, k1):
+        w = unit_word[k]
+        if mode != "speech" and not a <= w < b:
+            w = -1  # a boundary unit slamkit's bisect takes from a neighbouring text word
+        seg = _Seg(SPEECH, ub.token(units[k]), ub.id_of(units[k]), w, k)
+        items.append(((frames[k][0] - f0) / ub.frame_rate, ub.frame_rate, seg))
+    t0, t1 = f0 / utt.frame_rate, f1 / utt.frame_rate
+    for name, stream in utt.streams().items():
+        if name not in layout.prosody:
+            continue  # a stream this model has no tokens for
+        blk = layout.prosody[name]
+        fr = stream.frames()
+        r = stream.frame_rate
+        j0 = math.floor(t0 * r + TIME_EPS)
+        j1 = min(len(fr), max(j0 + 1, math.ceil(t1 * r - TIME_EPS)))
+        prev = None
+        for j in range(j0, j1):
+            if blk.dedup and fr[j] == prev:
+                continue
+            prev = fr[j]
+            seg = _Seg(PROSODY, blk.token(fr[j]), blk.id_of(fr[j]))
+            items.append(((j - j0) / blk.frame_rate, blk.frame_rate, seg))
+    # SpiritLM inserts style, pitch, then units and sorts stably by time: coarser stream first
+    items.sort(key=lambda x: (x[0], x[1]))
+    segs = [s for _, _, s in items]
+    if len(segs) > k1 - k0:
+        segs = _prosody_words(segs)
+    return segs
+
+
+def _prosody_words(segs: list[_Seg]) -> list[_Seg]:
+    """A prosody token between two units of the same word belongs to that word; else to none."""
+    out = list(segs)
+    prev_w = [-1] * len(segs)
+    w = -1
+    for i, s in enumerate(segs):
+        if s.kind == SPEECH:
+            w = s.word
+        prev_w[i] = w
+    nxt = -1
+    for i in range(len(segs) - 1, -1, -1):
+        s = segs[i]
+        if s.kind == SPEECH:
+            nxt = s.word
+        elif prev_w[i] == nxt and nxt >= 0:
+            out[i] = replace(s, word=nxt)
+    return out
+
+
+def _bare_is_in_sentence(tok: Any, ctx: str, word: str) -> bool:
+    """Does ``word`` written right after ``ctx`` (an added token or the prompt start) already get
+    its in-sentence tokens (those of ``" " + word``)? True for SentencePiece tokenizers, which add
+    ``▁`` after an added token; False for byte-level BPE (Qwen, Llama-3), which need the space."""
+    base = _ids(tok, ctx)
+    bare = _ids(tok, ctx + word)[len(base) :]
+    return bare == _ids(tok, " " + word)
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _tokenize_segments(tok: Any, segs: Sequence[_Seg], uid: str) -> tuple[list[int], list[int]]:
+    """Ids of the concatenated prompt string and, per id, the index of the segment it came from.
+
+    The whole string is tokenized once; text chunks (words between two added tokens) are then
+    split into words by tokenizing growing prefixes of the chunk after the same preceding token
+    and taking the common prefix with the chunk's ids. A token straddling two words goes to the
+    earlier word.
+    """
+    full = _ids(tok, "".join(s.text for s in segs))
+    ids: list[int] = []
+    seg_of: list[int] = []
+    j = 0
+    while j < len(segs):
+        s = segs[j]
+        if s.token_id is not None:
+            ids.append(s.token_id)
+            seg_of.append(j)
+            j += 1
+            continue
+        e = j
+        while e < len(segs) and segs[e].token_id is None:
+            e += 1
+        ctx = segs[j - 1].text if j > 0 else ""
+        base = _ids(tok, ctx)
+        chunk = _ids(tok, ctx + "".join(x.text for x in segs[j:e]))
+        if chunk[: len(base)] != base:
+            raise PromptError(
+                f"utterance {uid!r}: the tokenizer merges text into the token {ctx!r} before it"
+            )
+        chunk = chunk[len(base) :]
+        done = 0
+        for w in range(j, e):
+            if w == e - 1:
+                cut = len(chunk)
+            else:
+                pre = _ids(tok, ctx + "".join(x.text for x in segs[j : w + 1]))[len(base) :]
+                cut = done
+                while cut < min(len(pre), len(chunk)) and pre[cut] == chunk[cut]:
+                    cut += 1
+            ids.extend(chunk[done:cut])
+            seg_of.extend([w] * (cut - done))
+            done = cut
+        j = e
+    if ids != full:
+        raise PromptError(
+            f"utterance {uid!r}: segment-wise tokenization differs from the tokenizer on the whole "
+            f"prompt (first difference at position "
+            f"{next((i for i, (x, y) in enumerate(zip(ids, full, strict=False)) if x != y), min(len(ids), len(full)))})"
+        )
+    return ids, seg_of
+
+
+def _special_prefix(tok: Any, text: str, ids: list[int], bos: bool | str) -> list[int]:
+    """The ids the family puts before the prompt (BOS), per ``PromptSpec.bos``; EOS is dropped
+    (SpiritLM adds none, slamkit's build_prompt strips it)."""
+    if bos is False:
+        return []
+    with_special = list(tok(text, add_special_tokens=True)["input_ids"])
+    n = len(ids)
+    prefix: list[int] = []
+    for i in range(len(with_special) - n + 1):
+        if with_special[i : i + n] == ids:
+            prefix = with_special[:i]
+            break
+    if bos is True and tok.bos_token_id is not None and tok.bos_token_id not in prefix:
+        prefix = [int(tok.bos_token_id), *prefix]
+    return prefix
+
+
+def _word_spans(
+    words: Sequence[Word],
+    modal: Sequence[str],
+    word_idx: Sequence[int],
+    kinds: Sequence[str],
+    start: int,
+) -> tuple[WordSpan, ...]:
+    pos: dict[int, list[int]] = {}
+    for p, w in enumerate(word_idx):
+        if w >= 0:
+            pos.setdefault(w, []).append(p)
+    spans = []
+    last_end = start
+    for i, word in enumerate(words):
+        ps = pos.get(i)
+        if ps:
+            s, e = ps[0], ps[-1] + 1
+        else:
+            # empty: where the word would be, right after everything of the previous words
+            s = e = last_end
+            while s < len(kinds) and kinds[s] in (MARKER, BOS) and word_idx[s] < 0:
+                s = e = s + 1
+        spans.append(WordSpan(i, word.text, modal[i], s, e))
+        last_end = max(last_end, e)
+    return tuple(spans)
+
+
+# --------------------------------------------------------------------------------------------
+# Span samplers
+# --------------------------------------------------------------------------------------------
+
+
+def sample_speech_words(
+    n_words: int,
+    sampler: SpanSampler,
+    rng: np.random.Generator,
+    *,
+    span_mean: float | None = None,
+    speech_fraction: float = 0.3,
+) -> set[int]:
+    """Which words are spoken in an interleaved prompt.
+
+    * ``poisson`` (slamkit ``select_spans_poisson``, SIMS training): non-overlapping spans of
+      Poisson(``span_mean``=10) words at random starts until at least ``speech_fraction`` (0.3) of
+      the words are speech.
+    * ``spiritlm``: alternating text/speech spans of 1 + Poisson(``span_mean``-1, default 4) words,
+      first modality a coin flip (SpiritLM switches modality at word boundaries; its exact span
+      distribution is not released).
+    * ``alternate``: deterministic, spans of ``span_mean`` (default 1) words, speech first.
+    """
+    if n_words == 0:
+        return set()
+    if sampler == "poisson":
+        lam = 10.0 if span_mean is None else span_mean
+        total = math.ceil(n_words * speech_fraction)
+        mask = [False] * n_words
+        eligible = set(range(n_words))
+        chosen = 0
+        for _ in range(100 * n_words + 1000):  # slamkit loops unbounded; bound it
+            if chosen >= total or not eligible:
+                break
+            s = int(rng.choice(sorted(eligible)))
+            e = min(s + int(rng.poisson(lam)), n_words)
+            if any(mask[s:e]):
+                continue
+            for i in range(s, e):
+                mask[i] = True
+                eligible.discard(i)
+            chosen += e - s
+            if e < n_words:
+                eligible.discard(e)
+        return {i for i, m in enumerate(mask) if m}
+    if sampler == "spiritlm":
+        lam = 5.0 if span_mean is None else span_mean
+        speech = bool(rng.integers(2))
+        out: set[int] = set()
+        i = 0
+        while i < n_words:
+            n = 1 + int(rng.poisson(max(lam - 1, 0.0)))
+            if speech:
+                out.update(range(i, min(i + n, n_words)))
+            i += n
+            speech = not speech
+        return out
+    if sampler == "alternate":
+        k = max(1, round(1 if span_mean is None else span_mean))
+        return {i for i in range(n_words) if (i // k) % 2 == 0}
+    raise ValueError(f"span_sampler must be poisson, spiritlm or alternate, got {sampler!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Text targets
+# --------------------------------------------------------------------------------------------
+
+
+def word_targets(model: Any, words: Iterable[str | Word] | Utterance) -> list[WordTarget]:
+    """Each word's text tokens: ``spaced`` = tokens of ``" " + word``, ``bare`` = tokens of
+    ``word`` (no special tokens). SentencePiece tokenizers (Llama-2: SpiritLM, SpeechGPT) add a
+    ``▁`` dummy prefix, so there both forms are usually the same ids."""
+    tok = getattr(model, "tokenizer", model)
+    seq = words.words if isinstance(words, Utterance) else words
+    out = []
+    for w in seq:
+        text = (w.text if isinstance(w, Word) else str(w)).strip()
+        if not text:
+            raise ValueError("word_targets: empty word")
+        out.append(WordTarget(text, tuple(_ids(tok, " " + text)), tuple(_ids(tok, text))))
+    return out
