@@ -13,7 +13,14 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities import get_act_name
 
-__all__ = ["TransformerBridge", "boot_bridge", "get_act_name", "resid_post_name", "resid_pre_name"]
+__all__ = [
+    "TransformerBridge",
+    "boot_bridge",
+    "final_norm_and_unembed",
+    "get_act_name",
+    "resid_post_name",
+    "resid_pre_name",
+]
 
 
 def boot_bridge(
@@ -41,3 +48,21 @@ def resid_pre_name(layer: int) -> str:
 
 def resid_post_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
+
+
+def final_norm_and_unembed(bridge: TransformerBridge) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model's own final norm and unembedding as the wrapped HF modules.
+
+    Calling these (not ``bridge.ln_final`` / ``bridge.unembed``) fires no hook points, so a lens
+    applied inside another run's hooks does not trigger that run's ``ln_final.*`` hooks.
+    """
+    norm = bridge.ln_final.original_component
+    unembed = bridge.unembed.original_component
+    if norm is None or unembed is None:
+        raise TypeError(f"bridge {type(bridge).__name__} wraps no final norm / unembedding module")
+    return norm, unembed
+
+
+def unembed_name() -> str:
+    """The logits hook (legacy alias of ``unembed.hook_out``)."""
+    return "hook_unembed"
