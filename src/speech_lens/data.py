@@ -229,10 +229,10 @@ class Utterance:
     def unit_words(self, rule: UnitRule = "end") -> list[int]:
         """Word index of every deduplicated unit, -1 for units in silence.
 
-        ``rule="end"`` is slamkit's: a unit belongs to the word whose ``[start, end]`` contains its
-        end time (``cumsum(duration) / rate``; a unit ending exactly on a boundary shared by two
-        words goes to the earlier one). ``rule="midpoint"`` uses the unit's midpoint and
-        half-open ``[start, end)`` word intervals.
+        ``rule="end"`` is slamkit's: a unit belongs to the word whose interval contains its end
+        time (``cumsum(duration) / rate``), taken as ``(start, end]`` so that a unit ending exactly
+        on a boundary belongs to the word it lies in. ``rule="midpoint"`` uses the unit's
+        midpoint and ``[start, end)`` intervals. See :func:`assign_words`.
         """
         return assign_words(self.unit_times(rule), self.words, rule)
 
@@ -250,18 +250,25 @@ def assign_words(
 ) -> list[int]:
     """Word index for each (time-sorted) reference time; -1 where no word contains it.
 
-    ``end`` rule: closed intervals ``[start, end]`` (a time on a shared boundary goes to the
-    earlier word); ``midpoint`` rule: half-open ``[start, end)``.
+    ``end`` rule: a unit's end time ``t`` belongs to word ``(start, end]`` -- a unit ending exactly
+    on a word's start lies wholly before it, one ending exactly on a word's end lies inside it.
+    (slamkit's ``bisect`` on float times decides these exact ties by rounding noise.)
+    ``midpoint`` rule: the unit's midpoint in ``[start, end)``. Times within ``TIME_EPS``
+    count as equal.
     """
-    closed = rule == "end"
+    end_rule = rule == "end"
     out: list[int] = []
     w = 0
     for t in times:
         while w < len(words) and (
-            t > words[w].end + TIME_EPS if closed else t >= words[w].end - TIME_EPS
+            t > words[w].end + TIME_EPS if end_rule else t >= words[w].end - TIME_EPS
         ):
             w += 1
-        inside = w < len(words) and words[w].start - TIME_EPS <= t
+        if w < len(words):
+            s = words[w].start
+            inside = t > s + TIME_EPS if end_rule else t >= s - TIME_EPS
+        else:
+            inside = False
         out.append(w if inside else -1)
     return out
 

@@ -173,8 +173,9 @@ def encode_prompt(
     * ``mode="interleaved"``: each word in one modality, switching at word boundaries; the speech
       words are ``speech_words`` (word indices) or sampled with ``span_sampler`` and ``seed``.
       A speech run of words ``a..b`` takes the units whose reference time (``unit_rule``) lies in
-      ``[words[a].start, words[b].end]`` (slamkit's ``bisect`` recipe); units in silence before or
-      after the run are dropped. Markers open every run (and close it where the family has a close
+      ``(words[a].start, words[b].end]`` (slamkit's ``bisect`` recipe, see
+      :func:`~speech_lens.data.assign_words`); units in silence before or after the run are
+      dropped, silence between its words is kept. Markers open every run (and close it where the family has a close
       marker, SpeechGPT ``<eosp>``).
 
     Units are deduplicated when the family's spec says so. Prosody streams the model knows
@@ -271,13 +272,7 @@ def encode_prompt(
             if mode == "speech":
                 k0, k1 = 0, len(units)
             else:
-                k0 = bisect.bisect_left(times, words[a].start - TIME_EPS)
-                hi = words[b - 1].end + (TIME_EPS if unit_rule == "end" else -TIME_EPS)
-                k1 = (
-                    bisect.bisect_right(times, hi)
-                    if unit_rule == "end"
-                    else bisect.bisect_left(times, hi)
-                )
+                k0, k1 = _run_units(times, words[a].start, words[b - 1].end, unit_rule)
             segs.extend(
                 _speech_run(utterance, layout, units, frames, unit_word, k0, k1, a, b, mode)
             )
@@ -319,6 +314,17 @@ def encode_prompt(
         modalities=tuple(modal),
         unit_rule=unit_rule,
     )
+
+
+def _run_units(times: Sequence[float], start: float, end: float, rule: str) -> tuple[int, int]:
+    """Units ``k0..k1-1`` of a speech run from ``start`` to ``end`` (s): those whose reference time
+    falls in the run's interval under the same convention as :func:`assign_words` (slamkit's
+    ``bisect_left(unit_time, start) .. bisect_right(unit_time, end)``)."""
+    if rule == "end":
+        return bisect.bisect_right(times, start + TIME_EPS), bisect.bisect_right(
+            times, end + TIME_EPS
+        )
+    return bisect.bisect_left(times, start - TIME_EPS), bisect.bisect_left(times, end - TIME_EPS)
 
 
 def _speech_run(
