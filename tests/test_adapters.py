@@ -327,3 +327,26 @@ def test_inspect_cli(tiny_checkpoint, capsys):
     parts = {row[0]: row for row in out["partitions"]}
     assert parts["pitch [Pi*]"][1:] == [64, "32503-32566"]
     assert main(["inspect", str(path.parent / "nope")]) == 2
+
+
+def test_planner_refuses_a_model_too_large_before_loading(spirit_copy):
+    from speech_lens.adapters import estimate_memory
+
+    llama2_7b = {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+        "intermediate_size": 11008,
+        "vocab_size": 32512,
+    }
+    est = estimate_memory(llama2_7b, torch.bfloat16, seq_len=1024)
+    assert 6.7e9 < est.weights / 2 < 6.8e9  # SpiritLM 7B: about 6.74B parameters
+    # the tiny checkpoint claims 7B geometry; its weight file is removed, so only the planner can answer
+    cfg = json.loads((spirit_copy / "config.json").read_text())
+    cfg.update(llama2_7b)
+    (spirit_copy / "config.json").write_text(json.dumps(cfg))
+    (spirit_copy / "pytorch_model.bin").unlink()
+    with pytest.raises(AdapterError, match=r"needs about 12\.\d GiB .* budget is 8.0 GiB"):
+        load_model(spirit_copy, memory_budget_gb=8, dtype=torch.float16)

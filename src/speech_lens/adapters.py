@@ -276,12 +276,16 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     base_tokenizer: str | Path | None = None,
+    memory_budget_gb: float | None = None,
+    seq_len: int = 1024,
 ) -> SpeechLM:
     """Load a speech-text checkpoint directory into a ``TransformerBridge`` (eval mode).
 
     ``family`` names a shipped spec (``spiritlm``, ``spiritlm-expressive``, ``speechgpt``,
     ``sims``); ``spec`` is a user's own TOML spec; with neither, the family is detected.
     ``base_tokenizer`` is the base text tokenizer directory for families that store none (SIMS).
+    Before reading any weight, the memory a lens run at ``seq_len`` positions needs is estimated
+    and the load is refused when it exceeds ``memory_budget_gb`` (default: available RAM on CPU).
     """
     path = Path(path)
     if not path.is_dir():
@@ -301,6 +305,13 @@ def load_model(
     else:
         the_spec = detect_family(weights_dir, config, tok_dir)
 
+    est = estimate_memory(_base_config_dict(config, the_spec, weights_dir), dtype, seq_len=seq_len)
+    budget = memory_budget_gb if memory_budget_gb is not None else _available_gb(device)
+    if budget is not None and est.total_gb > budget:
+        raise AdapterError(
+            f"{path} needs about {est.total_gb:.1f} GiB ({est}) but the budget is {budget:.1f} GiB; "
+            f"use a smaller dtype (dtype=torch.bfloat16), fewer positions, or a machine with more memory"
+        )
     hf: Any = _load_hf_model(weights_dir, config, the_spec, dtype)
     if lora_base is not None:
         hf = _merge_lora(hf, path)
@@ -317,6 +328,63 @@ def load_model(
     return SpeechLM(
         bridge=bridge, tokenizer=tokenizer, layout=layout, spec=the_spec, path=path, tied=tied
     )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a lens run needs: weights, one forward's activations, the streaming lens buffers."""
+
+    weights: int
+    activations: int
+    lens: int
+
+    @property
+    def total_gb(self) -> float:
+        return (self.weights + self.activations + self.lens) / 2**30
+
+    def __str__(self) -> str:
+        g = 2**30
+        return (
+            f"weights {self.weights / g:.2f} GiB + activations {self.activations / g:.2f} GiB "
+            f"+ lens buffers {self.lens / g:.2f} GiB"
+        )
+
+
+def estimate_memory(
+    config: dict[str, Any], dtype: torch.dtype, *, seq_len: int = 1024, lens_chunk: int = 128
+) -> MemoryEstimate:
+    """Estimate from the HF config alone (nothing loaded), for Llama / Qwen2-shaped decoders."""
+    d = int(config["hidden_size"])
+    n_layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    d_head = int(config.get("head_dim") or d // heads)
+    ff = int(config["intermediate_size"])
+    vocab = int(config["vocab_size"])
+    tied = bool(config.get("tie_word_embeddings", False))
+    per_layer = d * heads * d_head * 2 + d * kv * d_head * 2 + 3 * d * ff + 2 * d
+    n_params = vocab * d * (1 if tied else 2) + n_layers * per_layer + d
+    width = torch.finfo(dtype).bits // 8
+    # eager attention holds one layer's [heads, pos, pos] scores; logits [pos, vocab] in fp32
+    act = (
+        heads * seq_len * seq_len * width * 2
+        + seq_len * (4 * d + 2 * ff) * width
+        + seq_len * vocab * 4
+    )
+    lens = 3 * lens_chunk * vocab * 4
+    return MemoryEstimate(weights=n_params * width, activations=act, lens=lens)
+
+
+def _available_gb(device: str | torch.device) -> float | None:
+    if torch.device(device).type != "cpu":
+        return None  # accelerators: the user's device_map decides
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
 
 
 def detect_family(
