@@ -264,6 +264,7 @@ def encode_prompt(
         return _Seg(MARKER, text, int(i))
 
     segs: list[_Seg] = []
+    anchor = [0] * n_words  # segment where a word's (possibly empty) span starts
     for m, a, b in runs:
         if m == SPEECH:
             marked = mode != "speech" or ps.speech_only_marker
@@ -273,9 +274,11 @@ def encode_prompt(
                 k0, k1 = 0, len(units)
             else:
                 k0, k1 = _run_units(times, words[a].start, words[b - 1].end, unit_rule)
-            segs.extend(
-                _speech_run(utterance, layout, units, frames, unit_word, k0, k1, a, b, mode)
-            )
+            content = _speech_run(utterance, layout, units, frames, unit_word, k0, k1, a, b, mode)
+            for i in range(a, b):  # a word without units sits after the run's earlier words
+                before = [j for j, x in enumerate(content) if a <= x.word < i]
+                anchor[i] = len(segs) + (before[-1] + 1 if before else 0)
+            segs.extend(content)
             if marked and ps.speech_close:
                 segs.append(added(ps.speech_close))
         else:
@@ -287,6 +290,7 @@ def encode_prompt(
                 # every word in its in-sentence form: the first one after a marker may not need
                 # the space (SentencePiece adds ▁ itself)
                 bare_ok = i == a and _bare_is_in_sentence(tok, ctx, w)
+                anchor[i] = len(segs)
                 segs.append(_Seg(TEXT, w if bare_ok else " " + w, None, i))
             if ps.text_close:
                 segs.append(added(ps.text_close))
@@ -298,7 +302,8 @@ def encode_prompt(
     kinds = [BOS] * len(prefix) + [segs[j].kind for j in seg_of]
     word_idx = [-1] * len(prefix) + [segs[j].word for j in seg_of]
     unit_idx = [-1] * len(prefix) + [segs[j].unit for j in seg_of]
-    spans = _word_spans(words, modal, word_idx, kinds, len(prefix))
+    empty_at = [len(prefix) + bisect.bisect_left(seg_of, j) for j in anchor]
+    spans = _word_spans(words, modal, word_idx, empty_at)
     return EncodedPrompt(
         tokens=torch.tensor(all_ids, dtype=torch.long),
         kind=tuple(kinds),
@@ -478,29 +483,18 @@ def _special_prefix(tok: Any, text: str, ids: list[int], bos: bool | str) -> lis
 
 
 def _word_spans(
-    words: Sequence[Word],
-    modal: Sequence[str],
-    word_idx: Sequence[int],
-    kinds: Sequence[str],
-    start: int,
+    words: Sequence[Word], modal: Sequence[str], word_idx: Sequence[int], empty_at: Sequence[int]
 ) -> tuple[WordSpan, ...]:
+    """One span per word: its positions, or an empty span where it would be."""
     pos: dict[int, list[int]] = {}
     for p, w in enumerate(word_idx):
         if w >= 0:
             pos.setdefault(w, []).append(p)
     spans = []
-    last_end = start
     for i, word in enumerate(words):
         ps = pos.get(i)
-        if ps:
-            s, e = ps[0], ps[-1] + 1
-        else:
-            # empty: where the word would be, right after everything of the previous words
-            s = e = last_end
-            while s < len(kinds) and kinds[s] in (MARKER, BOS) and word_idx[s] < 0:
-                s = e = s + 1
+        s, e = (ps[0], ps[-1] + 1) if ps else (empty_at[i], empty_at[i])
         spans.append(WordSpan(i, word.text, modal[i], s, e))
-        last_end = max(last_end, e)
     return tuple(spans)
 
 
