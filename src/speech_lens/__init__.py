@@ -8,21 +8,47 @@ from speech_lens.adapters import (
     detect_family,
     load_model,
 )
-from speech_lens.prompts import EncodedPrompt, WordSpan, WordTarget
+from speech_lens.data import (
+    DataError,
+    LoadReport,
+    UnitStream,
+    Utterance,
+    Word,
+    read_manifest,
+    write_manifest,
+)
+from speech_lens.prompts import (
+    EncodedPrompt,
+    PromptError,
+    WordSpan,
+    WordTarget,
+    encode_prompt,
+    word_targets,
+)
 from speech_lens.vocab import UnitBlock, VocabError, VocabLayout
 
 __all__ = [
     "AdapterError",
     "AdapterSpec",
+    "DataError",
     "EncodedPrompt",
+    "LoadReport",
+    "PromptError",
     "SpeechLM",
     "UnitBlock",
+    "UnitStream",
+    "Utterance",
     "VocabError",
     "VocabLayout",
+    "Word",
     "WordSpan",
     "WordTarget",
     "available_families",
     "detect_family",
+    "encode_prompt",
     "load_model",
+    "read_manifest",
+    "word_targets",
+    "write_manifest",
 ]
 __version__ = "0.1.0"
