@@ -17,6 +17,7 @@ from speech_lens.data import (
     read_manifest,
     write_manifest,
 )
+from speech_lens.lens import LensResult, WordLensResult, logit_lens, word_lens
 from speech_lens.prompts import (
     EncodedPrompt,
     PromptError,
@@ -32,6 +33,7 @@ __all__ = [
     "AdapterSpec",
     "DataError",
     "EncodedPrompt",
+    "LensResult",
     "LoadReport",
     "PromptError",
     "SpeechLM",
@@ -41,13 +43,16 @@ __all__ = [
     "VocabError",
     "VocabLayout",
     "Word",
+    "WordLensResult",
     "WordSpan",
     "WordTarget",
     "available_families",
     "detect_family",
     "encode_prompt",
     "load_model",
+    "logit_lens",
     "read_manifest",
+    "word_lens",
     "word_targets",
     "write_manifest",
 ]

@@ -1,0 +1,288 @@
+"""Hook factories that read the residual stream out through the unembedding and reduce on the spot.
+
+A :class:`LensBuffer` holds the small per-layer results (top-k, masses, ranks, pooled word
+readouts). :func:`lens_hooks` returns ``(hook_name, fn)`` pairs, one per row of the lens, each
+closing over the buffer; attach them with ``bridge.run_with_hooks`` (next to a user's own hooks)
+or inside ``bridge.hooks()``. Each hook puts its activation through the model's own final norm
+and unembedding in position chunks and reduces each ``[chunk, vocab]`` block before the next one
+is made, so nothing of size ``[layers, pos, vocab]`` (or even ``[pos, vocab]``) is ever held.
+
+Rows: row ``i < n_layers`` reads ``blocks.i.hook_resid_pre`` (row 0 = the embeddings); row
+``n_layers`` reads the model's own logits at ``hook_unembed``, so it equals the model's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from speech_lens._tl import final_norm_and_unembed, resid_pre_name, unembed_name
+
+HookFn = Callable[..., Tensor | None]
+
+# Position chunks are sized so one [chunk, vocab] fp32 block stays near this many elements.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+# Vocabulary groups whose probability mass is measured (columns of LensBuffer.mass)
+MASS_GROUPS = ("text", "unit", "speech", "marker")
+
+
+class HiddenTransform(Protocol):
+    """A lens applied to the residual before the final norm (tuned lens: ``h + A h + b``)."""
+
+    def transform_hidden(self, h: Tensor, layer: int) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Readout:
+    """The model's own final norm and unembedding, plus the vocabulary partitions.
+
+    ``norm`` and ``unembed`` are the wrapped HF modules (not the bridge components), so calling
+    them inside a hook does not fire ``ln_final.*`` / ``unembed.*`` hooks a second time.
+    """
+
+    norm: torch.nn.Module
+    unembed: torch.nn.Module
+    n_layers: int
+    vocab_size: int
+    text_mask: Bool[Tensor, " vocab"]
+    groups: Float[Tensor, "vocab n_groups"]  # 0/1 membership of each id in MASS_GROUPS
+
+    @classmethod
+    def of(cls, model: Any) -> Readout:
+        bridge = model.bridge
+        layout = model.layout
+        norm, unembed = final_norm_and_unembed(bridge)
+        device = model.device
+        vocab = int(layout.vocab_size)
+        out_features = getattr(unembed, "out_features", vocab)
+        if out_features != vocab:
+            raise ValueError(
+                f"model {getattr(model, 'path', '?')}: unembedding has {out_features} outputs "
+                f"but the vocabulary layout has {vocab} ids"
+            )
+        marker = torch.zeros(vocab, dtype=torch.bool)
+        for i in layout.marker_ids.values():
+            marker[i] = True
+        groups = torch.stack(
+            [layout.text_mask, layout.unit_mask, layout.speech_mask, marker], dim=1
+        ).float()
+        return cls(
+            norm=norm,
+            unembed=unembed,
+            n_layers=int(model.n_layers),
+            vocab_size=vocab,
+            text_mask=layout.text_mask.to(device),
+            groups=groups.to(device),
+        )
+
+    def logits(self, h: Float[Tensor, "pos d_model"]) -> Float[Tensor, "pos vocab"]:
+        return self.unembed(self.norm(h))
+
+
+@dataclass(eq=False)
+class LensBuffer:
+    """Preallocated per-row results of one streaming lens pass over one sequence.
+
+    ``positions`` are the absolute positions read (sorted). ``word_positions[j]`` are the
+    positions pooled for word ``j`` (each a subset of ``positions``); ``cand_ids`` / ``cand_word``
+    list, flat, the candidate token ids whose pooled rank is measured and the word each belongs to.
+    """
+
+    n_rows: int
+    positions: Int[Tensor, " pos"]
+    k: int
+    targets: Int[Tensor, "pos n_targets"] | None = None
+    word_positions: Sequence[Int[Tensor, " n"]] = ()
+    cand_ids: Int[Tensor, " n_cand"] | None = None
+    cand_word: Int[Tensor, " n_cand"] | None = None
+    chunk_size: int | None = None
+    # outputs, filled by the hooks
+    topk_ids: Int[Tensor, "row pos k"] = field(init=False)
+    topk_logprobs: Float[Tensor, "row pos k"] = field(init=False)
+    topk_ids_all: Int[Tensor, "row pos k"] = field(init=False)
+    topk_logprobs_all: Float[Tensor, "row pos k"] = field(init=False)
+    mass: Float[Tensor, "row pos group"] = field(init=False)
+    target_ranks: Int[Tensor, "row pos n_targets"] | None = field(init=False)
+    target_logprobs: Float[Tensor, "row pos n_targets"] | None = field(init=False)
+    word_topk_ids: Int[Tensor, "row word k"] = field(init=False)
+    word_topk_logits: Float[Tensor, "row word k"] = field(init=False)
+    cand_ranks: Int[Tensor, "row n_cand"] = field(init=False)
+    cand_logits: Float[Tensor, "row n_cand"] = field(init=False)
+    filled: Bool[Tensor, " row"] = field(init=False)
+
+    def __post_init__(self) -> None:
+        r, p, k = self.n_rows, int(self.positions.shape[0]), self.k
+        self.topk_ids = torch.full((r, p, k), -1, dtype=torch.long)
+        self.topk_logprobs = torch.full((r, p, k), float("nan"))
+        self.topk_ids_all = torch.full((r, p, k), -1, dtype=torch.long)
+        self.topk_logprobs_all = torch.full((r, p, k), float("nan"))
+        self.mass = torch.full((r, p, len(MASS_GROUPS)), float("nan"))
+        if self.targets is not None:
+            t = self.targets.shape[1]
+            self.target_ranks = torch.full((r, p, t), -1, dtype=torch.long)
+            self.target_logprobs = torch.full((r, p, t), float("nan"))
+        else:
+            self.target_ranks = self.target_logprobs = None
+        w = len(self.word_positions)
+        self.word_topk_ids = torch.full((r, w, k), -1, dtype=torch.long)
+        self.word_topk_logits = torch.full((r, w, k), float("nan"))
+        c = 0 if self.cand_ids is None else int(self.cand_ids.shape[0])
+        self.cand_ranks = torch.full((r, c), -1, dtype=torch.long)
+        self.cand_logits = torch.full((r, c), float("nan"))
+        self.filled = torch.zeros(r, dtype=torch.bool)
+        # position -> index into `positions`, and the index range each word spans
+        index = {int(q): i for i, q in enumerate(self.positions.tolist())}
+        self._word_index: list[Tensor] = []
+        for j, wp in enumerate(self.word_positions):
+            missing = [int(q) for q in wp.tolist() if int(q) not in index]
+            if missing:
+                raise ValueError(f"word {j}: positions {missing} are not among the lens positions")
+            if wp.numel() == 0:
+                raise ValueError(f"word {j}: no positions to pool over")
+            self._word_index.append(torch.tensor([index[int(q)] for q in wp.tolist()]))
+        self._word_cands: list[Tensor] = [
+            (self.cand_word == j).nonzero().squeeze(-1) if self.cand_word is not None else None  # type: ignore[misc]
+            for j in range(w)
+        ]
+
+    # ------------------------------------------------------------------------------------------
+    def chunk_len(self, vocab: int) -> int:
+        if self.chunk_size is not None:
+            return max(1, int(self.chunk_size))
+        return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+
+    @torch.no_grad()
+    def consume(
+        self,
+        row: int,
+        rows_of: Callable[[Tensor], Float[Tensor, "c vocab"]],
+        readout: Readout,
+    ) -> None:
+        """Fill ``row``: ``rows_of(index)`` gives the logits at ``positions[index]``."""
+        n = int(self.positions.shape[0])
+        step = self.chunk_len(readout.vocab_size)
+        # words pooled so far whose last position lies in a later chunk: word -> running max
+        running: dict[int, Tensor] = {}
+        last_idx = [int(ix.max()) for ix in self._word_index]
+        first_idx = [int(ix.min()) for ix in self._word_index]
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            logits = rows_of(torch.arange(c0, c1)).float()
+            self._pool_words(row, logits, c0, c1, running, first_idx, last_idx, readout)
+            # torch's own log_softmax (bit-equal to log_softmax of the model's logits); the raw
+            # logits are dropped before the probabilities are made: at most two [chunk, vocab]
+            # blocks are alive
+            logprobs = torch.log_softmax(logits, dim=-1)
+            del logits
+            self._reduce_positions(row, logprobs, c0, c1, readout)
+            del logprobs
+        self.filled[row] = True
+
+    def _pool_words(
+        self,
+        row: int,
+        logits: Tensor,
+        c0: int,
+        c1: int,
+        running: dict[int, Tensor],
+        first_idx: list[int],
+        last_idx: list[int],
+        readout: Readout,
+    ) -> None:
+        done: list[int] = []
+        for j, ix in enumerate(self._word_index):
+            if last_idx[j] < c0 or first_idx[j] >= c1:
+                continue
+            local = ix[(ix >= c0) & (ix < c1)] - c0
+            m = logits.index_select(0, local.to(logits.device)).amax(0)
+            running[j] = m if j not in running else torch.maximum(running[j], m)
+            if last_idx[j] < c1:
+                done.append(j)
+        if not done:
+            return
+        pooled = torch.stack([running.pop(j) for j in done])  # [w, vocab], w <= chunk
+        text = pooled.masked_fill(~readout.text_mask, float("-inf"))
+        k = min(self.k, int(readout.text_mask.sum()))
+        vals, ids = text.topk(k, dim=-1)
+        for a, j in enumerate(done):
+            self.word_topk_ids[row, j, :k] = ids[a].cpu()
+            self.word_topk_logits[row, j, :k] = vals[a].cpu()
+            cands = self._word_cands[j]
+            if cands is None or cands.numel() == 0:
+                continue
+            assert self.cand_ids is not None
+            cid = self.cand_ids[cands].to(pooled.device)
+            v = pooled[a].index_select(0, cid)
+            # rank among text ids: how many text ids have a strictly higher pooled logit
+            rank = (text[a].unsqueeze(0) > v.unsqueeze(1)).sum(-1)
+            self.cand_ranks[row, cands] = rank.cpu()
+            self.cand_logits[row, cands] = v.cpu()
+
+    def _reduce_positions(self, row: int, logprobs: Tensor, c0: int, c1: int, r: Readout) -> None:
+        probs = logprobs.exp()
+        vals, ids = logprobs.topk(self.k, dim=-1)
+        self.topk_ids_all[row, c0:c1] = ids.cpu()
+        self.topk_logprobs_all[row, c0:c1] = vals.cpu()
+        self.mass[row, c0:c1] = (probs @ r.groups).cpu()
+        del probs
+        if self.targets is not None:
+            assert self.target_ranks is not None and self.target_logprobs is not None
+            t = self.targets[c0:c1].to(logprobs.device)
+            valid = t >= 0
+            lp = logprobs.gather(1, t.clamp(min=0))
+            for j in range(t.shape[1]):
+                rank = (logprobs > lp[:, j : j + 1]).sum(-1)
+                self.target_ranks[row, c0:c1, j] = torch.where(valid[:, j], rank, -1).cpu()
+            self.target_logprobs[row, c0:c1] = lp.masked_fill(~valid, float("nan")).cpu()
+        k = min(self.k, int(r.text_mask.sum()))
+        logprobs.masked_fill_(~r.text_mask, float("-inf"))
+        vals, ids = logprobs.topk(k, dim=-1)
+        self.topk_ids[row, c0:c1, :k] = ids.cpu()
+        self.topk_logprobs[row, c0:c1, :k] = vals.cpu()
+
+
+def resid_hook(
+    buffer: LensBuffer, readout: Readout, row: int, lens: HiddenTransform | None = None
+) -> HookFn:
+    """Hook for ``blocks.{row}.hook_resid_pre``: lens -> final norm -> unembed -> reduce."""
+
+    def hook(act: Tensor, *, hook: Any) -> None:
+        with torch.no_grad():
+            h = act[0].index_select(0, buffer.positions.to(act.device))
+            if lens is not None:
+                h = lens.transform_hidden(h, row)
+            normed = readout.norm(h)
+            buffer.consume(row, lambda ix: readout.unembed(normed[ix.to(normed.device)]), readout)
+        return None
+
+    return hook
+
+
+def logits_hook(buffer: LensBuffer, readout: Readout, row: int) -> HookFn:
+    """Hook for ``hook_unembed``: the model's own logits, reduced like every other row."""
+
+    def hook(act: Tensor, *, hook: Any) -> None:
+        with torch.no_grad():
+            pos = buffer.positions.to(act.device)
+            buffer.consume(row, lambda ix: act[0].index_select(0, pos[ix.to(pos.device)]), readout)
+        return None
+
+    return hook
+
+
+def lens_hooks(
+    buffer: LensBuffer, readout: Readout, lens: HiddenTransform | None = None
+) -> list[tuple[str, HookFn]]:
+    """One ``(hook name, fn)`` per lens row, ready for ``run_with_hooks(fwd_hooks=...)``."""
+    n = readout.n_layers
+    hooks: list[tuple[str, HookFn]] = [
+        (resid_pre_name(i), resid_hook(buffer, readout, i, lens)) for i in range(n)
+    ]
+    hooks.append((unembed_name(), logits_hook(buffer, readout, n)))
+    return hooks

@@ -1,0 +1,5 @@
+"""Lenses: read every layer's residual stream out in the model's own vocabulary."""
+
+from speech_lens.lens.logit import LensResult, WordLensResult, logit_lens, word_lens
+
+__all__ = ["LensResult", "WordLensResult", "logit_lens", "word_lens"]
