@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -37,6 +38,97 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    """Audio (file, folder, manifest or table) -> the checkpoint's speech units -> JSONL manifest."""
+    from speech_lens.align import AlignmentCache, AlignmentError, get_aligner
+    from speech_lens.audio import AudioError, Columns, open_audio_dataset
+    from speech_lens.data import DataError
+    from speech_lens.speech_tokenizers import (
+        SpeechTokenizerError,
+        check_compatible,
+        checkpoint_spec,
+        get_speech_tokenizer,
+        tokenize_dataset,
+    )
+
+    spec = checkpoint_spec(args.model, family=args.family, spec=args.spec)
+    tk_kw = json.loads(args.tokenizer_args) if args.tokenizer_args else {}
+    try:
+        tok = get_speech_tokenizer(args.tokenizer or args.model, **tk_kw)
+    except (ImportError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"speech-lens: error: speech tokenizer: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_compatible(tok, spec, allow_family_mismatch=args.allow_family_mismatch)
+        cols = Columns.parse(args.columns) if args.columns else None
+        data = open_audio_dataset(args.input, columns=cols, kind=args.kind)
+        aligner = get_aligner(args.align) if args.align != "none" else None
+        summary = tokenize_dataset(
+            data,
+            tok,
+            args.out,
+            spec=spec,
+            aligner=aligner,
+            align_cache=AlignmentCache(args.align_cache),
+            skip_errors=args.skip_errors,
+            limit=args.limit,
+            progress=not args.no_progress,
+        )
+    except (AudioError, AlignmentError, SpeechTokenizerError, DataError) as e:
+        print(f"speech-lens: error: {e}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary.as_dict(), indent=2))
+    return 1 if summary.n_failed else 0
+
+
+def _add_tokenize(sub: Any) -> None:
+    p = sub.add_parser("tokenize", help="audio -> speech units + word timings -> JSONL manifest")
+    p.add_argument(
+        "input", help="audio file, folder, JSONL/CSV manifest, Parquet file or HF dataset dir"
+    )
+    p.add_argument(
+        "--model", required=True, type=Path, help="checkpoint directory (picks layout + tokenizer)"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="output JSONL manifest (resumed if present)"
+    )
+    p.add_argument(
+        "--tokenizer", help="speech tokenizer name or module:factory (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--tokenizer-args",
+        help='JSON keyword arguments for the tokenizer, e.g. {"checkpoint_dir": "..."}',
+    )
+    p.add_argument("--family", help="family spec name (detected when omitted)")
+    p.add_argument("--spec", type=Path, help="a user spec file (TOML)")
+    p.add_argument(
+        "--kind", default="auto", choices=["auto", "file", "folder", "manifest", "table"]
+    )
+    p.add_argument(
+        "--columns",
+        help="column map, e.g. 'id=uid,text=prompt,audio=a1|a2,words=w1|w2,meta=correct'",
+    )
+    p.add_argument(
+        "--align",
+        default="none",
+        choices=["none", "pocketsphinx"],
+        help="aligner for records without word timings",
+    )
+    p.add_argument(
+        "--align-cache", type=Path, help="alignment cache dir (default $SPEECH_LENS_CACHE/align)"
+    )
+    p.add_argument(
+        "--skip-errors", action="store_true", help="skip bad records (listed in the summary)"
+    )
+    p.add_argument("--allow-family-mismatch", action="store_true")
+    p.add_argument("--limit", type=int, help="process at most N records")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--summary-json", type=Path, help="also write the summary as JSON")
+    p.set_defaults(func=_tokenize)
+
+
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     if required:
         p.add_argument("checkpoint", type=Path, help="checkpoint directory")
@@ -45,6 +137,54 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--family", help="family spec name (detected when omitted)")
     p.add_argument("--spec", type=Path, help="a user spec file (TOML) describing a new family")
     p.add_argument("--base-tokenizer", type=Path, help="base text tokenizer dir (SIMS stores none)")
+
+
+def _add_tuned_lens(sub: Any) -> None:
+    """``tuned-lens train|eval``; defaults (None here) come from ``tuned_train.TrainConfig``."""
+
+    def run(name: str) -> Any:
+        def go(args: argparse.Namespace) -> int:
+            from speech_lens import tuned_train
+
+            return int(getattr(tuned_train, name)(args))
+
+        return go
+
+    modes = ("text", "speech", "interleaved", "mix")
+    p = sub.add_parser("tuned-lens", help="train / evaluate a tuned lens (tuned-lens file format)")
+    tsub = p.add_subparsers(dest="tuned_command", required=True)
+    t = tsub.add_parser("train", help="train a tuned lens on a JSONL manifest of utterances")
+    _add_model_args(t)
+    t.add_argument("data", type=Path, help="JSONL manifest of utterances (units + word timings)")
+    t.add_argument("--out", type=Path, required=True, help="lens dir (config.json + params.pt)")
+    t.add_argument("--data-mode", choices=modes, default="mix", help="prompt format to train on")
+    for flag, typ, what in [
+        ("--steps", int, "optimizer steps (250)"),
+        ("--tokens-per-step", int, "token budget per step (65536)"),
+        ("--batch-size", int, "sequences per forward pass (8)"),
+        ("--max-seq-len", int, "longer sequences are split (2048)"),
+        ("--lr-scale", float, "lr = lr_scale * (1 - momentum) (1.0)"),
+        ("--momentum", float, "Nesterov momentum (0.9)"),
+        ("--weight-decay", float, "(1e-3)"),
+        ("--warmup-steps", int, "linear warm-up steps (0)"),
+        ("--chunk-tokens", int, "positions unembedded at once (512)"),
+        ("--seed", int, "data order and mode sampling (0)"),
+        ("--checkpoint-every", int, "steps between checkpoints in --out (50)"),
+    ]:
+        t.add_argument(flag, type=typ, help=what)
+    t.add_argument("--heldout", type=float, default=0.1, help="held-out fraction (by id hash)")
+    t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=run("cli_train"))
+    e = tsub.add_parser("eval", help="per-layer KL to the final distribution: logit vs tuned")
+    _add_model_args(e)
+    e.add_argument("data", type=Path, help="JSONL manifest of utterances")
+    e.add_argument("--lens", type=Path, required=True, help="tuned lens directory")
+    e.add_argument("--data-mode", choices=modes, help="default: the lens's training mode")
+    e.add_argument("--heldout", type=float, help="evaluate only this held-out fraction")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.set_defaults(func=run("cli_eval"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_inspect)
 
+    _add_tokenize(sub)
+    _add_tuned_lens(sub)
     # further subcommands register here (lens, tuned-lens, patch, demo, bench)
     return parser
 

@@ -51,6 +51,10 @@ class FrameUnits:
     units: np.ndarray  # int64 [frames]
     frame_rate: float
     streams: dict[str, UnitStream] = field(default_factory=dict)  # "pitch", "style"
+    # A tokenizer with its own dedup (e.g. within words only) gives (units, run lengths) here.
+    runs: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    # A word-synchronous tokenizer gives the word times it used, on its unit grid.
+    words: tuple[Any, ...] | None = None
 
     def __post_init__(self) -> None:
         u = np.asarray(self.units)
@@ -66,6 +70,15 @@ class FrameUnits:
         if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0:
             raise SpeechTokenizerError(f"frame_rate must be a positive number, got {r!r}")
         object.__setattr__(self, "frame_rate", float(r))
+        if self.runs is not None:
+            ru, rd = self.runs
+            if len(ru) != len(rd) or sum(rd) != u.size or any(d < 1 for d in rd):
+                raise SpeechTokenizerError(
+                    f"runs: {len(ru)} units with {len(rd)} run lengths summing to {sum(rd)} "
+                    f"for {u.size} frames"
+                )
+            if not np.array_equal(np.repeat(np.asarray(ru, dtype=np.int64), rd), u):
+                raise SpeechTokenizerError("runs do not expand to the frame-level units")
 
     @property
     def n_frames(self) -> int:
@@ -549,40 +562,73 @@ def load_centroids(path: str | Path, *, allow_pickle: bool = False) -> np.ndarra
 # --------------------------------------------------------------------------------------------
 
 # File names an organism checkpoint may store its unit tokenizer under (first found wins).
-ORGANISM_TOKENIZER_FILES = ("unit_tokenizer.npz", "unit_tokenizer.json", "units.npz")
+ORGANISM_TOKENIZER_FILE = "unit_tokenizer.json"
 
 
 def organism_tokenizer_path(checkpoint: Path) -> Path | None:
-    for name in ORGANISM_TOKENIZER_FILES:
-        if (checkpoint / name).is_file():
-            return checkpoint / name
+    """``unit_tokenizer.json`` in the organism checkpoint, or in its parent (``organisms/``, where
+    all organisms built from one corpus share it) when the checkpoint is an organism."""
+    if (checkpoint / ORGANISM_TOKENIZER_FILE).is_file():
+        return checkpoint / ORGANISM_TOKENIZER_FILE
+    shared = checkpoint.parent / ORGANISM_TOKENIZER_FILE
+    if shared.is_file() and (checkpoint / "organism.json").is_file():
+        return shared
     return None
 
 
 class OrganismSpeechTokenizer:
-    """The organisms' own tokenizer (frame features -> k-means -> units), loaded from the
-    checkpoint directory it was saved in. A small adapter over ``speech_lens.organisms``."""
+    """The organisms' own tokenizer (``speech_lens.organisms.units.UnitTokenizer``: MFCC frames
+    pooled in word-synchronous windows -> CMVN -> k-means), loaded from the checkpoint.
 
-    def __init__(self, checkpoint: str | Path, **kw: Any) -> None:
-        ckpt = Path(checkpoint)
-        f = organism_tokenizer_path(ckpt)
-        if f is None:
-            raise MissingTokenizerFiles(
-                f"organism checkpoint {ckpt} has no unit tokenizer file "
-                f"({', '.join(ORGANISM_TOKENIZER_FILES)})"
-            )
-        try:
-            units_mod = importlib.import_module("speech_lens.organisms.units")
-        except ImportError as e:
-            raise _need("speech_lens.organisms.units", "part of speech_lens", str(f)) from e
-        self.inner = units_mod.UnitTokenizer.load(f, **kw)
-        self.family = str(getattr(self.inner, "family", "spiritlm-organism"))
-        self.expected_sample_rate = int(self.inner.sample_rate)
+    It is word-synchronous (``needs_words``): units are cut inside each word's gap-extended span,
+    deduplicated within a word only (its own ``runs``), and the word times come back on the
+    unit grid (``FrameUnits.words``), exactly as the organism manifests were built.
+    """
 
-    def __call__(self, audio: np.ndarray, sample_rate: int) -> FrameUnits:
+    needs_words = True
+
+    def __init__(
+        self, checkpoint: str | Path | None = None, *, path: str | Path | None = None
+    ) -> None:
+        if path is None:
+            if checkpoint is None:
+                raise ValueError("organism tokenizer: pass checkpoint= (directory) or path= (file)")
+            ckpt = Path(checkpoint)
+            path = organism_tokenizer_path(ckpt)
+            if path is None:
+                raise MissingTokenizerFiles(
+                    f"organism checkpoint {ckpt} has no {ORGANISM_TOKENIZER_FILE} "
+                    "(scripts/build_corpus.py units writes it next to the organisms)"
+                )
+        self.path = Path(path)
+        units_mod = importlib.import_module("speech_lens.organisms.units")
+        self.inner = units_mod.UnitTokenizer.load(self.path)
+        self.family = "spiritlm-organism"
+        if checkpoint is not None and (Path(checkpoint) / "speech_lens.toml").is_file():
+            from speech_lens.adapters import AdapterSpec
+
+            self.family = AdapterSpec.from_toml(Path(checkpoint) / "speech_lens.toml").name
+        self.expected_sample_rate = int(self.inner.config.sample_rate)
+        self.frame_rate = float(self.inner.config.rate)
+        self.n_units = int(self.inner.k)
+
+    def __call__(self, audio: np.ndarray, sample_rate: int, words: Any = None) -> FrameUnits:
+        from speech_lens.data import Word
+
         a = check_audio(audio, sample_rate, self.expected_sample_rate, "organism tokenizer")
-        frames = np.asarray(self.inner.frame_units(a), dtype=np.int64)
-        return FrameUnits(frames, float(self.inner.frame_rate))
+        if not words:
+            raise SpeechTokenizerError(
+                "the organism tokenizer is word-synchronous: it needs the word timings of the audio"
+            )
+        spans = [(w.text, float(w.start), float(w.end)) for w in words]
+        units, durs, wq = self.inner.encode(a, spans)
+        frames = np.repeat(np.asarray(units, dtype=np.int64), np.asarray(durs, dtype=np.int64))
+        return FrameUnits(
+            frames,
+            self.frame_rate,
+            runs=(tuple(int(u) for u in units), tuple(int(d) for d in durs)),
+            words=tuple(Word(w, float(s), float(e)) for w, s, e in wq),
+        )
 
 
 register_speech_tokenizer("spiritlm", lambda **kw: SpiritLMSpeechTokenizer(**kw))
@@ -719,7 +765,10 @@ def tokenize_record(
                 "--align pocketsphinx (pip install pocketsphinx) or supply timings"
             )
         words = align_cached(aligner, audio, sr, text, cache=align_cache, where=rec.where or rec.id)
-    fu = tokenizer(audio, sr)
+    if getattr(tokenizer, "needs_words", False):
+        fu = tokenizer(audio, sr, words=words)  # type: ignore[call-arg]
+    else:
+        fu = tokenizer(audio, sr)
     if not isinstance(fu, FrameUnits):
         raise SpeechTokenizerError(f"tokenizer returned {type(fu).__name__}, not FrameUnits")
     if fu.n_frames == 0:
@@ -734,11 +783,14 @@ def tokenize_record(
             f"{rec.where or rec.id}: tokenizer frames are {fu.frame_rate:g} Hz, the checkpoint's "
             f"units are {frame_rate:g} Hz"
         )
+    if fu.words is not None:
+        words = fu.words  # re-timed onto the tokenizer's unit grid
+    own_runs = dedup and fu.runs is not None
     utt = Utterance(
         id=rec.id,
         words=tuple(words),
-        units=tuple(int(u) for u in fu.units),
-        durations=None,
+        units=fu.runs[0] if own_runs and fu.runs else tuple(int(u) for u in fu.units),
+        durations=fu.runs[1] if own_runs and fu.runs else None,
         frame_rate=fu.frame_rate,
         speaker=rec.speaker,
         text=rec.text or "",
@@ -746,7 +798,7 @@ def tokenize_record(
         pitch=fu.streams.get("pitch"),
         style=fu.streams.get("style"),
     )
-    return utt.dedup() if dedup else utt
+    return utt if own_runs or not dedup else utt.dedup()
 
 
 def _resume(out: Path) -> tuple[Path, set[str]]:
@@ -848,7 +900,7 @@ def tokenize_dataset(
             summ.words += len(utt.words)
             summ.audio_seconds += utt.duration
             summ.frames += utt.n_frames
-            summ.units += len(utt.dedup().units)
+            summ.units += len(utt.units) if utt.durations is not None else len(utt.dedup().units)
             covered = set(utt.unit_words())
             summ.words_without_units += [
                 (utt.id, w.text) for i, w in enumerate(utt.words) if i not in covered
