@@ -1,0 +1,860 @@
+"""Causal activation patching between speech and text positions, as composable hook factories.
+
+Three layers, each usable on its own:
+
+1. **Position maps** (:class:`PositionMap`): which positions of a *source* prompt feed which
+   positions of a *target* prompt, built from the prompts' position tables
+   (:func:`map_words`, :func:`map_positions`, :func:`map_all`). A word's span may have several
+   positions in one run (speech units, sub-tokens) and another number in the other run, so every
+   map carries a stated rule:
+
+   - ``"last"``: the last source position of the span -> the last target position of the span
+     (last unit / last sub-token: where a causal LM has read the whole word);
+   - ``"mean"``: the mean over the source span -> every position of the target span;
+   - ``"each"``: source span position k -> target span position k; spans must have equal length.
+
+2. **Hooks** (:func:`patch_hook`, :func:`patching_hooks`): ``fn(act, *, hook)`` functions that
+   write cached source activations into a target run at the mapped positions. They go through
+   ``bridge.run_with_hooks`` / ``bridge.hooks()``, so they compose with any other hook (e.g. a
+   lens reading later layers of the patched run).
+
+3. **Experiments** (:func:`run_patched`, :func:`patch_sweep`): cache the source run only at the
+   hook points needed, patch per layer (or layer set) x position (x head) and reduce each patched
+   forward to a scalar metric (:func:`next_token_logprob`, :func:`logit_diff`,
+   :func:`kl_to_clean`, or any ``logits -> scalar`` callable). Results are a frozen
+   :class:`PatchResult` that records the component, layers, rule and metric.
+
+Where both can express an experiment (same-length prompts, identity map, ``"each"`` rule) the
+numbers equal ``transformer_lens.patching`` exactly (tests/test_patching.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from speech_lens._tl import get_act_name
+from speech_lens.prompts import BOS, MARKER, PROSODY, SPEECH, TEXT, EncodedPrompt
+
+if TYPE_CHECKING:
+    from speech_lens.adapters import SpeechLM
+
+Rule = Literal["last", "mean", "each"]
+RULES: tuple[str, ...] = ("last", "mean", "each")
+# component -> TransformerLens activation name (legacy alias; the bridge answers to it)
+COMPONENTS: dict[str, str] = {
+    "resid_pre": "resid_pre",
+    "resid_mid": "resid_mid",
+    "resid_post": "resid_post",
+    "attn_out": "attn_out",
+    "mlp_out": "mlp_out",
+    "z": "z",  # per-head attention output before W_O: [batch, pos, head, d_head]
+}
+HookFn = Callable[..., Tensor]
+Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
+
+
+class PatchingError(ValueError):
+    """A position map, prompt pair or patching request that does not fit; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Position maps
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_digest(prompt: EncodedPrompt) -> str:
+    """Short fingerprint of a prompt's tokens: a map is only applied to the prompts it was built on."""
+    data = prompt.tokens.detach().cpu().to(torch.int64).numpy().tobytes()
+    return hashlib.sha1(data).hexdigest()[:12]
+
+
+def _describe(prompt: EncodedPrompt) -> str:
+    kinds = sorted({k for k in prompt.kind if k in (TEXT, SPEECH)})
+    return f"{prompt.utterance_id!r} ({'+'.join(kinds) or 'no words'}, {len(prompt)} positions)"
+
+
+@dataclass(frozen=True)
+class MapGroup:
+    """One aligned unit of a map: source span positions -> target span positions."""
+
+    label: str
+    source: tuple[int, ...]
+    target: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PositionMap:
+    """Which source positions are written to which target positions, under a stated ``rule``.
+
+    ``groups`` are aligned spans (usually one word each); :attr:`pairs` expands them by the rule
+    into ``(target position, source positions averaged into it)``. ``source_id``/``target_id``
+    and the digests name the prompts the map was built from; applying it to other prompts is
+    refused.
+    """
+
+    groups: tuple[MapGroup, ...]
+    rule: str
+    source_id: str
+    target_id: str
+    source_len: int
+    target_len: int
+    source_digest: str = ""
+    target_digest: str = ""
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise PatchingError(f"unknown rule {self.rule!r}; one of {RULES}")
+        if not self.groups:
+            raise PatchingError(
+                f"empty position map from {self.source_id!r} to {self.target_id!r}: nothing to patch"
+            )
+        seen: dict[int, str] = {}
+        for g in self.groups:
+            if not g.source or not g.target:
+                raise PatchingError(f"map group {g.label!r} has an empty source or target span")
+            for side, positions, n, pid in (
+                ("source", g.source, self.source_len, self.source_id),
+                ("target", g.target, self.target_len, self.target_id),
+            ):
+                bad = [p for p in positions if not 0 <= p < n]
+                if bad:
+                    raise PatchingError(
+                        f"map group {g.label!r}: {side} position {bad[0]} is outside prompt "
+                        f"{pid!r} (positions 0..{n - 1})"
+                    )
+            if self.rule == "each" and len(g.source) != len(g.target):
+                raise PatchingError(
+                    f"rule 'each' needs equal span lengths, but group {g.label!r} maps "
+                    f"{len(g.source)} source positions to {len(g.target)} target positions; "
+                    f"use rule='last' or rule='mean'"
+                )
+            for t, _ in self._expand(g):
+                if t in seen:
+                    raise PatchingError(
+                        f"target position {t} of {self.target_id!r} is written by two map groups "
+                        f"({seen[t]!r} and {g.label!r})"
+                    )
+                seen[t] = g.label
+
+    def _expand(self, g: MapGroup) -> list[tuple[int, tuple[int, ...]]]:
+        if self.rule == "last":
+            return [(g.target[-1], (g.source[-1],))]
+        if self.rule == "mean":
+            return [(t, g.source) for t in g.target]
+        return [(t, (s,)) for s, t in zip(g.source, g.target, strict=True)]
+
+    @property
+    def pairs(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """``(target position, source positions)``: the target gets the mean of the sources."""
+        return tuple(p for g in self.groups for p in self._expand(g))
+
+    @property
+    def target_positions(self) -> tuple[int, ...]:
+        return tuple(t for t, _ in self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def subsets(self, by: str) -> list[tuple[str, PositionMap]]:
+        """Split into one map per group (``by="group"``) or per patched target position
+        (``by="pair"``), each labelled; ``by="all"`` is the map itself."""
+        if by == "all":
+            return [("all", self)]
+        if by == "group":
+            return [(g.label, replace(self, groups=(g,))) for g in self.groups]
+        if by == "pair":
+            out = []
+            for g in self.groups:
+                expanded = self._expand(g)
+                for k, (t, srcs) in enumerate(expanded):
+                    label = g.label if len(expanded) == 1 else f"{g.label}[{k}]"
+                    out.append((label, replace(self, groups=(MapGroup(label, srcs, (t,)),))))
+            return out
+        raise PatchingError(f"positions must be 'all', 'group' or 'pair', not {by!r}")
+
+    def check(self, source: EncodedPrompt, target: EncodedPrompt) -> None:
+        """Refuse prompts other than the ones the map was built from."""
+        for side, prompt, pid, n, digest in (
+            ("source", source, self.source_id, self.source_len, self.source_digest),
+            ("target", target, self.target_id, self.target_len, self.target_digest),
+        ):
+            if len(prompt) != n or (digest and prompt_digest(prompt) != digest):
+                raise PatchingError(
+                    f"the position map was built for {side} prompt {pid!r} ({n} positions), "
+                    f"but got {_describe(prompt)}"
+                )
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise PatchingError(f"unknown rule {rule!r}; one of {RULES}")
+
+
+def _check_same_model(source: EncodedPrompt, target: EncodedPrompt) -> None:
+    if source.family != target.family:
+        raise PatchingError(
+            f"prompts come from different models: source {source.utterance_id!r} was encoded "
+            f"for {source.family!r}, target {target.utterance_id!r} for {target.family!r}"
+        )
+
+
+def _new_map(
+    source: EncodedPrompt, target: EncodedPrompt, groups: Sequence[MapGroup], rule: str
+) -> PositionMap:
+    _check_rule(rule)
+    _check_same_model(source, target)
+    return PositionMap(
+        groups=tuple(groups),
+        rule=rule,
+        source_id=source.utterance_id,
+        target_id=target.utterance_id,
+        source_len=len(source),
+        target_len=len(target),
+        source_digest=prompt_digest(source),
+        target_digest=prompt_digest(target),
+        family=source.family,
+    )
+
+
+def _span(prompt: EncodedPrompt, word: int, modality: str | None) -> tuple[int, ...]:
+    spans = [
+        s
+        for s in prompt.spans
+        if s.index == word and (modality is None or s.modality == modality) and s.end > s.start
+    ]
+    if not spans:
+        what = f"word {word}" + (f" in {modality}" if modality else "")
+        have = ", ".join(f"{s.index}:{s.text}({s.modality})" for s in prompt.spans) or "none"
+        raise PatchingError(
+            f"{what} is missing from prompt {_describe(prompt)}; its words are: {have}"
+        )
+    if len(spans) > 1:
+        raise PatchingError(
+            f"word {word} occurs {len(spans)} times in prompt {prompt.utterance_id!r} "
+            f"({', '.join(s.modality for s in spans)}); pass source_modality/target_modality"
+        )
+    return tuple(spans[0].positions)
+
+
+def _word_text(prompt: EncodedPrompt, word: int) -> str:
+    return prompt.words[word] if 0 <= word < len(prompt.words) else f"#{word}"
+
+
+def map_words(
+    source: EncodedPrompt,
+    target: EncodedPrompt,
+    words: Iterable[int] | Iterable[tuple[int, int]] | None = None,
+    *,
+    rule: Rule | str = "last",
+    source_modality: str | None = None,
+    target_modality: str | None = None,
+) -> PositionMap:
+    """Map word spans of ``source`` onto word spans of ``target``.
+
+    ``words``: ``None`` maps every word index present in both prompts; ints map word i to word i
+    (the same content in the other modality, or a swapped word at the same place); ``(i, j)``
+    pairs map source word i to target word j. A word index missing in either prompt is refused.
+    ``source_modality``/``target_modality`` pick one span when a prompt holds a word twice.
+    """
+    _check_rule(rule)
+    _check_same_model(source, target)
+    if words is None:
+        src_idx = {s.index for s in source.spans}
+        pairs = [(i, i) for i in sorted(src_idx & {s.index for s in target.spans})]
+        if not pairs:
+            raise PatchingError(
+                f"prompts {source.utterance_id!r} and {target.utterance_id!r} share no word index"
+            )
+    else:
+        pairs = []
+        for w in words:
+            if isinstance(w, tuple):
+                pairs.append((int(w[0]), int(w[1])))
+            else:
+                pairs.append((int(w), int(w)))
+    groups = []
+    for i, j in pairs:
+        si = _span(source, i, source_modality)
+        tj = _span(target, j, target_modality)
+        a, b = _word_text(source, i), _word_text(target, j)
+        label = a if (a == b and i == j) else f"{a}@{i}->{b}@{j}"
+        groups.append(MapGroup(label, si, tj))
+    return _new_map(source, target, groups, rule)
+
+
+def map_positions(
+    source: EncodedPrompt,
+    target: EncodedPrompt,
+    groups: Iterable[tuple[Sequence[int], Sequence[int]]],
+    *,
+    rule: Rule | str = "each",
+    labels: Sequence[str] | None = None,
+) -> PositionMap:
+    """A map from explicit ``(source positions, target positions)`` groups."""
+    gs = [(tuple(int(p) for p in s), tuple(int(p) for p in t)) for s, t in groups]
+    names = list(labels) if labels is not None else [f"{s[-1]}->{t[-1]}" for s, t in gs]
+    if len(names) != len(gs):
+        raise PatchingError(f"{len(names)} labels for {len(gs)} map groups")
+    return _new_map(
+        source, target, [MapGroup(n, s, t) for n, (s, t) in zip(names, gs, strict=True)], rule
+    )
+
+
+def map_all(source: EncodedPrompt, target: EncodedPrompt) -> PositionMap:
+    """Every position to the same position (rule ``"each"``); prompts must have equal length.
+
+    This is the map ``transformer_lens.patching`` implies; one group per position.
+    """
+    if len(source) != len(target):
+        raise PatchingError(
+            f"map_all needs prompts of equal length: {_describe(source)} vs {_describe(target)}"
+        )
+    return map_positions(
+        source,
+        target,
+        [((p,), (p,)) for p in range(len(target))],
+        rule="each",
+        labels=[f"{p}" for p in range(len(target))],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt / model consistency
+# ---------------------------------------------------------------------------------------------
+
+
+def check_prompt(model: SpeechLM, prompt: EncodedPrompt, role: str = "prompt") -> None:
+    """Refuse a prompt that was not encoded for ``model``: every token must be in the model's
+    vocabulary and fit its position kind (speech positions hold this model's unit ids, text
+    positions text ids, marker positions marker ids)."""
+    lay = model.layout
+    ids = prompt.tokens.to(torch.long).cpu()
+    where = f"{role} {prompt.utterance_id!r} (encoded for {prompt.family!r})"
+    if ids.ndim != 1:
+        raise PatchingError(f"{where}: tokens must be 1-D, got shape {tuple(ids.shape)}")
+    n_vocab = int(model.bridge.cfg.d_vocab)
+    out = ((ids < 0) | (ids >= n_vocab)).nonzero()
+    if len(out):
+        p = int(out[0])
+        raise PatchingError(
+            f"{where}: token id {int(ids[p])} at position {p} is outside the vocabulary of "
+            f"{model.path} ({n_vocab} ids); the prompt comes from a different model"
+        )
+    markers = set(lay.marker_ids.values())
+    prosody = set(lay.prosody_ids.tolist())
+    is_unit = lay.is_unit(ids)
+    is_text = lay.is_text(ids)
+    for p, kind in enumerate(prompt.kind):
+        t = int(ids[p])
+        ok = {
+            SPEECH: bool(is_unit[p]),
+            TEXT: bool(is_text[p]),
+            MARKER: t in markers,
+            PROSODY: t in prosody,
+        }.get(kind, True)
+        if not ok:
+            raise PatchingError(
+                f"{where}: position {p} is {kind} but holds token id {t}, which is not a {kind} "
+                f"id of {model.path} ({model.spec.name}); the prompt comes from a different model"
+            )
+    if kind_bos := [p for p, k in enumerate(prompt.kind) if k == BOS and p != 0]:
+        raise PatchingError(f"{where}: BOS at position {kind_bos[0]}, expected only at 0")
+
+
+def _batch(tokens: Tensor, device: torch.device) -> Int[Tensor, "1 pos"]:
+    return tokens.to(device=device, dtype=torch.long).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------------------------
+
+
+def hook_name(component: str, layer: int) -> str:
+    """TransformerLens name of ``component`` at ``layer`` (the legacy alias the bridge answers to)."""
+    if component not in COMPONENTS:
+        raise PatchingError(f"unknown component {component!r}; one of {tuple(COMPONENTS)}")
+    return str(get_act_name(COMPONENTS[component], layer))
+
+
+def _gather(
+    source_act: Float[Tensor, "batch src_pos *rest"], pmap: PositionMap
+) -> tuple[Int[Tensor, " n"], Float[Tensor, "batch n *rest"]]:
+    """Target indices and the source values written there (mean over each pair's sources)."""
+    if source_act.shape[1] != pmap.source_len:
+        raise PatchingError(
+            f"source activation has {source_act.shape[1]} positions but the map's source prompt "
+            f"{pmap.source_id!r} has {pmap.source_len}"
+        )
+    rows = []
+    for _, srcs in pmap.pairs:
+        if len(srcs) == 1:  # plain indexing: bit-identical to transformer_lens.patching
+            rows.append(source_act[:, srcs[0]])
+        else:
+            rows.append(source_act[:, list(srcs)].mean(dim=1))
+    tgt = torch.tensor(pmap.target_positions, dtype=torch.long, device=source_act.device)
+    return tgt, torch.stack(rows, dim=1)
+
+
+def patch_hook(
+    source_act: Float[Tensor, "batch src_pos *rest"],
+    pmap: PositionMap,
+    *,
+    heads: Sequence[int] | None = None,
+) -> HookFn:
+    """A hook ``fn(act, *, hook)`` writing ``source_act`` (one hook point's activation from the
+    source run) into the target run at the map's positions; ``heads`` restricts a per-head
+    activation (``attn.hook_z``, ``[batch, pos, head, d_head]``) to those heads."""
+    tgt, values = _gather(source_act.detach(), pmap)
+    head_idx = None
+    if heads is not None:
+        if source_act.ndim != 4:
+            raise PatchingError(
+                f"heads= needs a per-head activation [batch, pos, head, d_head]; got shape "
+                f"{tuple(source_act.shape)} (use component='z')"
+            )
+        n_heads = int(source_act.shape[2])
+        bad = [h for h in heads if not 0 <= int(h) < n_heads]
+        if bad:
+            raise PatchingError(f"head {bad[0]} out of range 0..{n_heads - 1}")
+        head_idx = torch.tensor([int(h) for h in heads], dtype=torch.long, device=tgt.device)
+        values = values[:, :, head_idx]
+
+    def hook(act: Tensor, *, hook: Any) -> Tensor:
+        if act.shape[1] != pmap.target_len:
+            raise PatchingError(
+                f"{hook.name}: target run has {act.shape[1]} positions but the map's target "
+                f"prompt {pmap.target_id!r} has {pmap.target_len}"
+            )
+        out = act.clone()  # never write into a tensor autograd or another hook may hold
+        v = values.to(device=out.device, dtype=out.dtype)
+        if head_idx is None:
+            out[:, tgt] = v
+        else:
+            out[:, tgt.unsqueeze(1), head_idx.unsqueeze(0)] = v
+        return out
+
+    return hook
+
+
+def _layer_sets(
+    model: SpeechLM, layers: int | Iterable[int | Iterable[int]] | None
+) -> list[tuple[int, ...]]:
+    n = model.n_layers
+    if layers is None:
+        entries: list[tuple[int, ...]] = [(i,) for i in range(n)]
+    elif isinstance(layers, int):
+        entries = [(layers,)]
+    else:
+        entries = [(int(e),) if isinstance(e, int) else tuple(int(x) for x in e) for e in layers]
+    for e in entries:
+        if not e:
+            raise PatchingError("an empty layer set patches nothing")
+        bad = [x for x in e if not 0 <= x < n]
+        if bad:
+            raise PatchingError(f"layer {bad[0]} out of range 0..{n - 1} for {model.path}")
+    return entries
+
+
+def cache_source(
+    model: SpeechLM, source: EncodedPrompt, names: Iterable[str]
+) -> tuple[Float[Tensor, "1 pos vocab"], dict[str, Tensor]]:
+    """Run ``source`` once, caching only ``names`` (``names_filter``); returns logits and cache."""
+    wanted = sorted(set(names))
+    with torch.no_grad():
+        logits, cache = model.bridge.run_with_cache(
+            _batch(source.tokens, model.device), names_filter=wanted
+        )
+    return logits, {n: cache[n] for n in wanted}
+
+
+def patching_hooks(
+    source_cache: Mapping[str, Tensor],
+    pmap: PositionMap,
+    *,
+    component: str = "resid_pre",
+    layers: Iterable[int],
+    heads: Sequence[int] | None = None,
+) -> list[tuple[str, HookFn]]:
+    """``fwd_hooks`` for ``bridge.run_with_hooks`` / ``bridge.hooks()``: patch ``component`` at
+    every layer in ``layers`` (jointly) from ``source_cache`` into the target at ``pmap``."""
+    if heads is not None and component != "z":
+        raise PatchingError(f"heads= applies to component 'z' only, not {component!r}")
+    out = []
+    for layer in layers:
+        name = hook_name(component, layer)
+        if name not in source_cache:
+            raise PatchingError(f"source cache has no {name!r}; cache it with cache_source")
+        out.append((name, patch_hook(source_cache[name], pmap, heads=heads)))
+    return out
+
+
+def run_patched(
+    model: SpeechLM,
+    source: EncodedPrompt,
+    target: EncodedPrompt,
+    pmap: PositionMap,
+    *,
+    component: str = "resid_pre",
+    layers: int | Iterable[int] = 0,
+    heads: Sequence[int] | None = None,
+    fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+) -> Float[Tensor, "1 pos vocab"]:
+    """Logits of ``target`` with ``component`` at ``layers`` (patched jointly) taken from
+    ``source`` at ``pmap``'s positions; ``fwd_hooks`` run alongside (e.g. lens readers)."""
+    model.require_eval()
+    check_prompt(model, source, "source")
+    check_prompt(model, target, "target")
+    pmap.check(source, target)
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    _layer_sets(model, [tuple(layer_list)])
+    _, cache = cache_source(model, source, [hook_name(component, i) for i in layer_list])
+    hooks = patching_hooks(cache, pmap, component=component, layers=layer_list, heads=heads)
+    with torch.no_grad():
+        return model.bridge.run_with_hooks(
+            _batch(target.tokens, model.device), fwd_hooks=[*hooks, *fwd_hooks]
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: logits [batch, pos, vocab] -> scalar (averaged over the batch)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NextTokenLogProb:
+    """log P(any of ``token_ids``) at ``position`` (full softmax over the whole vocabulary)."""
+
+    position: int
+    token_ids: tuple[int, ...]
+    name: str = "logprob"
+
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        lp = logits[:, self.position].float().log_softmax(-1)
+        return lp[:, list(self.token_ids)].logsumexp(-1).mean()
+
+
+@dataclass(frozen=True)
+class LogitDiff:
+    """logit(good) - logit(bad) at ``position`` (max over each id set: a word may have two
+    first sub-tokens, with and without the leading-space marker)."""
+
+    position: int
+    good: tuple[int, ...]
+    bad: tuple[int, ...]
+    name: str = "logit_diff"
+
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        row = logits[:, self.position].float()
+        return (row[:, list(self.good)].amax(-1) - row[:, list(self.bad)].amax(-1)).mean()
+
+
+@dataclass(frozen=True, eq=False)
+class KLToClean:
+    """KL(P_clean || P_patched) between the clean run's next-token distribution (one row of
+    its logits) and the patched run's at ``position``."""
+
+    clean_logprobs: Float[Tensor, " vocab"]
+    position: int
+    name: str = "kl_to_clean"
+
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        lp = logits[:, self.position].float().log_softmax(-1)
+        ref = self.clean_logprobs.to(lp.device)
+        return (ref.exp() * (ref - lp)).sum(-1).mean()
+
+
+def next_token_logprob(position: int, token_ids: int | Iterable[int]) -> NextTokenLogProb:
+    ids = (token_ids,) if isinstance(token_ids, int) else tuple(int(i) for i in token_ids)
+    return NextTokenLogProb(position, ids, name=f"logprob@{position}")
+
+
+def logit_diff(position: int, good: int | Iterable[int], bad: int | Iterable[int]) -> LogitDiff:
+    g = (good,) if isinstance(good, int) else tuple(int(i) for i in good)
+    b = (bad,) if isinstance(bad, int) else tuple(int(i) for i in bad)
+    return LogitDiff(position, g, b, name=f"logit_diff@{position}")
+
+
+def kl_to_clean(
+    clean_logits: Float[Tensor, "... pos vocab"], clean_position: int, position: int
+) -> KLToClean:
+    """KL to row ``clean_position`` of ``clean_logits`` (e.g. the unpatched source run), at the
+    patched run's ``position``."""
+    row = clean_logits.reshape(-1, *clean_logits.shape[-2:])[0, clean_position]
+    return KLToClean(row.detach().float().log_softmax(-1), position, name=f"kl_to_clean@{position}")
+
+
+def word_token_ids(model: SpeechLM, word: str) -> tuple[int, ...]:
+    """First text sub-token of ``word`` with and without the leading-space marker (the DESIGN §4
+    default matching rule), deduplicated; refuses words the tokenizer cannot write as text."""
+    tok = model.tokenizer
+    out: list[int] = []
+    for form in (" " + word, word):
+        ids = tok.encode(form, add_special_tokens=False)
+        # SentencePiece may emit a lone "▁" before a piece it has no spaced form of: skip it
+        while len(ids) > 1 and not tok.decode(ids[:1]).strip():
+            ids = ids[1:]
+        if ids and bool(model.layout.is_text(ids[0])) and ids[0] not in out:
+            out.append(int(ids[0]))
+    if not out:
+        raise PatchingError(f"word {word!r} has no text token in the tokenizer of {model.path}")
+    return tuple(out)
+
+
+def word_end(prompt: EncodedPrompt, word: int, modality: str | None = None) -> int:
+    """Last position of word ``word`` in ``prompt``: where the model predicts what follows it."""
+    return _span(prompt, word, modality)[-1]
+
+
+def next_word_logprob(
+    model: SpeechLM, prompt: EncodedPrompt, word: int, next_word: str | None = None
+) -> NextTokenLogProb:
+    """log P(next word's first text sub-token) at the last position of word ``word``.
+
+    ``next_word`` defaults to the prompt's word ``word + 1``."""
+    if next_word is None:
+        if word + 1 >= len(prompt.words):
+            raise PatchingError(
+                f"word {word} is the last word of {prompt.utterance_id!r}; pass next_word="
+            )
+        next_word = prompt.words[word + 1]
+    pos = word_end(prompt, word)
+    m = next_token_logprob(pos, word_token_ids(model, next_word))
+    return replace(m, name=f"logprob({next_word!r})@{prompt.words[word]!r}")
+
+
+def word_logit_diff(
+    model: SpeechLM, prompt: EncodedPrompt, word: int, good: str, bad: str
+) -> LogitDiff:
+    """logit(good) - logit(bad) (text tokens) at the last position of word ``word``."""
+    m = logit_diff(word_end(prompt, word), word_token_ids(model, good), word_token_ids(model, bad))
+    return replace(m, name=f"logit({good!r})-logit({bad!r})@{prompt.words[word]!r}")
+
+
+def metric_name(metric: Metric) -> str:
+    return str(getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps and results
+# ---------------------------------------------------------------------------------------------
+
+
+def _layer_label(layers: tuple[int, ...]) -> str:
+    if len(layers) > 1 and layers == tuple(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return "+".join(str(x) for x in layers)
+
+
+@dataclass(frozen=True, eq=False)
+class PatchResult:
+    """Metric values of a patching sweep, with everything needed to read them.
+
+    ``values`` has one axis per name in ``axes`` (``"layer"``, then ``"position"`` unless the
+    whole map was patched at once, then ``"head"`` for head sweeps). ``baseline`` is the metric
+    on the unpatched target run, ``source_value`` on the unpatched source run when the metric
+    can be read there (equal lengths), else None.
+    """
+
+    values: Float[Tensor, "..."]
+    axes: tuple[str, ...]
+    layers: tuple[tuple[int, ...], ...]
+    positions: tuple[str, ...]
+    heads: tuple[int, ...] | None
+    component: str
+    rule: str
+    metric: str
+    baseline: float
+    source_value: float | None
+    source_id: str
+    target_id: str
+    position_mode: str
+    head_mode: str = "all"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layer_labels(self) -> tuple[str, ...]:
+        return tuple(_layer_label(e) for e in self.layers)
+
+    def effect(self) -> Float[Tensor, "..."]:
+        """Values minus the unpatched target metric."""
+        return self.values - self.baseline
+
+    def to_table(self) -> list[dict[str, Any]]:
+        """One row per cell: layer, position, head, value, and the run's settings."""
+        rows = []
+        for idx in torch.cartesian_prod(*[torch.arange(s) for s in self.values.shape]).reshape(
+            -1, self.values.ndim
+        ):
+            cell = dict(zip(self.axes, idx.tolist(), strict=True))
+            row: dict[str, Any] = {"layer": self.layer_labels[cell["layer"]]}
+            row["position"] = (
+                self.positions[cell["position"]] if "position" in cell else self.position_mode
+            )
+            if "head" in cell:
+                row["head"] = (self.heads or ())[cell["head"]]
+            elif self.heads is not None:
+                row["head"] = "+".join(str(h) for h in self.heads)
+            row["value"] = float(self.values[tuple(idx.tolist())])
+            row.update(
+                component=self.component,
+                rule=self.rule,
+                metric=self.metric,
+                baseline=self.baseline,
+                source_value=self.source_value,
+                source=self.source_id,
+                target=self.target_id,
+                **self.extra,
+            )
+            rows.append(row)
+        return rows
+
+    def to_csv(self, path: str | Path) -> Path:
+        return write_csv(self.to_table(), path)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write rows atomically (temp file + os.replace); columns are the union, in first-seen order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def patch_sweep(
+    model: SpeechLM,
+    source: EncodedPrompt,
+    target: EncodedPrompt,
+    pmap: PositionMap,
+    metric: Metric,
+    *,
+    component: str = "resid_pre",
+    layers: int | Iterable[int | Iterable[int]] | None = None,
+    positions: str = "group",
+    heads: str | Sequence[int] | None = None,
+    fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+    progress: bool = False,
+) -> PatchResult:
+    """Patch ``component`` from ``source`` into ``target`` once per cell and record ``metric``.
+
+    ``layers``: None (every layer, one at a time), or entries that are a layer or a set of layers
+    patched together. ``positions``: ``"group"`` (each map group, e.g. word, alone), ``"pair"``
+    (each patched target position alone), or ``"all"`` (the whole map at once). ``heads`` (for
+    component ``"z"``): None (all heads), ``"each"`` (one head at a time: a head axis), or a
+    list patched together. ``fwd_hooks`` are added to every patched forward.
+    """
+    model.require_eval()
+    check_prompt(model, source, "source")
+    check_prompt(model, target, "target")
+    pmap.check(source, target)
+    layer_sets = _layer_sets(model, layers)
+    n_heads = int(model.bridge.cfg.n_heads)
+    if heads is not None and component != "z":
+        raise PatchingError(f"heads= applies to component 'z' only, not {component!r}")
+    if heads == "each":
+        head_cells: list[tuple[int, ...] | None] = [(h,) for h in range(n_heads)]
+        head_labels: tuple[int, ...] | None = tuple(range(n_heads))
+    elif heads is None:
+        head_cells, head_labels = [None], None
+    elif isinstance(heads, str):
+        raise PatchingError(f"heads must be None, 'each' or a list of heads, not {heads!r}")
+    else:
+        head_labels = tuple(int(h) for h in heads)
+        head_cells = [head_labels]
+    cells = pmap.subsets(positions)
+
+    needed = {hook_name(component, x) for e in layer_sets for x in e}
+    source_logits, cache = cache_source(model, source, needed)
+    tokens = _batch(target.tokens, model.device)
+    with torch.no_grad():
+        baseline = float(metric(model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))))
+        source_value = float(metric(source_logits)) if len(source) == len(target) else None
+
+    shape = [len(layer_sets)] + ([len(cells)] if positions != "all" else [])
+    shape += [n_heads] if heads == "each" else []
+    values = torch.zeros(shape)
+    total = len(layer_sets) * len(cells) * len(head_cells)
+    bar = tqdm(total=total, disable=not progress, desc=f"patch {component}", leave=False)
+    for li, layer_set in enumerate(layer_sets):
+        for pi, (_, sub) in enumerate(cells):
+            for hi, hs in enumerate(head_cells):
+                hooks = patching_hooks(cache, sub, component=component, layers=layer_set, heads=hs)
+                with torch.no_grad():
+                    logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[*hooks, *fwd_hooks])
+                    v = metric(logits)
+                idx: list[int] = [li] + ([pi] if positions != "all" else [])
+                idx += [hi] if heads == "each" else []
+                values[tuple(idx)] = torch.as_tensor(v).detach().float().cpu()
+                bar.update(1)
+    bar.close()
+    axes = ("layer",) + (("position",) if positions != "all" else ())
+    axes += ("head",) if heads == "each" else ()
+    return PatchResult(
+        values=values,
+        axes=axes,
+        layers=tuple(layer_sets),
+        positions=tuple(label for label, _ in cells),
+        heads=head_labels,
+        component=component,
+        rule=pmap.rule,
+        metric=metric_name(metric),
+        baseline=baseline,
+        source_value=source_value,
+        source_id=pmap.source_id,
+        target_id=pmap.target_id,
+        position_mode=positions,
+        head_mode="each" if heads == "each" else ("all" if heads is None else "set"),
+    )
+
+
+__all__ = [
+    "COMPONENTS",
+    "RULES",
+    "KLToClean",
+    "LogitDiff",
+    "MapGroup",
+    "NextTokenLogProb",
+    "PatchResult",
+    "PatchingError",
+    "PositionMap",
+    "cache_source",
+    "check_prompt",
+    "hook_name",
+    "kl_to_clean",
+    "logit_diff",
+    "map_all",
+    "map_positions",
+    "map_words",
+    "next_token_logprob",
+    "next_word_logprob",
+    "patch_hook",
+    "patch_sweep",
+    "patching_hooks",
+    "prompt_digest",
+    "run_patched",
+    "word_end",
+    "word_logit_diff",
+    "word_token_ids",
+    "write_csv",
+]
