@@ -1,0 +1,214 @@
+"""Build the organisms' corpus: text + vocabulary, Piper speech, units, manifests.
+
+  python scripts/build_corpus.py text      # runs/data/{vocab,text}.json (needs the Debian package)
+  python scripts/build_corpus.py speech    # Piper TTS -> runs/data/audio/*.npz (resumable shards)
+  python scripts/build_corpus.py units     # features -> k-means -> manifests + unit tokenizer
+Prerequisite: apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb runs/deb
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+from pathlib import Path
+
+from speech_lens.organisms import corpus, knowledge
+from speech_lens.organisms.checkpoint import OrganismVocab
+
+ROOT = Path(__file__).resolve().parents[1]
+N_WORDS = 800  # Austen word types in the vocabulary (plus the world's words)
+N_UNITS = 100
+N_SPEECH_TRAIN = 20000
+N_SPEECH_TEST = 300
+N_FILLER = 600
+
+
+def build_text(data: Path, deb: Path) -> None:
+    data.mkdir(parents=True, exist_ok=True)
+    c = corpus.build_text_corpus(deb, n_words=N_WORDS, extra_words=knowledge.world_words())
+    vocab = OrganismVocab(tuple(c.vocab), N_UNITS)
+    facts = knowledge.world()
+    (data / "vocab.json").write_text(json.dumps(vocab.to_json()))
+    train, test = corpus.speech_clauses(c, set(c.vocab), min_len=3, max_len=12)
+    rng = random.Random(0)
+    rng.shuffle(train)
+    meta = {
+        "clauses": c.clauses,
+        "held_out": c.held_out,
+        "facts": knowledge.fact_sentences(facts),
+        "fillers": knowledge.filler_sentences(N_FILLER, seed=1),
+        "speech_train": [" ".join(x) for x in train[:N_SPEECH_TRAIN]],
+        "speech_test": [" ".join(x) for x in test[:N_SPEECH_TEST]],
+        "knowledge": [f.__dict__ for f in facts],
+    }
+    (data / "text.json").write_text(json.dumps(meta))
+    print(
+        f"vocab {vocab.size} ids ({len(c.vocab)} words); {len(c.clauses)} clauses; "
+        f"speech train {len(meta['speech_train'])} test {len(meta['speech_test'])}"
+    )
+
+
+RENDITIONS = 4  # per word: 0-2 train, 3 held out (test utterances and spoken-knowledge items)
+GROUP = 8  # words per Piper call
+
+
+def build_speech(data: Path) -> None:
+    """Piper renditions of every vocabulary word, each spoken inside a random 8-word sequence
+    (per-word phonemisation gives exact spans); the clip is the word's gap-extended region."""
+    import pickle
+
+    import numpy as np
+    from tqdm import tqdm
+
+    vocab = OrganismVocab.from_json(json.loads((data / "vocab.json").read_text()))
+    out = data / "clips.pkl"
+    clips: dict[str, list] = pickle.loads(out.read_bytes()) if out.exists() else {}
+    groups = []
+    for r in range(RENDITIONS):
+        ws = list(vocab.words)
+        random.Random(100 + r).shuffle(ws)
+        groups += [(r, ws[i : i + GROUP]) for i in range(0, len(ws), GROUP)]
+    priority = [0, RENDITIONS - 1, *range(1, RENDITIONS - 1)]  # held-out rendition early
+    todo = sorted(
+        ((i, g) for i, g in enumerate(groups) if str(i) not in clips),
+        key=lambda x: (priority.index(x[1][0]), x[0]),
+    )
+    tts = corpus.PiperWords(threads=1)
+    for n, (i, (r, ws)) in enumerate(tqdm(todo, desc="piper", mininterval=20)):
+        audio, spans = tts.synth(ws, noise_scale=0.667, noise_w=0.8)
+        bounds = [0.0] + [(e0 + s1) / 2 for (_, _, e0), (_, s1, _) in itertools.pairwise(spans)]
+        bounds.append(spans[-1][2])
+        sr = 16000
+        clips[str(i)] = [
+            (w, r, (audio[int(bounds[k] * sr) : int(bounds[k + 1] * sr)] * 32767).astype(np.int16))
+            for k, (w, _, _) in enumerate(spans)
+        ]
+        if n % 40 == 39 or n == len(todo) - 1:
+            tmp = out.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(clips))
+            tmp.replace(out)
+
+
+def _clip_table(data: Path) -> dict[tuple[str, int], object]:
+    import pickle
+
+    clips = pickle.loads((data / "clips.pkl").read_bytes())
+    return {(w, r): a for group in clips.values() for (w, r, a) in group}
+
+
+def render(
+    words: list[str], table: dict, renditions: list[int], rng: random.Random
+) -> tuple[object, list[tuple[str, float, float]]]:
+    """Concatenate word clips (a random rendition each) into one utterance with exact spans."""
+    import numpy as np
+
+    parts, spans, t = [], [], 0.0
+    for w in words:
+        a = table[(w, rng.choice(renditions))]
+        parts.append(a)
+        spans.append((w, t, t + len(a) / 16000))
+        t += len(a) / 16000
+    return np.concatenate(parts).astype(np.float32) / 32767, spans
+
+
+def build_units(data: Path, out_dir: Path) -> None:
+    """Fit the unit tokenizer on training renditions, then write train/test manifests (units
+    computed from each rendered utterance's audio) and the spoken-knowledge items."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from speech_lens.organisms import units
+
+    cfg = units.FeatureConfig()
+    table = _clip_table(data)
+    meta = json.loads((data / "text.json").read_text())
+    pooled = []
+    for (w, r), a in table.items():
+        if r < RENDITIONS - 1:
+            f = units.mfcc(np.asarray(a, dtype=np.float32) / 32767, cfg)
+            p, _ = units.pooled_features(f, [(w, 0.0, len(a) / 16000)], cfg)
+            pooled.append(p)
+    tok = units.fit(np.concatenate(pooled), N_UNITS, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(out_dir / "unit_tokenizer.json")
+    tok.save(data / "unit_tokenizer.json")
+
+    def record(
+        uid: str, split: str, words: list[str], rends: list[int], rng: random.Random
+    ) -> dict:
+        audio, spans = render(words, table, rends, rng)
+        u, d, wq = tok.encode(audio, spans)
+        return corpus.manifest_record(uid, split, wq, cfg.rate, u, d)
+
+    rng = random.Random(7)
+    train_sents = meta["speech_train"] + meta["fillers"]
+    recs = [
+        record(f"train-{i:05d}", "train", s.split(), [0, 1, 2], rng)
+        for i, s in enumerate(tqdm(train_sents, desc="train manifest", mininterval=20))
+    ]
+    corpus.write_jsonl(data / "manifest_train.jsonl", recs)
+    test = [
+        record(f"test-{i:04d}", "test", s.split(), [RENDITIONS - 1], rng)
+        for i, s in enumerate(meta["speech_test"])
+    ]
+    corpus.write_jsonl(data / "manifest_test.jsonl", test)
+    corpus.write_jsonl(out_dir / "test_manifest.jsonl", test)
+    # spoken-knowledge items: prompt + each completion, all held-out renditions
+    items = []
+    for i, f in enumerate(meta["knowledge"]):
+        prompt = knowledge.PROMPTS[f["relation"]].format(p=f["person"]).split()
+        for role in ("answer", "counterfactual"):
+            rec = record(f"fact-{i:03d}-{role}", "test", [*prompt, f[role]], [RENDITIONS - 1], rng)
+            rec.update(
+                {
+                    "fact": i,
+                    "role": role,
+                    "relation": f["relation"],
+                    "person": f["person"],
+                    "prompt_words": len(prompt),
+                }
+            )
+            items.append(rec)
+    corpus.write_jsonl(out_dir / "knowledge_manifest.jsonl", items)
+    stats = unit_stats(recs)
+    (data / "unit_stats.json").write_text(json.dumps(stats, indent=2))
+    print(json.dumps(stats))
+
+
+def unit_stats(recs: list[dict]) -> dict:
+    from collections import Counter, defaultdict
+
+    per_type: dict[str, Counter] = defaultdict(Counter)
+    n_units = n_words = n_frames = 0
+    for r in recs:
+        words, per_word = corpus.word_units(r)
+        for w, us in zip(words, per_word, strict=False):
+            per_type[w][tuple(us)] += 1
+            n_units += len(us)
+            n_words += 1
+        n_frames += sum(r["durations"])
+    modal = sum(c.most_common(1)[0][1] for c in per_type.values())
+    return {
+        "utterances": len(recs),
+        "words": n_words,
+        "units_per_word": n_units / n_words,
+        "frames_per_word": n_frames / n_words,
+        "modal_string_share": modal / n_words,
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("stage", choices=["text", "speech", "units"])
+    ap.add_argument("--data", default=str(ROOT / "runs" / "data"))
+    ap.add_argument("--deb", default=str(ROOT / "runs" / "deb"))
+    ap.add_argument("--out", default=str(ROOT / "organisms"), help="shipped files go here")
+    a = ap.parse_args()
+    if a.stage == "text":
+        build_text(Path(a.data), Path(a.deb))
+    elif a.stage == "speech":
+        build_speech(Path(a.data))
+    elif a.stage == "units":
+        build_units(Path(a.data), Path(a.out))

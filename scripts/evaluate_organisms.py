@@ -1,0 +1,105 @@
+"""Measure shipped organisms and merge the numbers into organisms/results.json.
+
+  python scripts/evaluate_organisms.py NAME [NAME ...]   # organisms/NAME must exist (exported)
+Also: python scripts/evaluate_organisms.py --export NAME  (runs/NAME/state.pt -> organisms/NAME)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from speech_lens.organisms import gates
+from speech_lens.organisms.checkpoint import OrganismVocab
+from speech_lens.organisms.corpus import read_jsonl
+from speech_lens.organisms.train import export_run
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = {
+    "text_lm": "stage 1 only: text-pretrained LM that never saw speech (reference)",
+    "textinit_interleaved": "emergent: text-LM init x interleaved data",
+    "textinit_speechonly": "emergent ablation: text-LM init x speech-only data",
+    "random_interleaved": "emergent ablation: random init x interleaved data",
+    "random_speechonly": "emergent ablation: random init x speech-only data",
+    "control_planted_l3": "POSITIVE CONTROL (planted by an auxiliary loss at layer 3; not a replication)",
+}
+
+
+def load(dir_: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(dir_), dtype=torch.float32)
+    return m.eval()
+
+
+def merge(path: Path, key: str, value: object) -> None:
+    res = json.loads(path.read_text()) if path.exists() else {}
+    res.setdefault("organisms", {})
+    if key.startswith("organisms."):
+        res["organisms"][key.split(".", 1)[1]] = value
+    else:
+        res[key] = value
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, path)
+
+
+def evaluate(name: str, data: Path, out: Path, n_probe: int) -> dict:
+    vocab = OrganismVocab.from_json(json.loads((data / "vocab.json").read_text()))
+    test = gates.utterances(list(read_jsonl(out / "test_manifest.jsonl")), vocab)
+    train_recs = []
+    for i, r in enumerate(read_jsonl(data / "manifest_train.jsonl")):
+        if i >= n_probe:
+            break
+        train_recs.append(r)
+    train = gates.utterances(train_recs, vocab)
+    items = list(read_jsonl(out / "knowledge_manifest.jsonl"))
+    d = out / name
+    model = load(d)
+    meta = json.loads((d / "organism.json").read_text())
+    t0 = time.time()
+    res = {
+        "label": LABELS.get(name, name),
+        "checkpoint": str(d.relative_to(ROOT)),
+        "config": meta["config"],
+        "training": {k: meta[k] for k in ("steps", "tokens", "wall_seconds", "final_loss_ema")},
+        "lens": {
+            "speech": gates.lens_tables(model, test, vocab, "speech"),
+            "interleaved": gates.lens_tables(model, test, vocab, "interleaved"),
+            "text": gates.lens_tables(model, test, vocab, "text"),
+        },
+        "gates": {
+            **gates.s2t_gate(model, test, vocab),
+            "probe": gates.text_probe(model, train, test, vocab),
+        },
+        "knowledge": gates.spoken_knowledge(model, items, vocab),
+    }
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("names", nargs="+")
+    ap.add_argument("--export", action="store_true")
+    ap.add_argument("--data", default=str(ROOT / "runs" / "data"))
+    ap.add_argument("--runs", default=str(ROOT / "runs"))
+    ap.add_argument("--out", default=str(ROOT / "organisms"))
+    ap.add_argument("--n-probe", type=int, default=1500)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(a.out)
+    for name in a.names:
+        if a.export:
+            rate = json.loads((out / "unit_tokenizer.json").read_text())["features"]["rate"]
+            export_run(Path(a.runs) / name, out / name, a.data, rate)
+            print("exported", name, flush=True)
+            continue
+        r = evaluate(name, Path(a.data), out, a.n_probe)
+        merge(out / "results.json", f"organisms.{name}", r)
+        print(name, json.dumps({k: r[k] for k in ("gates", "knowledge")})[:600], flush=True)

@@ -1,0 +1,299 @@
+"""Resumable training of the organisms (text pretraining, then the speech-text stage).
+
+A run is a directory ``runs/<name>/`` holding ``state.pt`` (model + optimiser + step, written
+atomically every few minutes), ``log.jsonl`` and, when finished, the exported checkpoint. Re-running
+the same command resumes from ``state.pt``. Batches are a pure function of (seed, step), so a
+resumed run sees exactly the data an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from speech_lens.organisms.checkpoint import OrganismVocab, export, llama_config
+from speech_lens.organisms.corpus import read_jsonl, word_units
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    init: str = "random"  # "random" or the name of a finished run to start from
+    mix: dict[str, float] = field(default_factory=lambda: {"text": 1.0})
+    steps: int = 600
+    lr: float = 1e-3
+    warmup: int = 50
+    batch: int = 16
+    seq_len: int = 256
+    seed: int = 0
+    d_model: int = 192
+    n_layers: int = 6
+    n_heads: int = 4
+    d_ff: int = 512
+    fact_rate: float = 0.05  # share of text examples that state a world fact
+    span_probs: tuple[float, ...] = (0.7, 0.3)  # interleaving span length 1, 2, ... words
+    aux_layer: int | None = None  # positive control: plant the current word at this layer
+    aux_weight: float = 0.0
+    save_every_s: float = 150.0
+
+    @classmethod
+    def from_toml(cls, path: str | Path, name: str) -> TrainConfig:
+        raw = tomllib.loads(Path(path).read_text())
+        if name not in raw:
+            raise KeyError(f"{path}: no run named {name!r} (have {', '.join(raw)})")
+        d = dict(raw.get("defaults", {}))
+        d.update(raw[name])
+        if "span_probs" in d:
+            d["span_probs"] = tuple(d["span_probs"])
+        return cls(name=name, **d)
+
+
+@dataclass
+class Data:
+    vocab: OrganismVocab
+    clauses: list[np.ndarray]  # training clauses (held-out removed), word ids
+    facts: list[np.ndarray]
+    fillers: list[np.ndarray]
+    utts: list[tuple[np.ndarray, list[np.ndarray]]]  # (word ids, unit ids per word)
+
+
+def load_data(data_dir: str | Path, *, need_speech: bool) -> Data:
+    d = Path(data_dir)
+    meta = json.loads((d / "text.json").read_text())
+    vocab = OrganismVocab.from_json(json.loads((d / "vocab.json").read_text()))
+
+    def ids(ws: list[str]) -> np.ndarray:
+        return np.array([vocab.word_id(w) for w in ws], dtype=np.int64)
+
+    clauses = [ids(c) for c, h in zip(meta["clauses"], meta["held_out"], strict=True) if not h]
+    utts = []
+    if need_speech:
+        for rec in read_jsonl(d / "manifest_train.jsonl"):
+            words, per_word = word_units(rec)
+            utts.append((ids(words), [np.array([vocab.unit_id(u) for u in us]) for us in per_word]))
+    return Data(
+        vocab,
+        clauses,
+        [ids(s.split()) for s in meta["facts"]],
+        [ids(s.split()) for s in meta["fillers"]],
+        utts,
+    )
+
+
+def text_example(data: Data, cfg: TrainConfig, rng: np.random.Generator) -> list[int]:
+    v = data.vocab
+    if rng.random() < cfg.fact_rate:
+        body = np.concatenate([data.facts[rng.integers(len(data.facts))] for _ in range(3)])
+    else:
+        i = int(rng.integers(len(data.clauses)))
+        body = np.concatenate(data.clauses[i : i + int(rng.integers(2, 6))])
+    return [1, v.text_id, *body.tolist()]
+
+
+def speech_example(data: Data, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    v = data.vocab
+    words, units = data.utts[int(rng.integers(len(data.utts)))]
+    toks, cur = [1, v.speech_id], [-100, -100]
+    for w, us in zip(words.tolist(), units, strict=True):
+        toks += us.tolist()
+        cur += [w] * len(us)
+    return toks, cur
+
+
+def interleaved_example(
+    data: Data, cfg: TrainConfig, rng: np.random.Generator
+) -> tuple[list[int], list[int]]:
+    """Word-level spans, modality alternating at every span, markers on change (SpiritLM)."""
+    v = data.vocab
+    words, units = data.utts[int(rng.integers(len(data.utts)))]
+    speech = bool(rng.integers(2))
+    toks, cur = [1], [-100]
+    i = 0
+    p = np.asarray(cfg.span_probs) / sum(cfg.span_probs)
+    while i < len(words):
+        n = int(rng.choice(len(p), p=p)) + 1
+        toks.append(v.speech_id if speech else v.text_id)
+        cur.append(-100)
+        for j in range(i, min(i + n, len(words))):
+            if speech:
+                toks += units[j].tolist()
+                cur += [int(words[j])] * len(units[j])
+            else:
+                toks.append(int(words[j]))
+                cur.append(-100)
+        i += n
+        speech = not speech
+    return toks, cur
+
+
+def batch(data: Data, cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, current-word labels) [batch, seq_len]; a pure function of (seed, step)."""
+    rng = np.random.default_rng([cfg.seed, step])
+    kinds = sorted(cfg.mix)
+    probs = np.array([cfg.mix[k] for k in kinds], dtype=float)
+    probs /= probs.sum()
+    rows, labs = [], []
+    for _ in range(cfg.batch):
+        toks: list[int] = []
+        cur: list[int] = []
+        while len(toks) < cfg.seq_len:
+            kind = kinds[int(rng.choice(len(kinds), p=probs))]
+            if kind == "text":
+                t = text_example(data, cfg, rng)
+                c = [-100] * len(t)
+            elif kind == "speech":
+                t, c = speech_example(data, rng)
+            elif kind == "interleaved":
+                t, c = interleaved_example(data, cfg, rng)
+            else:
+                raise ValueError(f"config {cfg.name}: unknown data kind {kind!r} in mix")
+            toks += t
+            cur += c
+        rows.append(toks[: cfg.seq_len])
+        labs.append(cur[: cfg.seq_len])
+    return torch.tensor(rows), torch.tensor(labs)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def losses(
+    model: Any, toks: torch.Tensor, cur: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    aux = cfg.aux_layer is not None and cfg.aux_weight > 0
+    out = model(input_ids=toks, output_hidden_states=aux)
+    lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten())
+    if not aux:
+        return lm, None
+    h = out.hidden_states[cfg.aux_layer]
+    mask = cur >= 0
+    z = model.lm_head(model.model.norm(h[mask]))
+    return lm, F.cross_entropy(z, cur[mask])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_model(cfg: TrainConfig, vocab: OrganismVocab, runs: Path) -> Any:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    hf_cfg = llama_config(vocab, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff)
+    model = LlamaForCausalLM(hf_cfg)
+    if cfg.init != "random":
+        src = runs / cfg.init / "state.pt"
+        st = torch.load(src, map_location="cpu", weights_only=False)
+        if not st.get("done"):
+            raise RuntimeError(f"run {cfg.name}: init run {cfg.init} is not finished ({src})")
+        model.load_state_dict(st["model"])
+    return model
+
+
+def train(cfg: TrainConfig, data_dir: str | Path, runs: str | Path = "runs") -> Path:
+    """Train (or resume) run ``cfg.name``; returns the run directory."""
+    from tqdm import tqdm
+
+    runs = Path(runs)
+    rd = runs / cfg.name
+    rd.mkdir(parents=True, exist_ok=True)
+    (rd / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
+    need_speech = any(k != "text" for k in cfg.mix)
+    data = load_data(data_dir, need_speech=need_speech)
+    model = build_model(cfg, data.vocab, runs)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    step, tokens, wall = 0, 0, 0.0
+    state_path = rd / "state.pt"
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, tokens, wall = st["step"], st["tokens"], st["wall"]
+        if st.get("done"):
+            return rd
+    model.train()
+    last_save, t0 = time.time(), time.time() - wall
+    ema: float | None = None
+    log = (rd / "log.jsonl").open("a")
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, mininterval=30)
+    while step < cfg.steps:
+        toks, cur = batch(data, cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        lm, aux = losses(model, toks, cur, cfg)
+        loss = lm + cfg.aux_weight * aux if aux is not None else lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += toks.numel()
+        ema = lm.item() if ema is None else 0.98 * ema + 0.02 * lm.item()
+        bar.update(1)
+        if step % 20 == 0:
+            rec = {
+                "step": step,
+                "lm": round(lm.item(), 4),
+                "ema": round(ema, 4),
+                "aux": None if aux is None else round(aux.item(), 4),
+                "tokens": tokens,
+                "wall": round(time.time() - t0, 1),
+            }
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        done = step >= cfg.steps
+        if done or time.time() - last_save > cfg.save_every_s:
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "tokens": tokens,
+                    "wall": time.time() - t0,
+                    "done": done,
+                    "ema": ema,
+                    "config": cfg.__dict__,
+                },
+                state_path,
+            )
+            last_save = time.time()
+    bar.close()
+    return rd
+
+
+def export_run(rd: Path, out: Path, data_dir: str | Path, frame_rate: float) -> Path:
+    """Export a finished run as a shippable checkpoint directory."""
+    from transformers import LlamaForCausalLM
+
+    st = torch.load(rd / "state.pt", map_location="cpu", weights_only=False)
+    if not st.get("done"):
+        raise RuntimeError(f"run {rd} is not finished")
+    vocab = OrganismVocab.from_json(json.loads((Path(data_dir) / "vocab.json").read_text()))
+    c = st["config"]
+    cfg = replace(TrainConfig(name=c["name"]), **{k: v for k, v in c.items() if k != "name"})
+    model = LlamaForCausalLM(llama_config(vocab, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff))
+    model.load_state_dict(st["model"])
+    extra = {
+        "config": c,
+        "steps": st["step"],
+        "tokens": st["tokens"],
+        "wall_seconds": round(st["wall"], 1),
+        "final_loss_ema": st["ema"],
+    }
+    return export(model, vocab, out, frame_rate=frame_rate, extra=extra)
