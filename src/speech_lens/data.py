@@ -19,6 +19,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,10 @@ class DataError(ValueError):
         self.field = field
         self.reason = message
         super().__init__(f"utterance {utterance!r}: field {field}: {message}")
+
+
+class DataWarning(UserWarning):
+    """Records were skipped while loading a data set (see the reader's ``report``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,7 +568,8 @@ class ManifestReader:
     """Streams utterances from a JSONL manifest; never holds more than one record.
 
     Iterate it (repeatedly if you like); after (or during) a pass, ``report`` says how many
-    records were read, loaded and skipped, with line, id, field and reason for each skip. With
+    records were read, loaded and skipped, with line, id, field and reason for each skip; a pass
+    that skipped records ends with a :class:`DataWarning` saying how many. With
     ``strict=True`` the first bad record raises :class:`DataError` (message prefixed with the
     file and line) instead.
     """
@@ -605,6 +611,14 @@ class ManifestReader:
                     continue
                 rep.n_loaded += 1
                 yield utt
+        if rep.skipped:  # never drop records silently
+            warnings.warn(
+                f"{rep.path}: skipped {rep.n_skipped} of {rep.n_records} records "
+                f"({', '.join(f'{k}: {v}' for k, v in sorted(rep.by_field().items()))}); "
+                f"see reader.report",
+                DataWarning,
+                stacklevel=2,
+            )
 
 
 def read_manifest(

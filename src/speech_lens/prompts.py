@@ -188,7 +188,7 @@ def encode_prompt(
     family adds it); text words are written so that each gets its in-sentence (leading-space)
     form. ``spans`` has one :class:`WordSpan` per word, in its modality: for a text word its
     tokens; for a spoken word the positions from its first to its last unit (prosody tokens in
-    between included). Units in silence are in no span; a spoken word with no unit gets an empty
+    between carry the word's index; prosody tokens at word boundaries or in silence carry -1). Units in silence are in no span; a spoken word with no unit gets an empty
     span (``start == end`` at the place it would be).
     """
     tok, layout, spec = model.tokenizer, model.layout, model.spec
@@ -233,7 +233,8 @@ def encode_prompt(
             speech_words = sample_speech_words(
                 n_words, span_sampler, rng, span_mean=span_mean, speech_fraction=speech_fraction
             )
-        bad = sorted(i for i in speech_words if not 0 <= int(i) < n_words)
+        speech_words = {int(i) for i in speech_words}
+        bad = sorted(i for i in speech_words if not 0 <= i < n_words)
         if bad:
             raise PromptError(
                 f"utterance {uid!r}: field speech_words: indices {bad} outside 0..{n_words - 1}"
