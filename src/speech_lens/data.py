@@ -10,6 +10,17 @@ Readers cover what researchers already have: the project's JSONL manifest (strea
 :class:`LoadReport` of skipped records), slamkit metadata JSON (``aligned_text`` triples with
 leading-space words), Praat TextGrid word tiers, SpiritLM / SpeechGPT unit strings and plain
 unit lists.
+
+Manifest schema (JSONL, one utterance per line; unknown keys are ignored)::
+
+    {"id": "s1", "speaker": "spk1" | null, "split": "train" | "test" | ...,
+     "text": "the cat sat",                       # optional; defaults to the words joined
+     "words": [["the", 0.12, 0.28], ...],         # [word, start_sec, end_sec], sorted, no overlap
+     "frame_rate": 25.0,                          # unit frames per second
+     "units": [155, 79, ...],                     # or "155 79 ..." or, with layout=, "[Hu155][Hu79]"
+     "durations": [3, 1, ...],                    # optional: present = deduplicated run lengths
+     "pitch": {"units": [...], "frame_rate": 12.5},   # optional prosody streams, frame level
+     "style": {"units": [...], "frame_rate": 1.0}}
 """
 
 from __future__ import annotations
