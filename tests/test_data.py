@@ -372,7 +372,6 @@ SHORT_TG = "\n".join(
 
 
 def test_textgrid_builtin_matches_praatio(tmp_path):
-    pytest.importorskip("praatio")
     long_ = EXAMPLES / "s1.TextGrid"
     a = read_textgrid(long_)
     assert a == read_textgrid(long_, engine="praatio")
