@@ -719,3 +719,59 @@ def test_tokenize_cli_csfa_parquet(
     f0, f1 = np.asarray(utts[0].frames()), np.asarray(utts[1].frames())
     n = min(len(f0), len(f1))
     assert abs(len(f0) - len(f1)) <= 1 and (f0[:n] == f1[:n]).mean() > 0.8
+
+
+def test_tokenized_csfa_manifest_runs_through_the_lens(
+    tmp_path, tiny_checkpoint, energy_registered, tiny_model
+):
+    """The manifest written by tokenize feeds encode_prompt + word_lens on the tiny SpiritLM."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from speech_lens import encode_prompt, word_lens
+
+    meta = json.loads((SPEECH / "tom_lives_in.json").read_text())
+    rows = [
+        {
+            "id": "f0",
+            "prompt": "tom lives in paris",
+            "audio": [{"bytes": (SPEECH / "tom_lives_in.flac").read_bytes(), "path": "t.flac"}],
+            "word_timings": [[{"word": w, "start": s, "end": e} for w, s, e in meta["words"]]],
+            "correct": "paris",
+            "counterfactual": "london",
+            "category": "city",
+        }
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    ckpt, _ = tiny_checkpoint("spiritlm")
+    out = tmp_path / "t.jsonl"
+    assert (
+        main(
+            [
+                "tokenize",
+                str(tmp_path / "t.parquet"),
+                "--model",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--tokenizer",
+                energy_registered,
+                "--no-progress",
+                "--columns",
+                "csfa",
+            ]
+        )
+        == 0
+    )
+    model = tiny_model("spiritlm")
+    (utt,) = list(read_manifest(out, layout=model.layout, strict=True))
+    prompt = encode_prompt(model, utt, mode="speech")
+    unit_ids = [model.layout.units.id_of(u) for u in utt.units]
+    assert prompt.tokens.tolist()[-len(unit_ids) :] == unit_ids
+    # the word of every unit position is the manifest's unit->word map (slamkit's end rule)
+    speech = [i for i, u in enumerate(prompt.unit_index.tolist()) if u >= 0]
+    assert prompt.word_index[speech].tolist() == utt.unit_words()
+    res = word_lens(model, prompt, k=5)
+    spoken = sorted(set(utt.unit_words()) - {-1})
+    assert res.words is not None and res.words.words == tuple(utt.words[j].text for j in spoken)
+    assert res.topk_ids.shape == (model.n_layers + 1, len(prompt.tokens), 5)

@@ -244,12 +244,16 @@ class Columns:
 
     @classmethod
     def parse(cls, spec: str, base: Columns | None = None) -> Columns:
-        """``"id=uid,audio=a1|a2,text=prompt,words=w1|w2,meta=correct|counterfactual"``."""
+        """``"id=uid,audio=a1|a2,text=prompt,words=w1|w2,meta=correct|counterfactual"``; a
+        preset name (``csfa``) may come first, e.g. ``"csfa,text=question"``."""
         base = base or cls()
         kw: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             key, eq, val = part.partition("=")
             key = key.strip()
+            if not eq and key in COLUMN_PRESETS:
+                base = COLUMN_PRESETS[key]
+                continue
             if not eq or key not in (
                 "id",
                 "audio",
@@ -262,7 +266,8 @@ class Columns:
             ):
                 raise ValueError(
                     f"--columns entry {part!r}: expected FIELD=COLUMN with FIELD one of "
-                    "id, audio, text, words, speaker, split, sample_rate, meta"
+                    "id, audio, text, words, speaker, split, sample_rate, meta (or a preset: "
+                    f"{', '.join(COLUMN_PRESETS)})"
                 )
             vals = tuple(v.strip() for v in val.split("|") if v.strip())
             if key in ("audio", "words", "meta"):
@@ -283,6 +288,7 @@ CSFA_COLUMNS = Columns(
     words=("word_timings",),
     meta=("correct", "counterfactual", "category"),
 )
+COLUMN_PRESETS = {"default": Columns(), "csfa": CSFA_COLUMNS}
 
 
 def parse_words(value: Any, where: str) -> tuple[Word, ...] | None:

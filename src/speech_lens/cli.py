@@ -108,7 +108,8 @@ def _add_tokenize(sub: Any) -> None:
     )
     p.add_argument(
         "--columns",
-        help="column map, e.g. 'id=uid,text=prompt,audio=a1|a2,words=w1|w2,meta=correct'",
+        help="column map, e.g. 'id=uid,text=prompt,audio=a1|a2,words=w1|w2,meta=correct'; "
+        "a preset first: 'csfa' (Common-Sense Facts Audio) or 'csfa,text=question'",
     )
     p.add_argument(
         "--align",
