@@ -22,6 +22,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from speech_lens._tl import final_norm_and_unembed, resid_pre_name, unembed_name
+from speech_lens.vocab import VocabLayout
 
 HookFn = Callable[..., Tensor | None]
 
@@ -55,18 +56,26 @@ class Readout:
 
     @classmethod
     def of(cls, model: Any) -> Readout:
-        bridge = model.bridge
-        layout = model.layout
-        norm, unembed = final_norm_and_unembed(bridge)
-        device = model.device
-        vocab = int(layout.vocab_size)
+        norm, unembed = final_norm_and_unembed(model.bridge)
+        vocab = int(model.layout.vocab_size)
         out_features = getattr(unembed, "out_features", vocab)
         if out_features != vocab:
             raise ValueError(
                 f"model {getattr(model, 'path', '?')}: unembedding has {out_features} outputs "
                 f"but the vocabulary layout has {vocab} ids"
             )
-        marker = torch.zeros(vocab, dtype=torch.bool)
+        return cls.for_layout(model.layout, norm, unembed, int(model.n_layers), model.device)
+
+    @classmethod
+    def for_layout(
+        cls,
+        layout: VocabLayout,
+        norm: torch.nn.Module,
+        unembed: torch.nn.Module,
+        n_layers: int,
+        device: torch.device | str = "cpu",
+    ) -> Readout:
+        marker = torch.zeros(layout.vocab_size, dtype=torch.bool)
         for i in layout.marker_ids.values():
             marker[i] = True
         groups = torch.stack(
@@ -75,8 +84,8 @@ class Readout:
         return cls(
             norm=norm,
             unembed=unembed,
-            n_layers=int(model.n_layers),
-            vocab_size=vocab,
+            n_layers=n_layers,
+            vocab_size=int(layout.vocab_size),
             text_mask=layout.text_mask.to(device),
             groups=groups.to(device),
         )

@@ -49,11 +49,35 @@ class WordLensResult:
     cand_word: Int[Tensor, " n_cand"]
     cand_ranks: Int[Tensor, "row n_cand"]
     cand_logits: Float[Tensor, "row n_cand"]
-    current: tuple[WordTarget | None, ...]
+    current: tuple[WordTarget, ...]
     next: tuple[WordTarget | None, ...]
 
     def __len__(self) -> int:
         return len(self.words)
+
+    @classmethod
+    def from_buffer(
+        cls,
+        b: LensBuffer,
+        word_index: tuple[int, ...],
+        words: tuple[str, ...],
+        current: tuple[WordTarget, ...],
+        next: tuple[WordTarget | None, ...],
+    ) -> WordLensResult:
+        empty = torch.zeros(0, dtype=torch.long)
+        return cls(
+            word_index=word_index,
+            words=words,
+            positions=tuple(b.word_positions),
+            topk_ids=b.word_topk_ids,
+            topk_logits=b.word_topk_logits,
+            cand_ids=b.cand_ids if b.cand_ids is not None else empty,
+            cand_word=b.cand_word if b.cand_word is not None else empty,
+            cand_ranks=b.cand_ranks,
+            cand_logits=b.cand_logits,
+            current=current,
+            next=next,
+        )
 
     def rank_of(self, j: int, ids: Sequence[int]) -> Int[Tensor, " row"]:
         """Best (smallest) pooled rank over ``ids`` for word ``j``, per row; -1 if ``ids`` empty."""
@@ -90,6 +114,32 @@ class LensResult:
     target_logprobs: Float[Tensor, "row pos n_targets"] | None = None
     words: WordLensResult | None = None
     lens_name: str = "logit"
+
+    @classmethod
+    def from_buffer(
+        cls,
+        b: LensBuffer,
+        tokens: Tensor,
+        targets: Tensor | None = None,
+        words: WordLensResult | None = None,
+        lens_name: str = "logit",
+    ) -> LensResult:
+        return cls(
+            tokens=tokens,
+            positions=b.positions,
+            n_layers=b.n_rows - 1,
+            k=b.k,
+            topk_ids=b.topk_ids,
+            topk_logprobs=b.topk_logprobs,
+            topk_ids_all=b.topk_ids_all,
+            topk_logprobs_all=b.topk_logprobs_all,
+            mass=b.mass,
+            target_ids=targets,
+            target_ranks=b.target_ranks,
+            target_logprobs=b.target_logprobs,
+            words=words,
+            lens_name=lens_name,
+        )
 
     @property
     def n_rows(self) -> int:
@@ -207,7 +257,9 @@ def logit_lens(
         chunk_size=chunk_size,
     )
     _run(model, seq, buffer, lens, fwd_hooks)
-    return _result(model, seq, buffer, tg if tg is None else tg[pos], None, lens)
+    return LensResult.from_buffer(
+        buffer, seq, None if tg is None else tg[pos], None, _lens_name(lens)
+    )
 
 
 def word_lens(
@@ -279,20 +331,10 @@ def word_lens(
         chunk_size=chunk_size,
     )
     _run(model, seq, buffer, lens, fwd_hooks)
-    words = WordLensResult(
-        word_index=tuple(idx),
-        words=tuple(s.text for s in spans),
-        positions=tuple(word_pos),
-        topk_ids=buffer.word_topk_ids,
-        topk_logits=buffer.word_topk_logits,
-        cand_ids=buffer.cand_ids if buffer.cand_ids is not None else torch.zeros(0),
-        cand_word=buffer.cand_word if buffer.cand_word is not None else torch.zeros(0),
-        cand_ranks=buffer.cand_ranks,
-        cand_logits=buffer.cand_logits,
-        current=tuple(cur),
-        next=tuple(nxt),
+    words = WordLensResult.from_buffer(
+        buffer, tuple(idx), tuple(s.text for s in spans), tuple(cur), tuple(nxt)
     )
-    return _result(model, seq, buffer, None, words, lens)
+    return LensResult.from_buffer(buffer, seq, None, words, _lens_name(lens))
 
 
 def _check_k(k: int, model: Any) -> int:
@@ -313,27 +355,5 @@ def _positions(positions: Tensor | Sequence[int] | None, seq: Tensor) -> Tensor:
     return torch.unique(p)  # sorted
 
 
-def _result(
-    model: Any,
-    seq: Tensor,
-    b: LensBuffer,
-    targets: Tensor | None,
-    words: WordLensResult | None,
-    lens: HiddenTransform | None,
-) -> LensResult:
-    return LensResult(
-        tokens=seq,
-        positions=b.positions,
-        n_layers=int(model.n_layers),
-        k=b.k,
-        topk_ids=b.topk_ids,
-        topk_logprobs=b.topk_logprobs,
-        topk_ids_all=b.topk_ids_all,
-        topk_logprobs_all=b.topk_logprobs_all,
-        mass=b.mass,
-        target_ids=targets,
-        target_ranks=b.target_ranks,
-        target_logprobs=b.target_logprobs,
-        words=words,
-        lens_name="logit" if lens is None else type(lens).__name__,
-    )
+def _lens_name(lens: HiddenTransform | None) -> str:
+    return "logit" if lens is None else type(lens).__name__
