@@ -26,6 +26,12 @@ from speech_lens.prompts import (
     encode_prompt,
     word_targets,
 )
+from speech_lens.speech_tokenizers import (
+    FrameUnits,
+    SpeechTokenizer,
+    get_speech_tokenizer,
+    register_speech_tokenizer,
+)
 from speech_lens.vocab import UnitBlock, VocabError, VocabLayout
 
 __all__ = [
@@ -33,10 +39,12 @@ __all__ = [
     "AdapterSpec",
     "DataError",
     "EncodedPrompt",
+    "FrameUnits",
     "LensResult",
     "LoadReport",
     "PromptError",
     "SpeechLM",
+    "SpeechTokenizer",
     "UnitBlock",
     "UnitStream",
     "Utterance",
@@ -49,9 +57,11 @@ __all__ = [
     "available_families",
     "detect_family",
     "encode_prompt",
+    "get_speech_tokenizer",
     "load_model",
     "logit_lens",
     "read_manifest",
+    "register_speech_tokenizer",
     "word_lens",
     "word_targets",
     "write_manifest",
