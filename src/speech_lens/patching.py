@@ -49,6 +49,7 @@ from speech_lens.prompts import BOS, MARKER, PROSODY, SPEECH, TEXT, EncodedPromp
 
 if TYPE_CHECKING:
     from speech_lens.adapters import SpeechLM
+    from speech_lens.data import Utterance
 
 Rule = Literal["last", "mean", "each"]
 RULES: tuple[str, ...] = ("last", "mean", "each")
@@ -235,6 +236,11 @@ def _span(prompt: EncodedPrompt, word: int, modality: str | None) -> tuple[int, 
         for s in prompt.spans
         if s.index == word and (modality is None or s.modality == modality) and s.end > s.start
     ]
+    if not spans and any(s.index == word for s in prompt.spans):
+        raise PatchingError(
+            f"word {word} ({_word_text(prompt, word)!r}) has no positions in prompt "
+            f"{_describe(prompt)} (a spoken word with no unit of its own)"
+        )
     if not spans:
         what = f"word {word}" + (f" in {modality}" if modality else "")
         have = ", ".join(f"{s.index}:{s.text}({s.modality})" for s in prompt.spans) or "none"
@@ -738,6 +744,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a table is for reading
     os.replace(tmp, path)
     return path
 
@@ -754,6 +761,7 @@ def patch_sweep(
     positions: str = "group",
     heads: str | Sequence[int] | None = None,
     fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
+    source_metric: Metric | None = None,
     progress: bool = False,
 ) -> PatchResult:
     """Patch ``component`` from ``source`` into ``target`` once per cell and record ``metric``.
@@ -762,7 +770,9 @@ def patch_sweep(
     patched together. ``positions``: ``"group"`` (each map group, e.g. word, alone), ``"pair"``
     (each patched target position alone), or ``"all"`` (the whole map at once). ``heads`` (for
     component ``"z"``): None (all heads), ``"each"`` (one head at a time: a head axis), or a
-    list patched together. ``fwd_hooks`` are added to every patched forward.
+    list patched together. ``fwd_hooks`` are added to every patched forward. ``source_metric``
+    reads the same quantity on the unpatched source run (e.g. at the source's own position of
+    the word); by default ``metric`` itself when both prompts have the same length.
     """
     model.require_eval()
     check_prompt(model, source, "source")
@@ -789,7 +799,9 @@ def patch_sweep(
     tokens = _batch(target.tokens, model.device)
     with torch.no_grad():
         baseline = float(metric(model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))))
-        source_value = float(metric(source_logits)) if len(source) == len(target) else None
+        if source_metric is None and len(source) == len(target):
+            source_metric = metric
+        source_value = None if source_metric is None else float(source_metric(source_logits))
 
     shape = [len(layer_sets)] + ([len(cells)] if positions != "all" else [])
     shape += [n_heads] if heads == "each" else []
@@ -828,6 +840,217 @@ def patch_sweep(
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Worked experiments (used by examples/, the CLI and the demo report)
+# ---------------------------------------------------------------------------------------------
+
+
+def _spoken_word_ok(prompt: EncodedPrompt, i: int) -> bool:
+    return any(s.index == i and s.end > s.start for s in prompt.spans)
+
+
+def cross_modal(
+    model: SpeechLM,
+    utterance: Utterance,
+    *,
+    direction: str = "text-to-speech",
+    words: Iterable[int] | None = None,
+    component: str = "resid_pre",
+    rule: Rule | str = "last",
+    layers: int | Iterable[int | Iterable[int]] | None = None,
+    progress: bool = False,
+) -> list[PatchResult]:
+    """The same utterance as text and as speech; for each word w (that has a next word), patch
+    w's positions from one run into the other, one layer (set) at a time, and read the log-prob
+    of the *next* word's text token at w's last position of the patched run.
+
+    ``direction="text-to-speech"``: source = text run, target = speech run (does the speech run's
+    next-word prediction follow the text run's?); ``"speech-to-text"`` the reverse. Each result
+    is a layer curve (``positions="all"``) with ``baseline`` (unpatched target) and
+    ``source_value`` (the source run's own next-word log-prob at w).
+    """
+    from speech_lens.prompts import encode_prompt
+
+    if direction not in ("text-to-speech", "speech-to-text"):
+        raise PatchingError(
+            f"direction must be text-to-speech or speech-to-text, not {direction!r}"
+        )
+    text = encode_prompt(model, utterance, mode="text")
+    speech = encode_prompt(model, utterance, mode="speech")
+    source, target = (text, speech) if direction == "text-to-speech" else (speech, text)
+    n = len(utterance.words)
+    todo = list(range(n - 1)) if words is None else [int(w) for w in words]
+    out = []
+    for w in todo:
+        if not 0 <= w < n - 1:
+            raise PatchingError(
+                f"utterance {utterance.id!r}: word {w} has no next word (words 0..{n - 2})"
+            )
+        if not (_spoken_word_ok(source, w) and _spoken_word_ok(target, w)):
+            if words is None:
+                continue  # a spoken word with no unit of its own: nothing to patch
+            _span(source, w, None), _span(target, w, None)  # raises with the reason
+        pm = map_words(source, target, [w], rule=rule)
+        res = patch_sweep(
+            model,
+            source,
+            target,
+            pm,
+            next_word_logprob(model, target, w),
+            component=component,
+            layers=layers,
+            positions="all",
+            source_metric=next_word_logprob(model, source, w),
+            progress=progress,
+        )
+        extra = {
+            "experiment": direction,
+            "utterance": utterance.id,
+            "word_index": str(w),
+            "word": utterance.words[w].text,
+            "next_word": utterance.words[w + 1].text,
+        }
+        out.append(replace(res, extra=extra))
+    return out
+
+
+def splice_word(utterance: Utterance, word: int, donor: Utterance, donor_word: int) -> Utterance:
+    """``utterance`` with the audio units of word ``word`` replaced by those of ``donor``'s word
+    ``donor_word`` (frame level; later word times shift; prosody streams are dropped because
+    they cannot be spliced consistently)."""
+    from speech_lens.data import Utterance as Utt
+    from speech_lens.data import Word
+
+    fr = utterance.frame_rate
+    if abs(donor.frame_rate - fr) > 1e-6:
+        raise PatchingError(
+            f"cannot splice {donor.id!r} ({donor.frame_rate} Hz) into {utterance.id!r} ({fr} Hz)"
+        )
+    for u, i in ((utterance, word), (donor, donor_word)):
+        if not 0 <= i < len(u.words):
+            raise PatchingError(f"utterance {u.id!r} has no word {i} (0..{len(u.words) - 1})")
+    frames, dframes = list(utterance.frames()), list(donor.frames())
+    w, d = utterance.words[word], donor.words[donor_word]
+    a, b = round(w.start * fr), round(w.end * fr)
+    c, e = round(d.start * fr), round(d.end * fr)
+    shift = (e - c) - (b - a)
+    new_words = list(utterance.words[:word])
+    new_words.append(Word(d.text, a / fr, (a + e - c) / fr))
+    new_words += [
+        Word(x.text, x.start + shift / fr, x.end + shift / fr) for x in utterance.words[word + 1 :]
+    ]
+    return Utt(
+        id=f"{utterance.id}[{word}:{w.text}->{d.text}]",
+        words=tuple(new_words),
+        units=tuple(frames[:a] + dframes[c:e] + frames[b:]),
+        durations=None,
+        frame_rate=fr,
+        speaker=utterance.speaker,
+    )
+
+
+def word_swap(
+    model: SpeechLM,
+    clean: Utterance,
+    corrupt: Utterance,
+    word: int,
+    *,
+    mode: str = "denoise",
+    component: str = "resid_pre",
+    rule: Rule | str = "last",
+    layers: int | Iterable[int | Iterable[int]] | None = None,
+    progress: bool = False,
+) -> PatchResult:
+    """Two spoken utterances that differ in word ``word`` (e.g. from :func:`splice_word`).
+
+    ``mode="denoise"`` patches the clean run into the corrupted one, ``"noise"`` the corrupted
+    into the clean one; every word is patched on its own (layer x word sweep). The metric is
+    logit(clean word) - logit(swapped word) (text tokens) at the swapped word's last position of
+    the patched run: which word does the model take itself to be hearing.
+    """
+    from speech_lens.prompts import encode_prompt
+
+    if mode not in ("denoise", "noise"):
+        raise PatchingError(f"mode must be 'denoise' or 'noise', not {mode!r}")
+    pc = encode_prompt(model, clean, mode="speech")
+    px = encode_prompt(model, corrupt, mode="speech")
+    source, target = (pc, px) if mode == "denoise" else (px, pc)
+    good, bad = clean.words[word].text, corrupt.words[word].text
+    if good == bad:
+        raise PatchingError(f"word {word} is {good!r} in both utterances: nothing was swapped")
+    common = [
+        i
+        for i in range(min(len(clean.words), len(corrupt.words)))
+        if _spoken_word_ok(pc, i) and _spoken_word_ok(px, i)
+    ]
+    if word not in common:
+        _span(pc, word, None), _span(px, word, None)
+    pm = map_words(source, target, common, rule=rule)
+    res = patch_sweep(
+        model,
+        source,
+        target,
+        pm,
+        word_logit_diff(model, target, word, good, bad),
+        component=component,
+        layers=layers,
+        positions="group",
+        source_metric=word_logit_diff(model, source, word, good, bad),
+        progress=progress,
+    )
+    extra = {
+        "experiment": f"word-swap-{mode}",
+        "utterance": clean.id,
+        "word_index": str(word),
+        "word": good,
+        "swap": bad,
+    }
+    return replace(res, extra=extra)
+
+
+def mean_curve(results: Sequence[PatchResult]) -> dict[str, Any]:
+    """Average layer curves (``positions="all"`` results on the same layers) over words and
+    utterances: mean patched value per layer, mean unpatched target, mean source value."""
+    if not results:
+        raise PatchingError("no patching results to average")
+    layers = results[0].layers
+    if any(r.layers != layers or r.axes != ("layer",) for r in results):
+        raise PatchingError("mean_curve needs layer-only results over the same layers")
+    vals = torch.stack([r.values for r in results])
+    srcs = [r.source_value for r in results if r.source_value is not None]
+    return {
+        "layers": results[0].layer_labels,
+        "mean": vals.mean(0),
+        "sem": vals.std(0) / max(1, len(results)) ** 0.5 if len(results) > 1 else vals[0] * 0,
+        "baseline": sum(r.baseline for r in results) / len(results),
+        "source": sum(srcs) / len(srcs) if srcs else None,
+        "n": len(results),
+    }
+
+
+def stack_curves(results: Sequence[PatchResult]) -> PatchResult:
+    """Layer curves of several words as one layer x word result of *effects* (value minus each
+    word's own unpatched baseline), for :func:`~speech_lens.plots_patching.plot_layer_position`."""
+    if not results:
+        raise PatchingError("no patching results to stack")
+    first = results[0]
+    eff = torch.stack([r.values - r.baseline for r in results], dim=1)
+    labels = tuple(
+        f"{r.extra.get('word_index', i)}:{r.extra.get('word', '')}" for i, r in enumerate(results)
+    )
+    return replace(
+        first,
+        values=eff,
+        axes=("layer", "position"),
+        positions=labels,
+        metric=f"Δ {first.metric.split('@')[0]} (per word)",
+        baseline=0.0,
+        source_value=None,
+        position_mode="group",
+        extra={k: v for k, v in first.extra.items() if k in ("experiment", "utterance")},
+    )
+
+
 __all__ = [
     "COMPONENTS",
     "RULES",
@@ -840,12 +1063,14 @@ __all__ = [
     "PositionMap",
     "cache_source",
     "check_prompt",
+    "cross_modal",
     "hook_name",
     "kl_to_clean",
     "logit_diff",
     "map_all",
     "map_positions",
     "map_words",
+    "mean_curve",
     "next_token_logprob",
     "next_word_logprob",
     "patch_hook",
@@ -853,8 +1078,11 @@ __all__ = [
     "patching_hooks",
     "prompt_digest",
     "run_patched",
+    "splice_word",
+    "stack_curves",
     "word_end",
     "word_logit_diff",
+    "word_swap",
     "word_token_ids",
     "write_csv",
 ]
