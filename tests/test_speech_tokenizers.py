@@ -775,3 +775,44 @@ def test_tokenized_csfa_manifest_runs_through_the_lens(
     spoken = sorted(set(utt.unit_words()) - {-1})
     assert res.words is not None and res.words.words == tuple(utt.words[j].text for j in spoken)
     assert res.topk_ids.shape == (model.n_layers + 1, len(prompt.tokens), 5)
+
+
+def test_tokenize_cli_expressive_with_fake_spiritlm(
+    corpus_dir, tmp_path, tiny_checkpoint, tiny_model, monkeypatch, capsys
+):
+    """SpiritLM Expressive: pitch and style streams land in the manifest at their own rates and
+    fit the checkpoint's [Pi*]/[St*] blocks; the base tokenizer is refused for this layout."""
+    calls: dict = {}
+    files = tmp_path / "st"
+    for name, m in _fake_spiritlm(files, calls).items():
+        monkeypatch.setitem(sys.modules, name, m)
+    _touch(
+        files,
+        [
+            "hubert_25hz/mhubert_base_25hz.pt",
+            "hubert_25hz/L11_quantizer_500.pt",
+            "vqvae_f0_quantizer/config.yaml",
+            "vqvae_f0_quantizer/model.pt",
+            "style_encoder_w2v2/config.json",
+            "style_encoder_w2v2/pytorch_model.bin",
+        ],
+    )
+    (corpus_dir / "tom.flac").unlink()  # keep the files that carry timings
+    ckpt, _ = tiny_checkpoint("spiritlm-expressive")
+    out = tmp_path / "ex.jsonl"
+    args = ["tokenize", str(corpus_dir), "--model", str(ckpt), "--out", str(out), "--no-progress"]
+    assert main([*args, "--tokenizer", "spiritlm"]) == 2
+    assert (
+        "targets the 'spiritlm' layout but the checkpoint is 'spiritlm-expressive'"
+        in capsys.readouterr().err
+    )
+    assert main(args) == 0  # the checkpoint's own tokenizer, found through its family
+    utts = {
+        u.id: u
+        for u in read_manifest(out, layout=tiny_model("spiritlm-expressive").layout, strict=True)
+    }
+    a, _ = sf.read(corpus_dir / "cat.flac", dtype="float32")
+    cat = utts["cat"]
+    assert cat.pitch.frame_rate == 12.5 and cat.style.frame_rate == 1.0 and cat.frame_rate == 24.99
+    assert cat.pitch.units == tuple(int(u) for u in energy_units(a, 1280) % 64)
+    assert list(cat.frames()) == list(energy_units(a))

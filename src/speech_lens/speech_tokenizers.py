@@ -675,7 +675,7 @@ def check_compatible(
 ) -> None:
     """Refuse a tokenizer made for another vocabulary layout than the checkpoint's."""
     fam = tokenizer.family
-    if fam != spec.name and not spec.name.startswith(fam + "-") and not allow_family_mismatch:
+    if fam != spec.name and not allow_family_mismatch:
         raise SpeechTokenizerError(
             f"speech tokenizer targets the {fam!r} layout but the checkpoint is {spec.name!r} "
             f"(units {spec.units.pattern.format(k=0)}.., {spec.units.count} of them, "
@@ -747,6 +747,7 @@ def tokenize_record(
     dedup: bool = True,
     n_units: int | None = None,
     frame_rate: float | None = None,
+    prosody_counts: dict[str, int] | None = None,
 ) -> Any:
     """One :class:`speech_lens.audio.AudioRecord` -> :class:`speech_lens.data.Utterance`."""
     from speech_lens.align import AlignmentError, align_cached
@@ -782,6 +783,18 @@ def tokenize_record(
         raise SpeechTokenizerError(
             f"{rec.where or rec.id}: tokenizer frames are {fu.frame_rate:g} Hz, the checkpoint's "
             f"units are {frame_rate:g} Hz"
+        )
+    for name, st in fu.streams.items():
+        count = prosody_counts.get(name) if prosody_counts else None
+        if count is not None and max(st.units) >= count:
+            raise SpeechTokenizerError(
+                f"{rec.where or rec.id}: {name} unit {max(st.units)} is outside the checkpoint's "
+                f"{count} {name} units"
+            )
+    if prosody_counts and set(prosody_counts) - set(fu.streams):
+        raise SpeechTokenizerError(
+            f"{rec.where or rec.id}: the checkpoint expects {sorted(prosody_counts)} streams, the "
+            f"tokenizer gave {sorted(fu.streams) or 'none'}"
         )
     if fu.words is not None:
         words = fu.words  # re-timed onto the tokenizer's unit grid
@@ -879,6 +892,9 @@ def tokenize_dataset(
                     dedup=dedup,
                     n_units=spec.units.count if spec is not None else None,
                     frame_rate=spec.units.frame_rate if spec is not None else None,
+                    prosody_counts=(
+                        {k: v.count for k, v in spec.prosody.items()} if spec is not None else None
+                    ),
                 )
             except (AudioError, AlignmentError, SpeechTokenizerError, DataError) as e:
                 if not skip_errors:
