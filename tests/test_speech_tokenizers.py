@@ -816,3 +816,35 @@ def test_tokenize_cli_expressive_with_fake_spiritlm(
     assert cat.pitch.frame_rate == 12.5 and cat.style.frame_rate == 1.0 and cat.frame_rate == 24.99
     assert cat.pitch.units == tuple(int(u) for u in energy_units(a, 1280) % 64)
     assert list(cat.frames()) == list(energy_units(a))
+
+
+def test_tokenize_cli_single_file_with_text(tmp_path, tiny_checkpoint, energy_registered, capsys):
+    ckpt, _ = tiny_checkpoint("spiritlm")
+    wav = tmp_path / "clip.flac"
+    wav.write_bytes((SPEECH / "tom_lives_in.flac").read_bytes())
+    out = tmp_path / "one.jsonl"
+    assert (
+        main(
+            [
+                "tokenize",
+                str(wav),
+                "--text",
+                "tom lives in paris",
+                "--model",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--tokenizer",
+                energy_registered,
+                "--align",
+                "pocketsphinx",
+                "--align-cache",
+                str(tmp_path / "c"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    (u,) = list(read_manifest(out, strict=True))
+    assert u.id == "clip" and [w.text for w in u.words] == ["tom", "lives", "in", "paris"]
+    assert (list(u.units), list(u.durations)) == _expected(wav)

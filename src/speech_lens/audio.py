@@ -481,28 +481,35 @@ def read_audio_folder(root: str | Path, *, recursive: bool = True) -> AudioDatas
 
     def gen() -> Iterator[AudioRecord]:
         for p, uid in zip(files, ids, strict=True):
-            text = next(
-                (
-                    p.with_suffix(e).read_text(encoding="utf-8").strip()
-                    for e in TRANSCRIPT_EXTS
-                    if p.with_suffix(e).is_file()
-                ),
-                None,
-            )
-            words = None
-            tg, js = p.with_suffix(".TextGrid"), p.with_suffix(".json")
-            if tg.is_file():
-                words = read_textgrid(tg)
-            elif js.is_file():
-                rec = json.loads(js.read_text(encoding="utf-8"))
-                if isinstance(rec, dict) and "aligned_text" in rec:
-                    words = words_from_aligned_text(rec["aligned_text"], utterance=uid)
-                    text = text or str(rec.get("text", "")).strip() or None
-                else:
-                    words = parse_words(rec.get("words") if isinstance(rec, dict) else rec, str(js))
-            yield AudioRecord(id=uid, audio=p, text=text, words=words, where=str(p))
+            yield audio_file_record(p, uid)
 
     return AudioDataset(str(root), len(files), gen)
+
+
+def audio_file_record(p: Path, uid: str | None = None, text: str | None = None) -> AudioRecord:
+    """One audio file and its same-stem sidecars (transcript, TextGrid or JSON word timings)."""
+    uid = uid or p.stem
+    if text is None:
+        text = next(
+            (
+                p.with_suffix(e).read_text(encoding="utf-8").strip()
+                for e in TRANSCRIPT_EXTS
+                if p.with_suffix(e).is_file()
+            ),
+            None,
+        )
+    words = None
+    tg, js = p.with_suffix(".TextGrid"), p.with_suffix(".json")
+    if tg.is_file():
+        words = read_textgrid(tg)
+    elif js.is_file():
+        rec = json.loads(js.read_text(encoding="utf-8"))
+        if isinstance(rec, dict) and "aligned_text" in rec:
+            words = words_from_aligned_text(rec["aligned_text"], utterance=uid)
+            text = text or str(rec.get("text", "")).strip() or None
+        else:
+            words = parse_words(rec.get("words") if isinstance(rec, dict) else rec, str(js))
+    return AudioRecord(id=uid, audio=p, text=text, words=words, where=str(p))
 
 
 def read_audio_manifest(path: str | Path, columns: Columns | None = None) -> AudioDataset:
@@ -603,10 +610,10 @@ def _hf_dataset(ds: Any, cols: Columns, name: str) -> AudioDataset:
 
 
 def open_audio_dataset(
-    source: Any, *, columns: Columns | None = None, kind: str = "auto"
+    source: Any, *, columns: Columns | None = None, kind: str = "auto", text: str | None = None
 ) -> AudioDataset:
     """Pick the reader: ``folder``, ``manifest`` (.jsonl/.json/.csv/.tsv), ``table`` (Parquet,
-    HF dataset), or ``file`` (one audio file with a same-stem transcript)."""
+    HF dataset), or ``file`` (one audio file; its transcript is ``text`` or a same-stem file)."""
     if kind == "auto":
         kind = detect_kind(source)
     if kind == "table":
@@ -619,9 +626,8 @@ def open_audio_dataset(
     if kind == "file":
         if not p.is_file():
             raise AudioError(f"audio {p} does not exist")
-        parent = read_audio_folder(p.parent, recursive=False)
-        recs = [r for r in parent if Path(r.where) == p]
-        return AudioDataset(str(p), len(recs), lambda: iter(recs))
+        rec = audio_file_record(p, text=text)
+        return AudioDataset(str(p), 1, lambda: iter([rec]))
     raise ValueError(f"unknown data set kind {kind!r}; one of auto, folder, manifest, table, file")
 
 

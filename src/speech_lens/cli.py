@@ -61,7 +61,7 @@ def _tokenize(args: argparse.Namespace) -> int:
     try:
         check_compatible(tok, spec, allow_family_mismatch=args.allow_family_mismatch)
         cols = Columns.parse(args.columns) if args.columns else None
-        data = open_audio_dataset(args.input, columns=cols, kind=args.kind)
+        data = open_audio_dataset(args.input, columns=cols, kind=args.kind, text=args.text)
         aligner = get_aligner(args.align) if args.align != "none" else None
         summary = tokenize_dataset(
             data,
@@ -106,6 +106,7 @@ def _add_tokenize(sub: Any) -> None:
     p.add_argument(
         "--kind", default="auto", choices=["auto", "file", "folder", "manifest", "table"]
     )
+    p.add_argument("--text", help="transcript of a single audio file INPUT (else its .txt/.lab)")
     p.add_argument(
         "--columns",
         help="column map, e.g. 'id=uid,text=prompt,audio=a1|a2,words=w1|w2,meta=correct'; "
