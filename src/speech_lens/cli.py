@@ -189,6 +189,29 @@ def _add_tuned_lens(sub: Any) -> None:
     e.set_defaults(func=run("cli_eval"))
 
 
+def _add_lens(sub: Any) -> None:
+    """``lens``: the word-level logit lens over a data set (``run_lens.cli_lens``)."""
+
+    def go(args: argparse.Namespace) -> int:
+        from speech_lens.run_lens import cli_lens
+
+        return cli_lens(args)
+
+    p = sub.add_parser("lens", help="logit lens over a data set -> report.html, metrics, CSVs")
+    _add_model_args(p)
+    p.add_argument("data", type=Path, help="JSONL manifest of utterances (units + word timings)")
+    p.add_argument("--out", type=Path, required=True, help="output dir (resumable)")
+    p.add_argument("--k", type=int, default=10, help="Recall@k headline k (1 and 5 come too)")
+    p.add_argument("--match", default="first", help="first | first-spaced | first-bare | any")
+    p.add_argument("--mode", choices=("speech", "interleaved"), default="speech")
+    p.add_argument("--limit", type=int, help="first N utterances only")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap and span-sampling seed")
+    p.add_argument("--restart", action="store_true", help="discard a partial run in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=go)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speech-lens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_tokenize(sub)
     _add_tuned_lens(sub)
+    _add_lens(sub)
     # further subcommands register here (lens, tuned-lens, patch, demo, bench)
     return parser
 

@@ -1,0 +1,316 @@
+"""Run the word-level lens over a data set: progress bar, per-utterance resume, atomic outputs.
+
+``out_dir/partial.jsonl`` holds a header line (the run's settings) and one
+:class:`~speech_lens.metrics.UtteranceRecord` per finished utterance, appended and fsynced as
+soon as it is done. A rerun with the same settings skips the utterances already there; a torn
+last line (a crash mid-write) is dropped. At the end ``metrics.json``, ``layers.csv``,
+``words.csv`` and ``report.html`` are written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from speech_lens.lens.logit import logit_lens, word_lens
+from speech_lens.metrics import (
+    DEFAULT_MATCH,
+    MATCH_RULES,
+    DatasetMetrics,
+    UtteranceRecord,
+    aggregate,
+    layer_table,
+    utterance_record,
+    word_table,
+)
+from speech_lens.plots import lens_heatmap, modality_figure, recall_figure
+from speech_lens.report import Report, Table, atomic_write_text
+
+PARTIAL = "partial.jsonl"
+MODES = ("speech", "interleaved")
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be resumed with these settings."""
+
+
+@dataclass(frozen=True)
+class LensRunConfig:
+    checkpoint: str
+    data: str
+    family: str
+    mode: str = "speech"
+    k: int = 10
+    match: str = DEFAULT_MATCH
+    ks: tuple[int, ...] = (1, 5, 10)
+    limit: int | None = None
+    n_boot: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: one of {MODES}")
+        if self.match not in MATCH_RULES:
+            raise ValueError(f"match rule {self.match!r}: one of {MATCH_RULES}")
+
+    def resume_key(self) -> dict[str, Any]:
+        """Settings that change per-utterance records (match, ks, limit do not: they are
+        applied when aggregating, so a finished run can be re-scored without recomputing)."""
+        return {
+            "checkpoint": self.checkpoint,
+            "data": self.data,
+            "family": self.family,
+            "mode": self.mode,
+            "k": self.k,
+            "seed": self.seed,
+        }
+
+
+def _read_partial(path: Path, cfg: LensRunConfig) -> dict[str, UtteranceRecord]:
+    """Records already finished in ``path``; drops a torn last line, refuses other settings."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    good: list[str] = []
+    done: dict[str, UtteranceRecord] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2:  # the last line: a write cut short by a crash
+                break
+            raise RunError(
+                f"{path}: line {i + 1} is not valid JSON (not a torn last line)"
+            ) from None
+        if i == 0:
+            if obj.get("header") != cfg.resume_key():
+                raise RunError(
+                    f"{path} was written with other settings {obj.get('header')}; "
+                    f"these are {cfg.resume_key()}. Use another --out or --restart."
+                )
+        else:
+            rec = UtteranceRecord.from_json(obj)
+            done[rec.utterance_id] = rec
+        good.append(line)
+    if len(good) != sum(1 for ln in lines if ln.strip()):
+        atomic_write_text(path, "".join(g + "\n" for g in good))
+    return done
+
+
+def _append(path: Path, obj: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prompt_seed(cfg: LensRunConfig, uid: str) -> int:
+    # deterministic per utterance, so a resumed interleaved run samples the same spans
+    return (zlib.crc32(uid.encode()) ^ cfg.seed) & 0x7FFFFFFF
+
+
+def _encode(model: Any, utt: Any, cfg: LensRunConfig) -> Any:
+    from speech_lens.prompts import encode_prompt
+
+    if cfg.mode == "interleaved":
+        return encode_prompt(model, utt, mode="interleaved", seed=_prompt_seed(cfg, utt.id))
+    return encode_prompt(model, utt, mode="speech")
+
+
+def run_dataset(
+    model: Any,
+    utterances: Iterable[Any],
+    out_dir: str | Path,
+    cfg: LensRunConfig,
+    *,
+    restart: bool = False,
+    progress: bool = True,
+    on_record: Callable[[UtteranceRecord], None] | None = None,
+) -> DatasetMetrics:
+    """Lens every utterance (resuming), then write metrics, CSVs and the HTML report."""
+    from speech_lens.prompts import word_targets
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL
+    if restart:
+        partial.unlink(missing_ok=True)
+    done = _read_partial(partial, cfg)
+    if not partial.exists():
+        atomic_write_text(partial, json.dumps({"header": cfg.resume_key()}) + "\n")
+    utts = list(utterances)
+    if cfg.limit is not None:
+        utts = utts[: cfg.limit]
+    seen: set[str] = set()
+    for u in utts:
+        if u.id in seen:
+            raise RunError(f"{cfg.data}: utterance id {u.id!r} appears twice")
+        seen.add(u.id)
+    todo = [u for u in utts if u.id not in done]
+    bar = tqdm(
+        total=len(utts),
+        initial=len(utts) - len(todo),
+        desc="lens",
+        unit="utt",
+        disable=not progress,
+    )
+    for u in todo:
+        prompt = _encode(model, u, cfg)
+        res = word_lens(model, prompt, word_targets(model, u), k=cfg.k)
+        rec = utterance_record(res, prompt, model.layout)
+        _append(partial, rec.to_json())
+        done[u.id] = rec
+        if on_record is not None:
+            on_record(rec)
+        bar.update(1)
+    bar.close()
+    records = [done[u.id] for u in utts]
+    if not records:
+        raise RunError(f"{cfg.data}: no utterances to analyse")
+    metrics = aggregate(
+        records,
+        match=cfg.match,
+        ks=cfg.ks,
+        n_boot=cfg.n_boot,
+        seed=cfg.seed,
+        label=Path(cfg.checkpoint).name,
+    )
+    write_outputs(model, out, cfg, metrics, records, utts[0])
+    return metrics
+
+
+def _csv(rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(
+    model: Any,
+    out: Path,
+    cfg: LensRunConfig,
+    metrics: DatasetMetrics,
+    records: Sequence[UtteranceRecord],
+    first: Any,
+) -> None:
+    layers = layer_table(metrics)
+    words = word_table(records, match=cfg.match, tokenizer=model.tokenizer)
+    info = {"config": asdict(cfg), "model": model.describe(), "metrics": metrics.to_json()}
+    atomic_write_text(out / "metrics.json", json.dumps(info, indent=2, ensure_ascii=False))
+    atomic_write_text(out / "layers.csv", _csv(layers))
+    atomic_write_text(out / "words.csv", _csv(words))
+    build_report(model, cfg, metrics, layers, words, first).write(out / "report.html")
+
+
+def build_report(
+    model: Any,
+    cfg: LensRunConfig,
+    metrics: DatasetMetrics,
+    layers: Sequence[dict[str, Any]],
+    words: Sequence[dict[str, Any]],
+    first: Any,
+) -> Report:
+    k = cfg.k if cfg.k in metrics.ks else max(metrics.ks)
+    best = max(metrics.layers, key=lambda i: metrics.recall_current[k].mean[i])
+    rep = Report(
+        f"speech_lens logit lens: {Path(cfg.checkpoint).name}",
+        subtitle=f"family {cfg.family}, {cfg.mode} prompts, data {cfg.data}",
+    )
+    rep.add_section(
+        "Summary",
+        text=(
+            f"{metrics.n_utterances} utterances, {metrics.n_words} spoken words "
+            f"({metrics.n_next_words} with a next word), {metrics.n_speech_positions} unit "
+            f"positions; {model.n_layers} layers (row 0 = embeddings, row {model.n_layers} = "
+            "the model's output).\n\n"
+            f"Word matching rule: {metrics.match} (first sub-token, spaced or bare form, unless "
+            "the rule says otherwise). Lens logits are max-pooled over each spoken word's unit "
+            "positions and ranked over text ids. "
+            f"Confidence bands: {int(metrics.ci * 100)}% percentile bootstrap over utterances, "
+            f"{metrics.n_boot} draws, seed {metrics.seed}.\n\n"
+            f"Current-word Recall@{k} peaks at layer {best}: "
+            f"{metrics.recall_current[k].mean[best]:.3f} "
+            f"[{metrics.recall_current[k].lo[best]:.3f}, {metrics.recall_current[k].hi[best]:.3f}]."
+        ),
+    )
+    rep.add_section(
+        "Implicit transcription and next-word prediction",
+        text="Recall@k per layer of the spoken word (solid) and the next word (dashed).",
+        figures=[recall_figure(metrics)],
+    )
+    rep.add_section(
+        "Modality preference",
+        text="Probability mass on speech units and on text ids at unit positions, per layer.",
+        figures=[modality_figure(metrics)],
+    )
+    prompt = _encode(model, first, cfg)
+    res = logit_lens(model, prompt.tokens, k=5)
+    rep.add_section(
+        f"One utterance: {first.id}",
+        text="Top text token per layer and position; colour: probability mass on speech units.",
+        figures=[lens_heatmap(res, model.tokenizer, prompt=prompt)],
+    )
+    rep.add_section("Per-layer table", tables=[Table(layers, caption="layers.csv")])
+    rep.add_section(
+        "Per-word drill-down",
+        tables=[Table(words, caption="words.csv (first rows)", max_rows=300)],
+    )
+    return rep
+
+
+def cli_lens(args: Any) -> int:
+    """``speech-lens lens CHECKPOINT DATA --out DIR``."""
+    import sys
+
+    from speech_lens.adapters import load_model
+    from speech_lens.data import read_manifest
+
+    model = load_model(
+        args.checkpoint, family=args.family, spec=args.spec, base_tokenizer=args.base_tokenizer
+    )
+    ks = tuple(sorted({1, 5, int(args.k)}))
+    try:
+        cfg = LensRunConfig(
+            checkpoint=str(Path(args.checkpoint).resolve()),
+            data=str(Path(args.data).resolve()),
+            family=model.spec.name,
+            mode=args.mode,
+            k=int(args.k),
+            match=args.match,
+            ks=ks,
+            limit=args.limit,
+            n_boot=args.n_boot,
+            seed=args.seed,
+        )
+        reader = read_manifest(args.data, layout=model.layout)
+        utts = list(reader)
+        m = run_dataset(
+            model, utts, args.out, cfg, restart=args.restart, progress=not args.no_progress
+        )
+    except (ValueError, RunError, FileNotFoundError) as e:
+        print(f"speech-lens lens: error: {e}", file=sys.stderr)
+        return 2
+    if reader.report.n_skipped:
+        print(reader.report.summary(), file=sys.stderr)
+    k = int(args.k)
+    best = max(m.layers, key=lambda i: m.recall_current[k].mean[i])
+    print(
+        f"{m.n_utterances} utterances, {m.n_words} words; current-word Recall@{k} "
+        f"(match {m.match}) peaks at layer {best}: {m.recall_current[k].mean[best]:.3f}; "
+        f"wrote {Path(args.out) / 'report.html'}"
+    )
+    return 0
