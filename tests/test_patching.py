@@ -6,6 +6,10 @@ do not depend on the prompt encoders.
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -15,6 +19,7 @@ from speech_lens.patching import (
     PatchingError,
     PatchResult,
     cache_source,
+    cross_modal,
     hook_name,
     kl_to_clean,
     logit_diff,
@@ -26,7 +31,10 @@ from speech_lens.patching import (
     patch_sweep,
     patching_hooks,
     run_patched,
+    splice_word,
     word_logit_diff,
+    word_swap,
+    word_token_ids,
 )
 from speech_lens.prompts import BOS, MARKER, SPEECH, TEXT, EncodedPrompt, WordSpan
 
@@ -343,7 +351,7 @@ def test_text_to_speech_sweep_and_table(tiny_model, tmp_path):
 def test_metrics(tiny_model):
     model = tiny_model("spiritlm")
     p = make_prompt(model, ["the", "cat", "sat"], TEXT, "m")
-    logits = model.bridge(p.tokens[None])
+    logits = model.bridge(p.tokens[None]).detach()
     m = next_word_logprob(model, p, 1)  # log p("sat") after "cat"
     sat = model.tokenizer.encode(" sat", add_special_tokens=False)[-1]
     pos = p.spans[1].end - 1
@@ -351,7 +359,9 @@ def test_metrics(tiny_model):
     assert m.token_ids == (sat,)
     kl = kl_to_clean(logits, pos, pos)
     assert abs(float(kl(logits))) < 1e-6
-    other = model.bridge(make_prompt(model, ["the", "dog", "sat"], TEXT, "m2").tokens[None])
+    other = model.bridge(
+        make_prompt(model, ["the", "dog", "sat"], TEXT, "m2").tokens[None]
+    ).detach()
     assert float(kl(other)) > 1e-6
     lp = next_token_logprob(pos, [sat, sat + 1])
     expect = logits[0, pos].log_softmax(-1)[[sat, sat + 1]].exp().sum().log()
@@ -427,3 +437,118 @@ def test_prompts_from_different_models_refused(tiny_model):
         run_patched(qw, q, lq, pm)
     with pytest.raises(PatchingError, match=r"outside the vocabulary"):
         run_patched(sp, q, q, map_words(q, q))
+
+
+# ---------------------------------------------------------------------------------------------
+# worked experiments, plots, CLI (real encoder + sample manifest)
+# ---------------------------------------------------------------------------------------------
+
+MANIFEST = Path(__file__).parents[1] / "examples" / "data" / "sample_manifest.jsonl"
+
+
+def _utts(model):
+    from speech_lens.data import read_manifest
+
+    return {u.id: u for u in read_manifest(MANIFEST, layout=model.layout)}
+
+
+@pytest.mark.parametrize("fam", PARITY_FAMILIES)
+def test_cross_modal_last_layer_reproduces_source_prediction(tiny_model, fam):
+    """Text -> speech at the last layer's resid_post, rule 'last': the speech run's prediction
+    at w's last unit becomes the text run's at w's last sub-token, exactly."""
+    from speech_lens.prompts import encode_prompt
+
+    model = tiny_model(fam)
+    u = _utts(model)["s1"]
+    last = model.n_layers - 1
+    (res,) = cross_modal(model, u, words=[1], component="resid_post", layers=[0, last])
+    assert res.extra["word"] == "cat" and res.extra["next_word"] == "sat"
+    assert_close(res.values[1], torch.tensor(res.source_value), rtol=0, atol=1e-5)
+    assert abs(float(res.values[1]) - res.baseline) > 1e-4
+    # baseline and source value, recomputed independently of patch_sweep
+    sp, tx = encode_prompt(model, u, mode="speech"), encode_prompt(model, u, mode="text")
+    sat = list(word_token_ids(model, "sat"))
+    for prompt, value in ((sp, res.baseline), (tx, res.source_value)):
+        pos = prompt.spans[1].end - 1
+        lp = model.bridge(prompt.tokens[None])[0, pos].log_softmax(-1)[sat].logsumexp(-1)
+        assert_close(torch.tensor(value), lp, rtol=1e-5, atol=1e-5)
+    back = cross_modal(
+        model, u, direction="speech-to-text", words=[1], layers=[last], component="resid_post"
+    )[0]
+    assert_close(back.values[0], torch.tensor(back.source_value), rtol=0, atol=1e-5)
+    assert back.baseline == pytest.approx(res.source_value, abs=1e-5)
+
+
+def test_splice_and_word_swap(tiny_model):
+    model = tiny_model("spiritlm")
+    utts = _utts(model)
+    clean = utts["s1"]
+    corrupt = splice_word(clean, 1, utts["s4"], 3)
+    assert [w.text for w in corrupt.words] == ["the", "bird", "sat", "on", "the", "mat"]
+    fr = clean.frame_rate
+    d = utts["s4"].words[3]
+    shift = (round(d.end * fr) - round(d.start * fr)) - (
+        round(clean.words[1].end * fr) - round(clean.words[1].start * fr)
+    )
+    assert corrupt.n_frames == clean.n_frames + shift
+    assert corrupt.words[2].start == pytest.approx(clean.words[2].start + shift / fr)
+    assert (
+        corrupt.frames()[: round(clean.words[1].start * fr)]
+        == clean.frames()[: round(clean.words[1].start * fr)]
+    )
+    den = word_swap(model, clean, corrupt, 1, mode="denoise", rule="last")
+    noi = word_swap(model, clean, corrupt, 1, mode="noise", rule="last")
+    assert den.axes == ("layer", "position") and den.values.shape[0] == model.n_layers
+    assert den.positions[1] == "cat@1->bird@1" and noi.positions[1] == "bird@1->cat@1"
+    # denoising's unpatched run is noising's source run and vice versa
+    assert den.baseline == pytest.approx(noi.source_value, abs=1e-5)
+    assert noi.baseline == pytest.approx(den.source_value, abs=1e-5)
+    # patching a word after the swapped one cannot reach the metric's position (causal mask)
+    assert_close(den.values[:, 3], torch.full((model.n_layers,), den.baseline), rtol=0, atol=1e-5)
+    with pytest.raises(PatchingError, match="equal span lengths"):
+        word_swap(model, clean, corrupt, 1, rule="each")
+
+
+def test_plots_shapes(tiny_model):
+    from speech_lens.plots_patching import (
+        plot_layer_head,
+        plot_layer_position,
+        plot_result_curve,
+    )
+
+    model = tiny_model("spiritlm")
+    clean, corrupt = _same_length_pair(model, SPEECH)
+    pm = map_all(clean, corrupt)
+    m = logit_diff(len(corrupt) - 1, 30, 40)
+    lp = patch_sweep(model, clean, corrupt, pm, m, positions="pair")
+    fig = plot_layer_position(lp)
+    assert len(fig.data[0].z) == model.n_layers and len(fig.data[0].z[0]) == len(corrupt)
+    assert_close(torch.tensor(fig.data[0].z), lp.values - lp.baseline)
+    heads = patch_sweep(model, clean, corrupt, pm, m, component="z", positions="all", heads="each")
+    hf = plot_layer_head(heads)
+    assert len(hf.data[0].z[0]) == model.bridge.cfg.n_heads
+    curve = plot_result_curve(patch_sweep(model, clean, corrupt, pm, m, positions="all"))
+    assert list(curve.data[0].x) == ["0", "1"]
+    with pytest.raises(ValueError, match="layer x position"):
+        plot_layer_position(heads)
+
+
+def test_cli_patch(tiny_checkpoint, tmp_path, capsys):
+    from speech_lens.cli import main
+
+    path, _ = tiny_checkpoint("spiritlm")
+    out = tmp_path / "out"
+    args = ["patch", str(path), str(MANIFEST), "--out", str(out), "--max-utterances", "2"]
+    rc = main([*args, "--experiment", "text-to-speech", "--rule", "mean", "--layers", "0,0-1"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layers"] == ["0", "0-1"] and summary["rule"] == "mean"
+    rows = list(csv.DictReader((out / "text-to-speech.csv").open()))
+    assert len(rows) == 2 * summary["words"] and {r["rule"] for r in rows} == {"mean"}
+    assert (out / "text-to-speech_curve.html").stat().st_size > 1_000_000  # plotly.js inlined
+    rc = main([*args, "--experiment", "word-swap", "--layers", "1"])
+    assert (
+        rc == 0
+        and (out / "word-swap.csv").exists()
+        and (out / "word-swap_denoise_s1.html").exists()
+    )

@@ -18,6 +18,15 @@ from speech_lens.data import (
     write_manifest,
 )
 from speech_lens.lens import LensResult, WordLensResult, logit_lens, word_lens
+from speech_lens.patching import (
+    PatchingError,
+    PatchResult,
+    PositionMap,
+    map_words,
+    patch_sweep,
+    patching_hooks,
+    run_patched,
+)
 from speech_lens.prompts import (
     EncodedPrompt,
     PromptError,
@@ -42,6 +51,9 @@ __all__ = [
     "FrameUnits",
     "LensResult",
     "LoadReport",
+    "PatchResult",
+    "PatchingError",
+    "PositionMap",
     "PromptError",
     "SpeechLM",
     "SpeechTokenizer",
@@ -60,8 +72,12 @@ __all__ = [
     "get_speech_tokenizer",
     "load_model",
     "logit_lens",
+    "map_words",
+    "patch_sweep",
+    "patching_hooks",
     "read_manifest",
     "register_speech_tokenizer",
+    "run_patched",
     "word_lens",
     "word_targets",
     "write_manifest",

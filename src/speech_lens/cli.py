@@ -189,6 +189,60 @@ def _add_tuned_lens(sub: Any) -> None:
     e.set_defaults(func=run("cli_eval"))
 
 
+def _add_patch(sub: Any) -> None:
+    """``patch``: a worked activation-patching experiment -> CSV table + HTML figures."""
+
+    def go(args: argparse.Namespace) -> int:
+        import itertools
+
+        from speech_lens.adapters import load_model
+        from speech_lens.data import read_manifest
+        from speech_lens.patching import PatchingError, run_experiment
+
+        model = load_model(
+            args.checkpoint, family=args.family, spec=args.spec, base_tokenizer=args.base_tokenizer
+        )
+        reader = read_manifest(args.data, layout=model.layout)
+        utts = list(itertools.islice(reader, args.max_utterances))
+        layers = None
+        if args.layers:  # "0,2,4-7" -> single layers; "4-7" patches layers 4..7 together
+            layers = []
+            for part in args.layers.split(","):
+                a, _, b = part.partition("-")
+                layers.append(int(a) if not b else tuple(range(int(a), int(b) + 1)))
+        try:
+            summary = run_experiment(
+                model,
+                utts,
+                args.out,
+                experiment=args.experiment,
+                component=args.component,
+                rule=args.rule,
+                layers=layers,
+                word=args.word,
+            )
+        except PatchingError as e:
+            print(f"speech-lens patch: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    # literal choices: importing speech_lens.patching here would load torch for every command
+    components = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
+    experiments = ("text-to-speech", "speech-to-text", "word-swap")
+    p = sub.add_parser("patch", help="activation patching between speech and text positions")
+    _add_model_args(p)
+    p.add_argument("data", type=Path, help="JSONL manifest of utterances (units + word timings)")
+    p.add_argument("--out", type=Path, required=True, help="output dir (CSV table + HTML figures)")
+    p.add_argument("--experiment", choices=experiments, default="text-to-speech")
+    p.add_argument("--component", choices=components, default="resid_pre")
+    p.add_argument("--rule", choices=("last", "mean", "each"), default="last", help="position rule")
+    p.add_argument("--layers", help="e.g. '0,1,2' or '0-3,4-7' (ranges patched together); all")
+    p.add_argument("--word", type=int, default=1, help="word index to swap (word-swap)")
+    p.add_argument("--max-utterances", type=int, default=50)
+    p.set_defaults(func=go)
+
+
 def _add_lens(sub: Any) -> None:
     """``lens``: the word-level logit lens over a data set (``run_lens.cli_lens``)."""
 
@@ -223,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_tokenize(sub)
     _add_tuned_lens(sub)
+    _add_patch(sub)
     _add_lens(sub)
     # further subcommands register here (lens, tuned-lens, patch, demo, bench)
     return parser

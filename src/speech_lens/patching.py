@@ -1051,8 +1051,136 @@ def stack_curves(results: Sequence[PatchResult]) -> PatchResult:
     )
 
 
+EXPERIMENTS = ("text-to-speech", "speech-to-text", "word-swap")
+
+
+def _swap_donor(utts: Sequence[Utterance], k: int, word: int) -> tuple[Utterance, int] | None:
+    """A word from another utterance with a different text, for swapping into ``utts[k]``."""
+    target = utts[k].words[word].text
+    for j in [*range(k + 1, len(utts)), *range(k)]:
+        ws = utts[j].words
+        for i in sorted(range(len(ws)), key=lambda i: abs(i - word)):
+            if ws[i].text != target:
+                return utts[j], i
+    return None
+
+
+def run_experiment(
+    model: SpeechLM,
+    utterances: Iterable[Utterance],
+    out: str | Path,
+    *,
+    experiment: str = "text-to-speech",
+    component: str = "resid_pre",
+    rule: Rule | str = "last",
+    layers: int | Iterable[int | Iterable[int]] | None = None,
+    word: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run one worked experiment over ``utterances`` and write its table and figures to ``out``.
+
+    ``text-to-speech`` / ``speech-to-text``: :func:`cross_modal` for every word; writes
+    ``{experiment}.csv``, the mean per-layer curve ``{experiment}_curve.html`` and a layer x
+    word heatmap of the first utterance. ``word-swap``: word ``word`` of each utterance is
+    swapped for a word of another utterance (:func:`splice_word`) and patched both ways
+    (:func:`word_swap`); writes ``word-swap.csv`` and layer x word heatmaps of the first
+    utterance, plus the mean per-layer value at the swapped word. Returns a summary dict.
+    """
+    from speech_lens.plots_patching import plot_layer_curves, plot_layer_position
+
+    if experiment not in EXPERIMENTS:
+        raise PatchingError(f"experiment must be one of {EXPERIMENTS}, not {experiment!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    utts = list(utterances)
+    if not utts:
+        raise PatchingError("no utterances to patch")
+    figures: list[Path] = []
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
+        "experiment": experiment,
+        "component": component,
+        "rule": rule,
+        "utterances": len(utts),
+    }
+    if experiment != "word-swap":
+        results: list[PatchResult] = []
+        for u in tqdm(utts, desc=experiment, disable=not progress):
+            results += cross_modal(
+                model, u, direction=experiment, component=component, rule=rule, layers=layers
+            )
+        curve = mean_curve(results)
+        rows = [row for r in results for row in r.to_table()]
+        fig = plot_layer_curves(
+            {f"patched ({component}, rule={rule})": curve["mean"]},
+            layers=curve["layers"],
+            references={"unpatched target": curve["baseline"], "source run": curve["source"]},
+            title=f"{experiment}: next-word log-prob at the patched word "
+            f"(mean of {curve['n']} words, {len(utts)} utterances)",
+            yaxis="log P(next word, text token)",
+        )
+        figures.append(out / f"{experiment}_curve.html")
+        fig.write_html(figures[-1], include_plotlyjs=True)
+        first = [r for r in results if r.extra["utterance"] == utts[0].id]
+        if first:
+            figures.append(out / f"{experiment}_{_safe(utts[0].id)}_heatmap.html")
+            plot_layer_position(stack_curves(first)).write_html(figures[-1], include_plotlyjs=True)
+        summary.update(
+            layers=list(curve["layers"]),
+            curve=[round(float(x), 6) for x in curve["mean"]],
+            sem=[round(float(x), 6) for x in curve["sem"]],
+            baseline=curve["baseline"],
+            source=curve["source"],
+            words=curve["n"],
+        )
+    else:
+        per_mode: dict[str, list[Tensor]] = {"denoise": [], "noise": []}
+        baselines: dict[str, list[float]] = {"denoise": [], "noise": []}
+        for k, u in enumerate(tqdm(utts, desc=experiment, disable=not progress)):
+            if not 0 <= word < len(u.words):
+                continue
+            donor = _swap_donor(utts, k, word)
+            if donor is None:
+                raise PatchingError(f"no donor word to swap into {u.id!r}: need another utterance")
+            corrupt = splice_word(u, word, *donor)
+            for mode in ("denoise", "noise"):
+                r = word_swap(
+                    model,
+                    u,
+                    corrupt,
+                    word,
+                    mode=mode,
+                    component=component,
+                    rule=rule,
+                    layers=layers,
+                )
+                rows += r.to_table()
+                w = next(i for i, lab in enumerate(r.positions) if "->" in lab)
+                per_mode[mode].append(r.values[:, w])
+                baselines[mode].append(r.baseline)
+                if k == 0:
+                    figures.append(out / f"word-swap_{mode}_{_safe(u.id)}.html")
+                    plot_layer_position(r, title=f"word swap ({mode}): {r.metric}").write_html(
+                        figures[-1], include_plotlyjs=True
+                    )
+                    summary.setdefault("layers", list(r.layer_labels))
+        for mode, vals in per_mode.items():
+            if vals:
+                summary[f"{mode}_curve"] = [round(float(x), 6) for x in torch.stack(vals).mean(0)]
+                summary[f"{mode}_baseline"] = sum(baselines[mode]) / len(baselines[mode])
+        summary["words"] = len(per_mode["denoise"])
+    summary["table"] = str(write_csv(rows, out / f"{experiment}.csv"))
+    summary["figures"] = [str(f) for f in figures]
+    return summary
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 __all__ = [
     "COMPONENTS",
+    "EXPERIMENTS",
     "RULES",
     "KLToClean",
     "LogitDiff",
@@ -1077,6 +1205,7 @@ __all__ = [
     "patch_sweep",
     "patching_hooks",
     "prompt_digest",
+    "run_experiment",
     "run_patched",
     "splice_word",
     "stack_curves",
