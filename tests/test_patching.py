@@ -552,3 +552,32 @@ def test_cli_patch(tiny_checkpoint, tmp_path, capsys):
         and (out / "word-swap.csv").exists()
         and (out / "word-swap_denoise_s1.html").exists()
     )
+
+
+def test_patch_then_logit_lens_reads_patched_layers(tiny_model):
+    """Patching hooks passed to speech_lens.logit_lens: the lens row of the patched layer at the
+    patched position equals the source run's lens there; the output row equals run_patched."""
+    from speech_lens import logit_lens
+
+    model = tiny_model("spiritlm")
+    u = _utts(model)["s1"]
+    from speech_lens.prompts import encode_prompt
+
+    tx, sp = encode_prompt(model, u, mode="text"), encode_prompt(model, u, mode="speech")
+    pm = map_words(tx, sp, [1], rule="last")
+    ((t_pos, (s_pos,)),) = pm.pairs
+    _, cache = cache_source(model, tx, [hook_name("resid_pre", 1)])
+    hooks = patching_hooks(cache, pm, component="resid_pre", layers=[1])
+    patched = logit_lens(model, sp.tokens, k=5, fwd_hooks=hooks)
+    plain = logit_lens(model, sp.tokens, k=5)
+    src = logit_lens(model, tx.tokens, k=5)
+    assert torch.equal(patched.topk_ids[1, t_pos], src.topk_ids[1, s_pos])
+    assert_close(patched.topk_logprobs[1, t_pos], src.topk_logprobs[1, s_pos], rtol=0, atol=1e-6)
+    assert torch.equal(patched.topk_ids[0], plain.topk_ids[0])  # layers before the patch: as is
+    out = run_patched(model, tx, sp, pm, component="resid_pre", layers=1)[0]
+    ref = out.log_softmax(-1).topk(5, dim=-1)
+    assert_close(patched.topk_logprobs_all[-1], ref.values, rtol=1e-5, atol=1e-5)
+    # the same through bridge.hooks(): hooks attached outside compose with the lens too
+    with model.bridge.hooks(fwd_hooks=hooks):
+        ctx = logit_lens(model, sp.tokens, k=5)
+    assert torch.equal(ctx.topk_ids, patched.topk_ids)
