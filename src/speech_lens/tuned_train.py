@@ -15,13 +15,16 @@ linear decay to 0, a token budget per step, target shift 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+import random
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from speech_lens._tl import final_norm_and_unembed, resid_pre_name
+from speech_lens._tl import final_norm_and_unembed, resid_post_name, resid_pre_name
 from speech_lens.adapters import SpeechLM
-from speech_lens.lens.tuned import TunedLens, exact_unembed_hash
+from speech_lens.data import Utterance
+from speech_lens.lens.tuned import TunedLens, exact_unembed_hash, unembed_weight
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DATA_MODES = ("text", "speech", "interleaved", "mix")
@@ -117,10 +121,18 @@ class FinalDist:
     mass: Float[Tensor, " n"]  # Σ p, 1 up to rounding; kept so the identity is exact
 
     @classmethod
-    def from_logits(cls, logits: Tensor) -> FinalDist:
-        logp = logits.float().log_softmax(-1)
-        probs = logp.exp()
-        return cls(probs, (probs * logp).sum(-1), probs.sum(-1))
+    def from_residual(cls, model: SpeechLM, h: Float[Tensor, "n d_model"], chunk: int) -> FinalDist:
+        """Final norm + unembedding of the last residual, ``chunk`` rows at a time, so that
+        only ``probs`` is ``[n, vocab]`` (no full logits / log-prob copies alongside it)."""
+        norm, unembed = final_norm_and_unembed(model.bridge)
+        n, vocab = h.shape[0], int(unembed_weight(unembed).shape[0])
+        probs = torch.empty(n, vocab, device=h.device)
+        plogp = torch.empty(n, device=h.device)
+        for s in range(0, n, chunk):
+            logp = unembed(norm(h[s : s + chunk])).float().log_softmax(-1)
+            p = torch.exp(logp, out=probs[s : s + chunk])
+            plogp[s : s + chunk] = torch.einsum("nv,nv->n", p, logp)
+        return cls(probs, plogp, probs.sum(-1))
 
     def __getitem__(self, sl: slice) -> FinalDist:
         return FinalDist(self.probs[sl], self.plogp[sl], self.mass[sl])
@@ -134,17 +146,31 @@ def stream_layers(
     tokens: Int[Tensor, "batch pos"],
     mask: Bool[Tensor, "batch pos"],
     fn: LayerFn,
+    chunk: int = 512,
 ) -> None:
     """Call ``fn(layer, resid_pre[mask], final_dist[mask])`` for layer 0..n_layers-1.
 
     Two frozen passes (see module docstring); only one layer's residual is alive at a time.
+    Pass 1 stops at the last block's output and unembeds it ``chunk`` positions at a time.
     """
     bridge = model.bridge
     tokens = tokens.to(model.device)
     mask = mask.to(model.device)
+    last = model.n_layers - 1
     with torch.no_grad():
-        final = FinalDist.from_logits(bridge(tokens)[mask])
-        last = model.n_layers - 1
+        got: list[Tensor] = []
+
+        def final_resid(act: Tensor, *, hook: Any) -> None:
+            got.append(act[mask])
+            raise _StopForward  # the model's own unembedding of all positions is not needed
+
+        with contextlib.suppress(_StopForward):
+            bridge.run_with_hooks(
+                tokens, fwd_hooks=[(resid_post_name(last), final_resid)], use_cache=False
+            )
+        if not got:  # pragma: no cover - would mean the bridge skipped a block
+            raise RuntimeError(f"the hook on {resid_post_name(last)} never fired")
+        final = FinalDist.from_residual(model, got.pop(), chunk)
 
         def read(act: Tensor, *, hook: Any, layer: int) -> None:
             fn(layer, act[mask], final)
@@ -155,7 +181,7 @@ def stream_layers(
             (resid_pre_name(i), functools.partial(read, layer=i)) for i in range(model.n_layers)
         ]
         try:
-            bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+            bridge.run_with_hooks(tokens, fwd_hooks=hooks, use_cache=False)
         except _StopForward:
             pass
         else:  # pragma: no cover - would mean the bridge skipped a block
@@ -211,7 +237,7 @@ def lens_kl(
         tokens, mask = pad_right(batch)
         n_tok += int(mask.sum())
         with torch.no_grad():
-            stream_layers(model, tokens, mask, fn)
+            stream_layers(model, tokens, mask, fn, chunk_tokens)
     return (total / n_tok).float()
 
 
@@ -231,6 +257,46 @@ def pad_right(
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
+
+
+def encode_training_data(
+    model: SpeechLM, utterances: Iterable[Utterance], mode: str, *, seed: int = 0
+) -> tuple[list[Tensor], dict[str, int]]:
+    """Token sequences of ``utterances`` in the family's prompt format, and how many per mode.
+
+    ``mode`` is text, speech or interleaved (``prompts.encode_prompt``), or ``mix``: each
+    utterance in one of the three, drawn with a seeded RNG. Which one the translators see
+    changes what they reveal at speech positions, so the choice is recorded in the lens config.
+    """
+    from speech_lens.prompts import encode_prompt
+
+    if mode not in DATA_MODES:
+        raise TrainError(f"data mode {mode!r} is not one of {DATA_MODES}")
+    rng = random.Random(seed)
+    seqs: list[Tensor] = []
+    counts = dict.fromkeys(DATA_MODES[:3], 0)
+    for j, utt in enumerate(utterances):
+        m = rng.choice(DATA_MODES[:3]) if mode == "mix" else mode
+        prompt = encode_prompt(model, utt, mode=m, seed=seed * 1_000_003 + j)  # type: ignore[arg-type]
+        seqs.append(prompt.tokens)
+        counts[m] += 1
+    if not seqs:
+        raise TrainError("no utterances to encode")
+    return seqs, {k: v for k, v in counts.items() if v}
+
+
+def split_heldout(
+    utterances: Iterable[Utterance], fraction: float
+) -> tuple[list[Utterance], list[Utterance]]:
+    """(train, held-out) by a hash of the utterance id: stable across runs and manifest order."""
+    if not 0.0 <= fraction < 1.0:
+        raise TrainError(f"held-out fraction must be in [0, 1), got {fraction}")
+    train: list[Utterance] = []
+    held: list[Utterance] = []
+    for u in utterances:
+        x = int.from_bytes(hashlib.sha256(u.id.encode()).digest()[:8], "big") / 2**64
+        (held if x < fraction else train).append(u)
+    return train, held
 
 
 def prepare_sequences(sequences: Sequence[Tensor], max_seq_len: int) -> list[Tensor]:
@@ -406,7 +472,7 @@ def _accumulate(
                 (kl * scale).backward(inputs=params)
             step_kl[layer] += float(kl.detach())
 
-    stream_layers(model, tokens, mask, fn)
+    stream_layers(model, tokens, mask, fn, chunk)
 
 
 def _save_checkpoint(
@@ -469,3 +535,94 @@ def held_out_table(logit_kl: Tensor, tuned_kl: Tensor) -> str:
         ratio = f"{b / a:6.3f}" if a > 0 and not math.isnan(a) else "     -"
         lines.append(f"{i:>5}  {a:11.4f}  {b:11.4f}  {ratio}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: ``speech-lens tuned-lens train|eval`` (the parser is in cli.py)
+# --------------------------------------------------------------------------------------------
+
+
+def cli_load(args: Any) -> tuple[SpeechLM, list[Utterance]]:
+    from speech_lens.adapters import load_model
+    from speech_lens.data import read_manifest
+
+    model = load_model(
+        args.checkpoint, family=args.family, spec=args.spec, base_tokenizer=args.base_tokenizer
+    )
+    reader = read_manifest(args.data, layout=model.layout)
+    utts = list(reader)
+    if reader.report.n_skipped:
+        print(reader.report.summary(), file=sys.stderr)
+    if not utts:
+        raise TrainError(f"{args.data}: no usable utterances")
+    return model, utts
+
+
+def cli_train(args: Any) -> int:
+    from speech_lens.lens.tuned import LensError
+
+    try:
+        model, utts = cli_load(args)
+        train_u, held_u = split_heldout(utts, args.heldout)
+        seeds = args.seed if args.seed is not None else TrainConfig.seed
+        seqs, modes = encode_training_data(model, train_u, args.data_mode, seed=seeds)
+        given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+        info = {
+            "data": str(args.data),
+            "n_utterances": len(train_u),
+            "modes": modes,
+            "heldout_fraction": args.heldout,
+        }
+        result = train_tuned_lens(
+            model,
+            seqs,
+            cfg,
+            out=args.out,
+            resume=not args.no_resume,
+            progress=not args.no_progress,
+            extra_config=info,
+        )
+        print(
+            f"saved tuned lens ({result.steps_done} steps, {result.tokens_seen} tokens) to {args.out}"
+        )
+        if held_u:
+            held, _ = encode_training_data(model, held_u, args.data_mode, seed=seeds + 1)
+            logit = lens_kl(
+                model, None, held, batch_size=cfg.batch_size, progress=not args.no_progress
+            )
+            tuned = lens_kl(
+                model, result.lens, held, batch_size=cfg.batch_size, progress=not args.no_progress
+            )
+            training = {**(result.lens.config.training or {}), "heldout_utterances": len(held_u)}
+            training["heldout_kl_logit"] = [round(float(x), 6) for x in logit]
+            training["heldout_kl_tuned"] = [round(float(x), 6) for x in tuned]
+            result.lens.save(args.out, training=training)
+            print(
+                f"held-out KL(final ‖ lens), nats/token, {len(held_u)} utterances ({args.data_mode}):"
+            )
+            print(held_out_table(logit, tuned))
+    except (TrainError, LensError) as e:
+        print(f"speech-lens: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cli_eval(args: Any) -> int:
+    from speech_lens.lens.tuned import LensError
+
+    try:
+        model, utts = cli_load(args)
+        lens = TunedLens.load(args.lens, model)
+        mode = args.data_mode or lens.config.data_mode or "mix"
+        if args.heldout is not None:
+            utts = split_heldout(utts, args.heldout)[1]
+        seqs, _ = encode_training_data(model, utts, mode, seed=args.seed + 1)
+        logit = lens_kl(model, None, seqs, batch_size=args.batch_size)
+        tuned = lens_kl(model, lens, seqs, batch_size=args.batch_size)
+    except (TrainError, LensError) as e:
+        print(f"speech-lens: error: {e}", file=sys.stderr)
+        return 2
+    print(f"KL(final ‖ lens), nats/token, {len(utts)} utterances ({mode}):")
+    print(held_out_table(logit, tuned))
+    return 0

@@ -149,9 +149,9 @@ class TunedLens(nn.Module):
             d_model=model.d_model,
             num_hidden_layers=model.n_layers,
             bias=bias,
-            unembed_hash=tuned_lens_unembed_hash(_weight(unembed)),
+            unembed_hash=tuned_lens_unembed_hash(unembed_weight(unembed)),
             unembed_sha256=exact_unembed_hash(norm, unembed),
-            vocab_size=int(_weight(unembed).shape[0]),
+            vocab_size=int(unembed_weight(unembed).shape[0]),
             family=model.spec.name,
             **extra,
         )
@@ -265,7 +265,7 @@ def check_compatible(
             f"{where}: lens has {config.num_hidden_layers} layers, model {model.path} has {model.n_layers}"
         )
     norm, unembed = final_norm_and_unembed(model.bridge)
-    vocab = int(_weight(unembed).shape[0])
+    vocab = int(unembed_weight(unembed).shape[0])
     if config.vocab_size is not None and config.vocab_size != vocab:
         raise LensError(
             f"{where}: lens vocab_size {config.vocab_size} != model vocabulary {vocab} ({model.path})"
@@ -280,7 +280,7 @@ def check_compatible(
         key, stored, actual = (
             "unembed_hash",
             config.unembed_hash,
-            tuned_lens_unembed_hash(_weight(unembed)),
+            tuned_lens_unembed_hash(unembed_weight(unembed)),
         )
     else:
         warnings.warn(
@@ -307,7 +307,7 @@ def lens_from_spec(spec: str | None, model: SpeechLM) -> TunedLens | None:
     raise LensError(f"unknown lens {spec!r}: use 'logit' or 'tuned:PATH' (a tuned-lens directory)")
 
 
-def _weight(unembed: nn.Module) -> Tensor:
+def unembed_weight(unembed: nn.Module) -> Tensor:
     w = getattr(unembed, "weight", None)
     if not isinstance(w, Tensor):
         raise TypeError(f"unembedding {type(unembed).__name__} has no weight matrix")
