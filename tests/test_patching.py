@@ -169,12 +169,13 @@ def test_block_sweeps_match_transformer_lens(tiny_model, fam, modality):
         activation_name="resid_post",
         index_axis_names=("layer", "pos"),
     )
+    tl_mid = tlp.get_act_patch_resid_mid(model.bridge, corrupt.tokens[None], tl_cache, tl_metric)
     pmap = map_all(clean, corrupt)
     ours = {
         c: patch_sweep(
             model, clean, corrupt, pmap, logit_diff(pos, good, bad), component=c, positions="pair"
         )
-        for c in ("resid_pre", "attn_out", "mlp_out", "resid_post")
+        for c in ("resid_pre", "attn_out", "mlp_out", "resid_post", "resid_mid")
     }
     assert ours["resid_pre"].values.shape == (model.n_layers, len(corrupt))
     # the sweep moves the metric (a parity check over constants would prove nothing)
@@ -182,6 +183,7 @@ def test_block_sweeps_match_transformer_lens(tiny_model, fam, modality):
     for i, c in enumerate(("resid_pre", "attn_out", "mlp_out")):
         assert_close(ours[c].values, tl_every[i].float(), rtol=1e-6, atol=1e-6)
     assert_close(ours["resid_post"].values, tl_post.float(), rtol=1e-6, atol=1e-6)
+    assert_close(ours["resid_mid"].values, tl_mid.float(), rtol=1e-6, atol=1e-6)
     assert ours["resid_pre"].rule == "each" and ours["resid_pre"].component == "resid_pre"
 
 
@@ -301,6 +303,10 @@ def test_map_rules_speech_to_text(tiny_model):
     assert mean.pairs == tuple((t, tuple(s_span.positions)) for t in t_span.positions)
     with pytest.raises(PatchingError, match="equal span lengths"):
         map_words(sp, tx, [1], rule="each")
+    subs = mean.subsets("pair")
+    assert [lab for lab, _ in subs] == ["cat[0]", "cat[1]"]
+    assert [m.pairs for _, m in subs] == [(p,) for p in mean.pairs]
+    assert mean.subsets("group")[0][1] == mean and mean.rule == "mean"
     # mean rule writes the span mean: check the patched activation directly
     _, cache = cache_source(model, sp, [hook_name("resid_pre", 1)])
     seen = {}
