@@ -18,6 +18,7 @@ from speech_lens.data import (
     write_manifest,
 )
 from speech_lens.lens import LensResult, WordLensResult, logit_lens, word_lens
+from speech_lens.lens.tuned import LensError, TunedLens, TunedLensConfig, lens_from_spec
 from speech_lens.patching import (
     PatchingError,
     PatchResult,
@@ -41,6 +42,7 @@ from speech_lens.speech_tokenizers import (
     get_speech_tokenizer,
     register_speech_tokenizer,
 )
+from speech_lens.tuned_train import lens_kl, train_tuned_lens
 from speech_lens.vocab import UnitBlock, VocabError, VocabLayout
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "DataError",
     "EncodedPrompt",
     "FrameUnits",
+    "LensError",
     "LensResult",
     "LoadReport",
     "PatchResult",
@@ -57,6 +60,8 @@ __all__ = [
     "PromptError",
     "SpeechLM",
     "SpeechTokenizer",
+    "TunedLens",
+    "TunedLensConfig",
     "UnitBlock",
     "UnitStream",
     "Utterance",
@@ -70,6 +75,8 @@ __all__ = [
     "detect_family",
     "encode_prompt",
     "get_speech_tokenizer",
+    "lens_from_spec",
+    "lens_kl",
     "load_model",
     "logit_lens",
     "map_words",
@@ -78,6 +85,7 @@ __all__ = [
     "read_manifest",
     "register_speech_tokenizer",
     "run_patched",
+    "train_tuned_lens",
     "word_lens",
     "word_targets",
     "write_manifest",
