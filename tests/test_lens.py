@@ -75,6 +75,8 @@ def test_logit_lens_matches_hf_hidden_states(family, tiny_model):
     torch.testing.assert_close(res.unit_mass.double(), p[..., lay.unit_mask].sum(-1), **tol)
     torch.testing.assert_close(res.text_mass.double(), p[..., lay.text_mask].sum(-1), **tol)
     torch.testing.assert_close(res.speech_mass.double(), p[..., lay.speech_mask].sum(-1), **tol)
+    markers = torch.tensor(list(lay.marker_ids.values()))
+    torch.testing.assert_close(res.marker_mass.double(), p[..., markers].sum(-1), **tol)
     # target ranks and log-probs
     assert res.target_ranks is not None and res.target_logprobs is not None
     lo, hi = _rank_bounds(ref, targets.expand(L + 1, -1))

@@ -52,7 +52,15 @@ class Readout:
     n_layers: int
     vocab_size: int
     text_mask: Bool[Tensor, " vocab"]
-    groups: Float[Tensor, "vocab n_groups"]  # 0/1 membership of each id in MASS_GROUPS
+    # The non-text ids are few (units, prosody, markers, control, padding rows), so masses are
+    # read from those columns only and text mass is the rest: no pass over the whole vocabulary.
+    unit_idx: Int[Tensor, " n"]
+    prosody_idx: Int[Tensor, " n"]
+    marker_idx: Int[Tensor, " n"]
+    other_idx: Int[Tensor, " n"]  # control ids and unused rows: neither text nor speech/marker
+    text_end: int  # one past the last text id
+    text_holes: Int[Tensor, " n"]  # non-text ids below text_end
+    n_text: int
 
     @classmethod
     def of(cls, model: Any) -> Readout:
@@ -78,17 +86,44 @@ class Readout:
         marker = torch.zeros(layout.vocab_size, dtype=torch.bool)
         for i in layout.marker_ids.values():
             marker[i] = True
-        groups = torch.stack(
-            [layout.text_mask, layout.unit_mask, layout.speech_mask, marker], dim=1
-        ).float()
+        text, unit, speech = layout.text_mask, layout.unit_mask, layout.speech_mask
+        other = ~text & ~speech & ~marker
+        text_ids = text.nonzero().squeeze(-1)
+        if text_ids.numel() == 0:
+            raise ValueError("the vocabulary layout has no text ids")
+        end = int(text_ids.max()) + 1
+
+        def idx(m: Tensor) -> Tensor:
+            return m.nonzero().squeeze(-1).to(device)
+
         return cls(
             norm=norm,
             unembed=unembed,
             n_layers=n_layers,
             vocab_size=int(layout.vocab_size),
-            text_mask=layout.text_mask.to(device),
-            groups=groups.to(device),
+            text_mask=text.to(device),
+            unit_idx=idx(unit),
+            prosody_idx=idx(speech & ~unit),
+            marker_idx=idx(marker),
+            other_idx=idx(other),
+            text_end=end,
+            text_holes=idx(~text[:end]),
+            n_text=int(text_ids.numel()),
         )
+
+    def masses(self, logprobs: Float[Tensor, "c vocab"]) -> Float[Tensor, "c group"]:
+        """Probability on text, unit, speech (units + prosody) and marker ids (MASS_GROUPS)."""
+
+        def mass(ix: Tensor) -> Tensor:
+            if ix.numel() == 0:
+                return logprobs.new_zeros(logprobs.shape[0])
+            return logprobs.index_select(1, ix).exp().sum(-1)
+
+        unit, prosody = mass(self.unit_idx), mass(self.prosody_idx)
+        marker, other = mass(self.marker_idx), mass(self.other_idx)
+        speech = unit + prosody
+        text = (1.0 - speech - marker - other).clamp(min=0.0)
+        return torch.stack([text, unit, speech, marker], dim=-1)
 
     def logits(self, h: Float[Tensor, "pos d_model"]) -> Float[Tensor, "pos vocab"]:
         return self.unembed(self.norm(h))
@@ -217,7 +252,7 @@ class LensBuffer:
             return
         pooled = torch.stack([running.pop(j) for j in done])  # [w, vocab], w <= chunk
         text = pooled.masked_fill(~readout.text_mask, float("-inf"))
-        k = min(self.k, int(readout.text_mask.sum()))
+        k = min(self.k, readout.n_text)
         vals, ids = text.topk(k, dim=-1)
         for a, j in enumerate(done):
             self.word_topk_ids[row, j, :k] = ids[a].cpu()
@@ -234,12 +269,10 @@ class LensBuffer:
             self.cand_logits[row, cands] = v.cpu()
 
     def _reduce_positions(self, row: int, logprobs: Tensor, c0: int, c1: int, r: Readout) -> None:
-        probs = logprobs.exp()
         vals, ids = logprobs.topk(self.k, dim=-1)
         self.topk_ids_all[row, c0:c1] = ids.cpu()
         self.topk_logprobs_all[row, c0:c1] = vals.cpu()
-        self.mass[row, c0:c1] = (probs @ r.groups).cpu()
-        del probs
+        self.mass[row, c0:c1] = r.masses(logprobs).cpu()
         if self.targets is not None:
             assert self.target_ranks is not None and self.target_logprobs is not None
             t = self.targets[c0:c1].to(logprobs.device)
@@ -249,9 +282,11 @@ class LensBuffer:
                 rank = (logprobs > lp[:, j : j + 1]).sum(-1)
                 self.target_ranks[row, c0:c1, j] = torch.where(valid[:, j], rank, -1).cpu()
             self.target_logprobs[row, c0:c1] = lp.masked_fill(~valid, float("nan")).cpu()
-        k = min(self.k, int(r.text_mask.sum()))
-        logprobs.masked_fill_(~r.text_mask, float("-inf"))
-        vals, ids = logprobs.topk(k, dim=-1)
+        # text top-k: text ids all sit below text_end; blank the few non-text ids among them
+        k = min(self.k, r.n_text)
+        head = logprobs[:, : r.text_end]
+        head.index_fill_(1, r.text_holes, float("-inf"))
+        vals, ids = head.topk(k, dim=-1)
         self.topk_ids[row, c0:c1, :k] = ids.cpu()
         self.topk_logprobs[row, c0:c1, :k] = vals.cpu()
 
