@@ -27,6 +27,7 @@ from speech_lens.tuned_train import (
     TrainError,
     _accumulate,
     encode_training_data,
+    kl_figure,
     lens_kl,
     split_heldout,
     train_tuned_lens,
@@ -279,6 +280,9 @@ def test_training_lowers_heldout_kl_at_every_layer(tiny_model):
     assert (before[:-1] > 1e-3).all(), before
     assert (after[:-1] < 0.85 * before[:-1]).all(), (before, after)
     assert after[-1].abs() < 1e-5 and before[-1].abs() < 1e-5  # output row: KL to itself
+    fig = kl_figure(before, after)
+    assert [t.name for t in fig.data] == ["logit lens", "tuned lens"]
+    assert list(fig.data[1].y) == after.tolist()
 
 
 def test_resume_gives_the_uninterrupted_lens(tiny_model, tmp_path):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -626,3 +627,23 @@ def cli_eval(args: Any) -> int:
     print(f"KL(final ‖ lens), nats/token, {len(utts)} utterances ({mode}):")
     print(held_out_table(logit, tuned))
     return 0
+
+
+def kl_figure(
+    logit_kl: Float[Tensor, " row"], tuned_kl: Float[Tensor, " row"], title: str = ""
+) -> go.Figure:
+    """Per-layer KL(final ‖ lens), logit lens vs tuned lens.
+
+    Rows are lens rows: 0 = embeddings (``resid_pre`` of block 0) ... ``n_layers`` = output.
+    """
+    rows = list(range(len(logit_kl)))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=rows, y=logit_kl.tolist(), mode="lines+markers", name="logit lens"))
+    fig.add_trace(go.Scatter(x=rows, y=tuned_kl.tolist(), mode="lines+markers", name="tuned lens"))
+    fig.update_layout(
+        title=title or "KL(final distribution ‖ lens) per layer",
+        xaxis_title="layer (resid_pre; last = output)",
+        yaxis_title="KL, nats/token",
+        template="plotly_white",
+    )
+    return fig
