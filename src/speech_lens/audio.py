@@ -450,10 +450,13 @@ def _jsonable(v: Any) -> Any:
 
 
 class AudioDataset:
-    """Records streamed from a source; ``len()`` is known up front (for progress bars)."""
+    """Records streamed from a source; ``len()`` is known up front (for progress bars). When
+    rows hold a list of renderings, ``len()`` counts rows and ``exact`` is False."""
 
-    def __init__(self, name: str, n: int, make: Callable[[], Iterator[AudioRecord]]) -> None:
-        self.name, self._n, self._make = name, n, make
+    def __init__(
+        self, name: str, n: int, make: Callable[[], Iterator[AudioRecord]], exact: bool = True
+    ) -> None:
+        self.name, self._n, self._make, self.exact = name, n, make, exact
 
     def __len__(self) -> int:
         return self._n
@@ -565,6 +568,13 @@ def read_audio_table(
             raise AudioError(f"table {f}: not a readable Parquet file ({e})") from None
     per_row = len(cols.audio) if len(cols.audio) > 1 else 1
     n = sum(h.metadata.num_rows for _, h in handles) * per_row
+    pa = _lazy("pyarrow")
+    exact = True
+    for _, h in handles:
+        sch = h.schema_arrow
+        if per_row == 1 and cols.audio[0] in sch.names:
+            t = sch.field(cols.audio[0]).type
+            exact = exact and not (pa.types.is_list(t) or pa.types.is_large_list(t))
 
     def gen() -> Iterator[AudioRecord]:
         for f, h in handles:
@@ -576,7 +586,7 @@ def read_audio_table(
                     yield from records_from_row(row, cols, i, f"{f} row {i}")
                     i += 1
 
-    return AudioDataset(str(path), n, gen)
+    return AudioDataset(str(path), n, gen, exact)
 
 
 def _all_columns(cols: Columns) -> list[str]:
@@ -592,21 +602,24 @@ def _is_hf_dataset(x: Any) -> bool:
 def _hf_dataset(ds: Any, cols: Columns, name: str) -> AudioDataset:
     datasets = _lazy("datasets", extra="hf")
     raw = datasets.Audio(decode=False)  # {"bytes", "path"}: decoded by soundfile, not torchcodec
+    exact = True
     for c in cols.audio:
         f = ds.features.get(c)
         if isinstance(f, datasets.Audio):
             ds = ds.cast_column(c, raw)
         elif isinstance(f, list) and f and isinstance(f[0], datasets.Audio):
-            ds = ds.cast_column(c, [raw])
+            ds, exact = ds.cast_column(c, [raw]), False
         elif isinstance(getattr(f, "feature", None), datasets.Audio):  # List / Sequence of Audio
-            ds = ds.cast_column(c, type(f)(raw))
+            ds, exact = ds.cast_column(c, type(f)(raw)), False
+        elif isinstance(f, list) or hasattr(f, "feature"):
+            exact = False
     per_row = len(cols.audio) if len(cols.audio) > 1 else 1
 
     def gen() -> Iterator[AudioRecord]:
         for i, row in enumerate(ds):
             yield from records_from_row(dict(row), cols, i, f"{name} row {i}")
 
-    return AudioDataset(name, len(ds) * per_row, gen)
+    return AudioDataset(name, len(ds) * per_row, gen, exact or per_row > 1)
 
 
 def open_audio_dataset(

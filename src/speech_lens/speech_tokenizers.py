@@ -869,7 +869,8 @@ def tokenize_dataset(
         dedup = bool(spec.units.dedup) if spec is not None else True
     partial, done = _resume(out)
     summ = TokenizeSummary(str(out), n_total=len(done))
-    total = len(records) if hasattr(records, "__len__") else None
+    exact = hasattr(records, "__len__") and getattr(records, "exact", True)
+    total = len(records) if exact else None  # rows of renderings: count unknown up front
     if limit is not None and total is not None:
         total = min(total, limit)
     bar = tqdm(total=total, desc="tokenize", unit="utt", disable=not progress)
