@@ -408,10 +408,12 @@ def _organism_setup(tmp_path: Path):
         sents[name] = (a, spans)
         pooled.append(units.pooled_features(units.mfcc(a, cfg), spans, cfg)[0])
     tok = units.fit(np.concatenate(pooled), 8, cfg)
-    ck = tmp_path / "organism"
-    ck.mkdir()
-    tok.save(ck / "unit_tokenizer.json")
-    tok = units.UnitTokenizer.load(ck / "unit_tokenizer.json")  # what the file holds
+    # the shipped layout: organisms/unit_tokenizer.json shared by organisms/<name>/ checkpoints
+    ck = tmp_path / "organisms" / "tiny-organism"
+    ck.mkdir(parents=True)
+    (ck / "organism.json").write_text("{}")
+    tok.save(ck.parent / "unit_tokenizer.json")
+    tok = units.UnitTokenizer.load(ck.parent / "unit_tokenizer.json")  # what the file holds
     audio_dir = tmp_path / "audio"
     audio_dir.mkdir()
     recs = []
@@ -440,6 +442,9 @@ def test_organism_tokenizer_reproduces_manifest_units(tmp_path):
         )
     with pytest.raises(SpeechTokenizerError, match="word-synchronous"):
         tok(a, sr)
+    (ck / "organism.json").unlink()  # not an organism: the shared file is not picked up
+    with pytest.raises(MissingTokenizerFiles, match="has no unit_tokenizer.json"):
+        OrganismSpeechTokenizer(ck)
 
 
 def test_tokenize_cli_organism_units_identical(tmp_path):
