@@ -192,8 +192,11 @@ def test_manifest_reader_resolves_relative_paths(tmp_path, fmt):
     assert recs[1].words in (None, ())
     y, _sr = recs[1].load()
     np.testing.assert_allclose(y, pcm16(tone(250, 0.4, 16000)), atol=LSB)
-    with pytest.raises(AudioError, match=r"missing column\(s\) \['speech'\]"):
-        list(read_audio_manifest(p, Columns.parse("id=uid,audio=speech")))
+    # a bad row does not stop the stream: it becomes a record whose load() raises, naming the row
+    bad = list(read_audio_manifest(p, Columns.parse("id=uid,audio=speech")))
+    assert len(bad) == 2 and all(r.error for r in bad)
+    with pytest.raises(AudioError, match=r"m\.(jsonl|csv):1: missing column\(s\) \['speech'\]"):
+        bad[0].load()
 
 
 def _csfa_rows() -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -279,8 +282,11 @@ def test_parquet_table_one_column_per_rendering(tmp_path):
     assert [r.id for r in recs][:3] == ["fact0#a0", "fact0#a1", "fact0#a2"]
     assert recs[2].meta == {"good": "blue"} and recs[2].words[-1] == Word("is", 0.5, 0.7)
     np.testing.assert_allclose(recs[2].load()[0], audio["0#2"], atol=LSB)
-    with pytest.raises(AudioError, match=r"missing column\(s\) \['nope'\]"):
-        list(read_audio_table(tmp_path / "flat.parquet", Columns.parse("audio=a0,text=nope")))
+    (bad, _) = list(
+        read_audio_table(tmp_path / "flat.parquet", Columns.parse("audio=a0,text=nope"))
+    )
+    with pytest.raises(AudioError, match=r"flat\.parquet row 0: missing column\(s\) \['nope'\]"):
+        bad.load()
 
 
 def test_hf_dataset_with_audio_feature(tmp_path):

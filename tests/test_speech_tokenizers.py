@@ -853,3 +853,44 @@ def test_tokenize_cli_single_file_with_text(tmp_path, tiny_checkpoint, energy_re
     (u,) = list(read_manifest(out, strict=True))
     assert u.id == "clip" and [w.text for w in u.words] == ["tom", "lives", "in", "paris"]
     assert (list(u.units), list(u.durations)) == _expected(wav)
+
+
+def test_tokenize_cli_bad_table_row_is_skipped(
+    tmp_path, tiny_checkpoint, energy_registered, capsys
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = json.loads((SPEECH / "tom_lives_in.json").read_text())
+    audio = {"bytes": (SPEECH / "tom_lives_in.flac").read_bytes(), "path": "t.flac"}
+    rows = [
+        {
+            "id": "good",
+            "prompt": "tom lives in paris",
+            "audio": audio,
+            "word_timings": json.dumps(meta["words"]),
+        },
+        {"id": "bad", "prompt": "tom lives in paris", "audio": audio, "word_timings": "[[oops"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    ckpt, _ = tiny_checkpoint("spiritlm")
+    out = tmp_path / "t.jsonl"
+    args = [
+        "tokenize",
+        str(tmp_path / "t.parquet"),
+        "--model",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--tokenizer",
+        energy_registered,
+        "--columns",
+        "csfa",
+        "--no-progress",
+    ]
+    assert main(args) == 2
+    assert "t.parquet row 1 (id bad): word timings are not valid JSON" in capsys.readouterr().err
+    assert main([*args, "--skip-errors"]) == 1
+    o = capsys.readouterr().out  # "good" was written before the first run stopped at "bad"
+    assert "0 new, 1 already there, 1 failed" in o and "failed bad: " in o
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["good"]

@@ -24,12 +24,19 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from speech_lens.data import SILENCE_LABELS, Word, read_textgrid, words_from_aligned_text
+from speech_lens.data import (
+    SILENCE_LABELS,
+    DataError,
+    Word,
+    read_textgrid,
+    words_from_aligned_text,
+)
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
 TRANSCRIPT_EXTS = (".txt", ".lab")
@@ -210,8 +217,11 @@ class AudioRecord:
     sample_rate: int | None = None  # as declared by the data set, checked against the file
     meta: dict[str, Any] = field(default_factory=dict)
     where: str = ""  # file / row, for messages
+    error: str | None = None  # the row could not be read; ``load`` raises this
 
     def load(self, sample_rate: int | None = None, **kw: Any) -> tuple[np.ndarray, int]:
+        if self.error is not None:
+            raise AudioError(self.error)
         return load_audio(
             self.audio,
             sample_rate=sample_rate,
@@ -449,6 +459,23 @@ def _jsonable(v: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def _guarded(
+    make: Callable[[], list[AudioRecord]], fallback_id: str, where: str
+) -> list[AudioRecord]:
+    """Read one row; a bad row becomes a record that fails on ``load`` (so a run with
+    ``--skip-errors`` lists it and goes on instead of stopping the whole stream)."""
+    try:
+        return make()
+    except (AudioError, DataError, ValueError) as e:
+        msg = str(e) if where in str(e) else f"{where}: {e}"
+        return [AudioRecord(id=fallback_id, audio=None, where=where, error=msg)]
+
+
+def _row_id(row: dict[str, Any], cols: Columns, i: int) -> str:
+    v = row.get(cols.id) if cols.id else None
+    return str(v) if v is not None else str(i)
+
+
 class AudioDataset:
     """Records streamed from a source; ``len()`` is known up front (for progress bars). When
     rows hold a list of renderings, ``len()`` counts rows and ``exact`` is False."""
@@ -484,7 +511,7 @@ def read_audio_folder(root: str | Path, *, recursive: bool = True) -> AudioDatas
 
     def gen() -> Iterator[AudioRecord]:
         for p, uid in zip(files, ids, strict=True):
-            yield audio_file_record(p, uid)
+            yield _guarded(partial(_file_records, p, uid), uid, str(p))[0]
 
     return AudioDataset(str(root), len(files), gen)
 
@@ -515,6 +542,10 @@ def audio_file_record(p: Path, uid: str | None = None, text: str | None = None) 
     return AudioRecord(id=uid, audio=p, text=text, words=words, where=str(p))
 
 
+def _file_records(p: Path, uid: str) -> list[AudioRecord]:
+    return [audio_file_record(p, uid)]
+
+
 def read_audio_manifest(path: str | Path, columns: Columns | None = None) -> AudioDataset:
     """JSONL or CSV rows with an audio path column (relative paths: to the manifest's folder)."""
     path = Path(path)
@@ -540,7 +571,8 @@ def read_audio_manifest(path: str | Path, columns: Columns | None = None) -> Aud
 
     def gen() -> Iterator[AudioRecord]:
         for i, r in enumerate(rows):
-            yield from records_from_row(r, cols, i, f"{path}:{i + 1}")
+            w = f"{path}:{i + 1}"
+            yield from _guarded(partial(records_from_row, r, cols, i, w), _row_id(r, cols, i), w)
 
     return AudioDataset(str(path), n, gen)
 
@@ -583,7 +615,10 @@ def read_audio_table(
             i = 0
             for batch in h.iter_batches(batch_size=batch_size, columns=want):
                 for row in batch.to_pylist():
-                    yield from records_from_row(row, cols, i, f"{f} row {i}")
+                    w = f"{f} row {i}"
+                    yield from _guarded(
+                        partial(records_from_row, row, cols, i, w), _row_id(row, cols, i), w
+                    )
                     i += 1
 
     return AudioDataset(str(path), n, gen, exact)
@@ -617,7 +652,10 @@ def _hf_dataset(ds: Any, cols: Columns, name: str) -> AudioDataset:
 
     def gen() -> Iterator[AudioRecord]:
         for i, row in enumerate(ds):
-            yield from records_from_row(dict(row), cols, i, f"{name} row {i}")
+            w = f"{name} row {i}"
+            yield from _guarded(
+                partial(records_from_row, dict(row), cols, i, w), _row_id(row, cols, i), w
+            )
 
     return AudioDataset(name, len(ds) * per_row, gen, exact or per_row > 1)
 
