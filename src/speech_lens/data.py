@@ -207,7 +207,14 @@ class Utterance:
         return self.units if self.durations is None else expand(self.units, self.durations)
 
     def dedup(self) -> Utterance:
-        """Deduplicated form (consecutive repeats merged, run lengths kept in ``durations``)."""
+        """Deduplicated form (consecutive repeats merged, run lengths kept in ``durations``).
+
+        A stored deduplicated form is kept as it is: some tokenizers deduplicate within words
+        only (the organisms'), so equal units may meet at a word boundary, and the model was
+        trained on exactly that sequence.
+        """
+        if self.durations is not None:
+            return self
         units, durs = dedup(self.frames())
         if units == self.units and durs == self.durations:
             return self
