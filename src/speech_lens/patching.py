@@ -762,6 +762,8 @@ def patch_sweep(
     heads: str | Sequence[int] | None = None,
     fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = (),
     source_metric: Metric | None = None,
+    source_run: tuple[Tensor, Mapping[str, Tensor]] | None = None,
+    target_logits: Tensor | None = None,
     progress: bool = False,
 ) -> PatchResult:
     """Patch ``component`` from ``source`` into ``target`` once per cell and record ``metric``.
@@ -773,6 +775,8 @@ def patch_sweep(
     list patched together. ``fwd_hooks`` are added to every patched forward. ``source_metric``
     reads the same quantity on the unpatched source run (e.g. at the source's own position of
     the word); by default ``metric`` itself when both prompts have the same length.
+    ``source_run`` (``cache_source`` output covering the needed hook points) and
+    ``target_logits`` (the unpatched target run) skip recomputing them across many sweeps.
     """
     model.require_eval()
     check_prompt(model, source, "source")
@@ -795,10 +799,17 @@ def patch_sweep(
     cells = pmap.subsets(positions)
 
     needed = {hook_name(component, x) for e in layer_sets for x in e}
-    source_logits, cache = cache_source(model, source, needed)
+    if source_run is None:
+        source_run = cache_source(model, source, needed)
+    source_logits, cache = source_run
+    missing = sorted(needed - set(cache))
+    if missing:
+        raise PatchingError(f"source_run has no cached {missing[0]!r}")
     tokens = _batch(target.tokens, model.device)
     with torch.no_grad():
-        baseline = float(metric(model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))))
+        if target_logits is None:
+            target_logits = model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
+        baseline = float(metric(target_logits))
         if source_metric is None and len(source) == len(target):
             source_metric = metric
         source_value = None if source_metric is None else float(source_metric(source_logits))
@@ -880,6 +891,14 @@ def cross_modal(
     source, target = (text, speech) if direction == "text-to-speech" else (speech, text)
     n = len(utterance.words)
     todo = list(range(n - 1)) if words is None else [int(w) for w in words]
+    check_prompt(model, source, "source")
+    check_prompt(model, target, "target")
+    # one source cache and one unpatched target run serve every word's sweep
+    layers = _layer_sets(model, layers)  # a list: iterators would be used up by the first word
+    needed = {hook_name(component, x) for e in layers for x in e}
+    source_run = cache_source(model, source, needed)
+    with torch.no_grad():
+        target_logits = model.bridge(_batch(target.tokens, model.device))
     out = []
     for w in todo:
         if not 0 <= w < n - 1:
@@ -901,6 +920,8 @@ def cross_modal(
             layers=layers,
             positions="all",
             source_metric=next_word_logprob(model, source, w),
+            source_run=source_run,
+            target_logits=target_logits,
             progress=progress,
         )
         extra = {
@@ -1093,6 +1114,7 @@ def run_experiment(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     utts = list(utterances)
+    layers = _layer_sets(model, layers)
     if not utts:
         raise PatchingError("no utterances to patch")
     figures: list[Path] = []
