@@ -587,3 +587,30 @@ def test_patch_then_logit_lens_reads_patched_layers(tiny_model):
     with model.bridge.hooks(fwd_hooks=hooks):
         ctx = logit_lens(model, sp.tokens, k=5)
     assert torch.equal(ctx.topk_ids, patched.topk_ids)
+
+
+def test_lens_readout_metric(tiny_model):
+    """read_layer: the next-word log-prob read by the logit lens in the patched run. Row
+    n_layers equals the output metric; at the patched row itself the reading equals the source
+    run's reading at the source position; the unpatched value equals speech_lens.logit_lens."""
+    from speech_lens import logit_lens
+    from speech_lens.prompts import encode_prompt
+
+    model = tiny_model("spiritlm")
+    u = _utts(model)["s1"]
+    n = model.n_layers
+    out = cross_modal(model, u, words=[1], layers=[0, 1])[0]
+    top = cross_modal(model, u, words=[1], layers=[0, 1], read_layer=n)[0]
+    assert_close(top.values, out.values, rtol=1e-5, atol=1e-5)
+    assert top.baseline == pytest.approx(out.baseline, abs=1e-5)
+    assert top.metric.startswith(f"lens{n}:")
+    at1 = cross_modal(model, u, words=[1], layers=[1], read_layer=1)[0]
+    assert_close(at1.values[0], torch.tensor(at1.source_value), rtol=0, atol=1e-5)
+    sp = encode_prompt(model, u, mode="speech")
+    (sat,) = word_token_ids(model, "sat")
+    tg = torch.full((len(sp),), -1)
+    pos = sp.spans[1].end - 1
+    tg[pos] = sat
+    lens = logit_lens(model, sp.tokens, k=3, targets=tg)
+    assert at1.baseline == pytest.approx(float(lens.target_logprobs[1, pos, 0]), abs=1e-5)
+    assert abs(float(at1.values[0]) - at1.baseline) > 1e-4

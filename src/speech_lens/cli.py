@@ -220,6 +220,7 @@ def _add_patch(sub: Any) -> None:
                 rule=args.rule,
                 layers=layers,
                 word=args.word,
+                read_layer=args.read_layer,
             )
         except PatchingError as e:
             print(f"speech-lens patch: error: {e}", file=sys.stderr)
@@ -239,6 +240,9 @@ def _add_patch(sub: Any) -> None:
     p.add_argument("--rule", choices=("last", "mean", "each"), default="last", help="position rule")
     p.add_argument("--layers", help="e.g. '0,1,2' or '0-3,4-7' (ranges patched together); all")
     p.add_argument("--word", type=int, default=1, help="word index to swap (word-swap)")
+    p.add_argument(
+        "--read-layer", type=int, help="read the next word with the logit lens at this row"
+    )
     p.add_argument("--max-utterances", type=int, default=50)
     p.set_defaults(func=go)
 

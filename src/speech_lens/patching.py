@@ -650,6 +650,68 @@ def word_logit_diff(
     return replace(m, name=f"logit({good!r})-logit({bad!r})@{prompt.words[word]!r}")
 
 
+@dataclass(frozen=True, eq=False)
+class LensLogProb:
+    """log P(any of ``token_ids``) at ``position`` as the logit lens reads ``hook_point``
+    (final norm + unembedding of that residual; full softmax). Metrics with a ``hook_point``
+    get that activation instead of the logits: :func:`patch_sweep` captures it in the same
+    patched forward, after the patch hooks, so the reading sees the patch."""
+
+    hook_point: str
+    position: int
+    token_ids: tuple[int, ...]
+    readout: Callable[[Tensor], Tensor]
+    name: str = "lens_logprob"
+
+    def __call__(self, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
+        logits = self.readout(resid[:, self.position : self.position + 1])[:, 0]
+        lp = logits.float().log_softmax(-1)
+        return lp[:, list(self.token_ids)].logsumexp(-1).mean()
+
+
+def lens_next_word_logprob(
+    model: SpeechLM, prompt: EncodedPrompt, word: int, layer: int, next_word: str | None = None
+) -> LensLogProb:
+    """:func:`next_word_logprob` read by the logit lens at row ``layer`` (``resid_pre`` of that
+    block; ``layer == n_layers`` is the model output), as in ``speech_lens.logit_lens``."""
+    n = model.n_layers
+    if not 0 <= layer <= n:
+        raise PatchingError(f"lens layer {layer} out of range 0..{n}")
+    m = next_word_logprob(model, prompt, word, next_word)
+    point = hook_name("resid_pre", layer) if layer < n else hook_name("resid_post", n - 1)
+    b = model.bridge
+    return LensLogProb(
+        point,
+        m.position,
+        m.token_ids,
+        readout=lambda x: b.unembed(b.ln_final(x)),
+        name=f"lens{layer}:{m.name}",
+    )
+
+
+def _measure(
+    model: SpeechLM,
+    tokens: Tensor,
+    metric: Metric,
+    hooks: Sequence[tuple[Any, HookFn]],
+    logits: Tensor | None = None,
+) -> Tensor:
+    """Run (unless ``logits`` are given and the metric reads logits) and apply ``metric``."""
+    point = getattr(metric, "hook_point", None)
+    with torch.no_grad():
+        if point is None:
+            if logits is None:
+                logits = model.bridge.run_with_hooks(tokens, fwd_hooks=list(hooks))
+            return torch.as_tensor(metric(logits))
+        seen: dict[str, Tensor] = {}
+
+        def grab(act: Tensor, *, hook: Any) -> None:
+            seen["act"] = act.detach()
+
+        model.bridge.run_with_hooks(tokens, fwd_hooks=[*hooks, (point, grab)])
+        return torch.as_tensor(metric(seen["act"]))
+
+
 def metric_name(metric: Metric) -> str:
     return str(getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__)))
 
@@ -806,13 +868,13 @@ def patch_sweep(
     if missing:
         raise PatchingError(f"source_run has no cached {missing[0]!r}")
     tokens = _batch(target.tokens, model.device)
-    with torch.no_grad():
-        if target_logits is None:
-            target_logits = model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
-        baseline = float(metric(target_logits))
-        if source_metric is None and len(source) == len(target):
-            source_metric = metric
-        source_value = None if source_metric is None else float(source_metric(source_logits))
+    baseline = float(_measure(model, tokens, metric, fwd_hooks, target_logits))
+    if source_metric is None and len(source) == len(target):
+        source_metric = metric
+    source_value = None
+    if source_metric is not None:
+        src_tokens = _batch(source.tokens, model.device)
+        source_value = float(_measure(model, src_tokens, source_metric, (), source_logits))
 
     shape = [len(layer_sets)] + ([len(cells)] if positions != "all" else [])
     shape += [n_heads] if heads == "each" else []
@@ -823,9 +885,7 @@ def patch_sweep(
         for pi, (_, sub) in enumerate(cells):
             for hi, hs in enumerate(head_cells):
                 hooks = patching_hooks(cache, sub, component=component, layers=layer_set, heads=hs)
-                with torch.no_grad():
-                    logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[*hooks, *fwd_hooks])
-                    v = metric(logits)
+                v = _measure(model, tokens, metric, [*hooks, *fwd_hooks])
                 idx: list[int] = [li] + ([pi] if positions != "all" else [])
                 idx += [hi] if heads == "each" else []
                 values[tuple(idx)] = torch.as_tensor(v).detach().float().cpu()
@@ -869,6 +929,7 @@ def cross_modal(
     component: str = "resid_pre",
     rule: Rule | str = "last",
     layers: int | Iterable[int | Iterable[int]] | None = None,
+    read_layer: int | None = None,
     progress: bool = False,
 ) -> list[PatchResult]:
     """The same utterance as text and as speech; for each word w (that has a next word), patch
@@ -878,7 +939,10 @@ def cross_modal(
     ``direction="text-to-speech"``: source = text run, target = speech run (does the speech run's
     next-word prediction follow the text run's?); ``"speech-to-text"`` the reverse. Each result
     is a layer curve (``positions="all"``) with ``baseline`` (unpatched target) and
-    ``source_value`` (the source run's own next-word log-prob at w).
+    ``source_value`` (the source run's own next-word log-prob at w). ``read_layer`` reads the
+    log-prob with the logit lens at that row (``resid_pre``; ``n_layers`` = output) of the
+    patched run instead of from the output logits: a speech run's output must predict a unit
+    or a marker next, while the paper's next-word signal lives in the middle layers.
     """
     from speech_lens.prompts import encode_prompt
 
@@ -915,11 +979,11 @@ def cross_modal(
             source,
             target,
             pm,
-            next_word_logprob(model, target, w),
+            _next_word_metric(model, target, w, read_layer),
             component=component,
             layers=layers,
             positions="all",
-            source_metric=next_word_logprob(model, source, w),
+            source_metric=_next_word_metric(model, source, w, read_layer),
             source_run=source_run,
             target_logits=target_logits,
             progress=progress,
@@ -933,6 +997,14 @@ def cross_modal(
         }
         out.append(replace(res, extra=extra))
     return out
+
+
+def _next_word_metric(
+    model: SpeechLM, prompt: EncodedPrompt, word: int, read_layer: int | None
+) -> Metric:
+    if read_layer is None:
+        return next_word_logprob(model, prompt, word)
+    return lens_next_word_logprob(model, prompt, word, read_layer)
 
 
 def splice_word(utterance: Utterance, word: int, donor: Utterance, donor_word: int) -> Utterance:
@@ -1096,6 +1168,7 @@ def run_experiment(
     rule: Rule | str = "last",
     layers: int | Iterable[int | Iterable[int]] | None = None,
     word: int = 1,
+    read_layer: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run one worked experiment over ``utterances`` and write its table and figures to ``out``.
@@ -1124,12 +1197,19 @@ def run_experiment(
         "component": component,
         "rule": rule,
         "utterances": len(utts),
+        "readout": "output" if read_layer is None else f"logit lens row {read_layer}",
     }
     if experiment != "word-swap":
         results: list[PatchResult] = []
         for u in tqdm(utts, desc=experiment, disable=not progress):
             results += cross_modal(
-                model, u, direction=experiment, component=component, rule=rule, layers=layers
+                model,
+                u,
+                direction=experiment,
+                component=component,
+                rule=rule,
+                layers=layers,
+                read_layer=read_layer,
             )
         curve = mean_curve(results)
         rows = [row for r in results for row in r.to_table()]
@@ -1139,7 +1219,8 @@ def run_experiment(
             references={"unpatched target": curve["baseline"], "source run": curve["source"]},
             title=f"{experiment}: next-word log-prob at the patched word "
             f"(mean of {curve['n']} words, {len(utts)} utterances)",
-            yaxis="log P(next word, text token)",
+            yaxis="log P(next word, text token)"
+            + ("" if read_layer is None else f", lens row {read_layer}"),
         )
         figures.append(out / f"{experiment}_curve.html")
         fig.write_html(figures[-1], include_plotlyjs=True)
@@ -1205,6 +1286,7 @@ __all__ = [
     "EXPERIMENTS",
     "RULES",
     "KLToClean",
+    "LensLogProb",
     "LogitDiff",
     "MapGroup",
     "NextTokenLogProb",
@@ -1216,6 +1298,7 @@ __all__ = [
     "cross_modal",
     "hook_name",
     "kl_to_clean",
+    "lens_next_word_logprob",
     "logit_diff",
     "map_all",
     "map_positions",
