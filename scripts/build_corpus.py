@@ -124,9 +124,17 @@ def build_units(data: Path, out_dir: Path) -> None:
     cfg = units.FeatureConfig()
     table = _clip_table(data)
     meta = json.loads((data / "text.json").read_text())
+    vocab = OrganismVocab.from_json(json.loads((data / "vocab.json").read_text()))
+    # train renditions: those synthesised (the TTS stage may be stopped early to save CPU)
+    train_r = [r for r in range(RENDITIONS - 1) if all((w, r) in table for w in vocab.words)]
+    if not train_r or not all((w, RENDITIONS - 1) in table for w in vocab.words):
+        raise RuntimeError(
+            f"{data / 'clips.pkl'}: need rendition 0 and {RENDITIONS - 1} of every word"
+        )
+    print(f"train renditions {train_r}, test rendition {RENDITIONS - 1}")
     pooled = []
     for (w, r), a in table.items():
-        if r < RENDITIONS - 1:
+        if r in train_r:
             f = units.mfcc(np.asarray(a, dtype=np.float32) / 32767, cfg)
             p, _ = units.pooled_features(f, [(w, 0.0, len(a) / 16000)], cfg)
             pooled.append(p)
@@ -172,7 +180,12 @@ def build_units(data: Path, out_dir: Path) -> None:
             )
             items.append(rec)
     corpus.write_jsonl(out_dir / "knowledge_manifest.jsonl", items)
-    stats = unit_stats(recs)
+    stats = {
+        **unit_stats(recs),
+        "train_renditions": train_r,
+        "test_rendition": RENDITIONS - 1,
+        "test": unit_stats(test),
+    }
     (data / "unit_stats.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats))
 

@@ -214,3 +214,55 @@ def test_world_is_balanced() -> None:
     sents = " ".join(knowledge.filler_sentences(200))
     for f in facts:  # facts are never stated in the (spoken) filler sentences
         assert f"{f.person} lives in {f.answer}" not in sents
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "organisms"
+
+
+def test_shipped_manifest_and_unit_tokenizer_are_consistent() -> None:
+    tok = units.UnitTokenizer.load(SHIPPED / "unit_tokenizer.json")
+    assert tok.k == 100 and tok.centroids.shape[1] == 2 * tok.config.n_mfcc
+    recs = list(corpus.read_jsonl(SHIPPED / "test_manifest.jsonl"))
+    assert len(recs) >= 100
+    for r in recs:
+        assert set(r) == {
+            "id",
+            "speaker",
+            "split",
+            "text",
+            "words",
+            "frame_rate",
+            "units",
+            "durations",
+        }
+        assert r["split"] == "test" and r["frame_rate"] == tok.config.rate
+        assert all(0 <= u < tok.k for u in r["units"]) and len(r["units"]) == len(r["durations"])
+        assert r["text"] == " ".join(w for w, _, _ in r["words"])
+        # word spans tile the unit grid exactly
+        assert r["words"][0][1] == 0.0
+        assert r["words"][-1][2] == pytest.approx(sum(r["durations"]) / r["frame_rate"])
+        assert all(a[2] == b[1] for a, b in itertools.pairwise(r["words"]))
+        corpus.word_units(r)
+
+
+def test_shipped_organism_loads_and_matches_its_results() -> None:
+    import speech_lens
+
+    res = json.loads((SHIPPED / "results.json").read_text())
+    name = "text_lm"
+    m = speech_lens.load_model(SHIPPED / name)
+    assert m.n_layers == res["organisms"][name]["config"]["n_layers"]
+    vocab = OrganismVocab.from_json(
+        {
+            "words": [
+                m.tokenizer.convert_ids_to_tokens(i)
+                for i in range(3, int(m.layout.marker_ids["text"]))
+            ],
+            "n_units": m.layout.units.count,
+        }
+    )
+    test = gates.utterances(list(corpus.read_jsonl(SHIPPED / "test_manifest.jsonl")), vocab)
+    t = gates.lens_tables(m.hf_model, test, vocab, "text")
+    # recomputing the text-prompt lens from the shipped weights reproduces results.json
+    assert t["nxt@1"] == pytest.approx(res["organisms"][name]["lens"]["text"]["nxt@1"], abs=2e-3)
