@@ -270,6 +270,26 @@ def _add_lens(sub: Any) -> None:
     p.set_defaults(func=go)
 
 
+def _add_demo(sub: Any) -> None:
+    def run(args: argparse.Namespace) -> int:
+        from speech_lens.demo import run_demo
+
+        run_demo(
+            args.out,
+            organisms=args.organisms,
+            limit=args.limit,
+            patch_utterances=args.patch_utterances,
+        )
+        return 0
+
+    p = sub.add_parser("demo", help="every analysis on the shipped model organisms -> report.html")
+    p.add_argument("--out", type=Path, default=Path("demo_report"), help="output directory")
+    p.add_argument("--organisms", type=Path, help="organisms directory (default: the repository's)")
+    p.add_argument("--limit", type=int, default=150, help="held-out utterances to analyse (150)")
+    p.add_argument("--patch-utterances", type=int, default=20, help="utterances for patching")
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speech-lens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -283,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tuned_lens(sub)
     _add_patch(sub)
     _add_lens(sub)
+    _add_demo(sub)
     # further subcommands register here (lens, tuned-lens, patch, demo, bench)
     return parser
 
