@@ -27,7 +27,7 @@ LABELS = {
     "random_interleaved": "emergent ablation: random init x interleaved data",
     "random_speechonly": "emergent ablation: random init x speech-only data",
     "textinit_interleaved_x2": "emergent: text-LM init x interleaved data, stage 2 continued (2x tokens)",
-    "textinit_interleaved_x4": "emergent: text-LM init x interleaved data, stage 2 continued (4x tokens)",
+    "textinit_interleaved_x3": "emergent: text-LM init x interleaved data, stage 2 continued (3x tokens)",
     "textinit_interleaved_1word": "emergent: text-LM init x interleaved data, then 500 steps of one-word alternation (0.8 interleaved)",
     "control_planted_l3": "POSITIVE CONTROL (planted by an auxiliary loss at layer 3; not a replication)",
 }

@@ -15,10 +15,10 @@ for n in random_interleaved random_speechonly textinit_interleaved textinit_spee
   $PY scripts/train_organism.py $n --threads 1 > runs/$n.out 2>&1 &
 done
 wait
-$PY scripts/train_organism.py textinit_interleaved_x2 textinit_interleaved_x4 textinit_interleaved_1word --threads 1 &
+$PY scripts/train_organism.py textinit_interleaved_x2 textinit_interleaved_x3 --threads 1 &
 $PY scripts/train_organism.py textinit_interleaved_1word --threads 1
 wait
-NAMES="text_lm textinit_interleaved textinit_interleaved_x2 textinit_interleaved_x4 textinit_speechonly random_interleaved random_speechonly control_planted_l3"
+NAMES="text_lm textinit_interleaved textinit_interleaved_x2 textinit_interleaved_x3 textinit_interleaved_1word textinit_speechonly random_interleaved random_speechonly control_planted_l3"
 for n in $NAMES; do
   [ -f organisms/$n/model.safetensors ] || $PY scripts/evaluate_organisms.py --export $n
   $PY scripts/evaluate_organisms.py $n

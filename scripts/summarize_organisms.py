@@ -79,12 +79,13 @@ def main() -> None:
                 "s2t_speech": g["next_word_after_speech_prefix"],
                 "s2t_text": g["next_word_after_text_prefix"],
                 "transcription": g["transcription_word_acc"],
+                "transcription_first_word": g["transcription_first_word_acc"],
                 "probe_text_fit_on_speech_max": probe,
                 "knowledge_speech": o["knowledge"]["speech_acc"],
                 "knowledge_text": o["knowledge"]["text_acc"],
             }
         )
-        if name != "text_lm":
+        if name not in ("text_lm", "control_planted_l3"):  # emergent organisms only
             xs.append(c5)
             ss.append(g["next_word_after_speech_prefix"])
             ys.append(o["knowledge"]["speech_acc"])
@@ -101,7 +102,7 @@ def main() -> None:
     )
     print(
         "| organism | cur@1 (layer) | cur@5 (layer) | nxt@1 (layer) | nxt@5 (layer) | unit>text from layer "
-        "| next word after speech / text prefix | transcription | text-fit probe on speech (max) "
+        "| next word after speech / text prefix | transcription all (first word) | text-fit probe on speech (max) "
         "| spoken knowledge (text) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -110,7 +111,7 @@ def main() -> None:
             f"| {r['name']} | {r['cur@1']:.3f} ({r['cur@1_layer']}) | {r['cur@5']:.3f} ({r['cur@5_layer']}) "
             f"| {r['nxt@1']:.3f} ({r['nxt@1_layer']}) | {r['nxt@5']:.3f} ({r['nxt@5_layer']}) "
             f"| {r['unit_mass_overtakes_text_at']} | {r['s2t_speech']:.3f} / {r['s2t_text']:.3f} "
-            f"| {r['transcription']:.3f} | {r['probe_text_fit_on_speech_max']:.3f} "
+            f"| {r['transcription']:.3f} ({r['transcription_first_word']:.3f}) | {r['probe_text_fit_on_speech_max']:.3f} "
             f"| {r['knowledge_speech']:.3f} ({r['knowledge_text']:.3f}) |"
         )
     for k, v in summary.items():
