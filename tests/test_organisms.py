@@ -266,3 +266,18 @@ def test_shipped_organism_loads_and_matches_its_results() -> None:
     t = gates.lens_tables(m.hf_model, test, vocab, "text")
     # recomputing the text-prompt lens from the shipped weights reproduces results.json
     assert t["nxt@1"] == pytest.approx(res["organisms"][name]["lens"]["text"]["nxt@1"], abs=2e-3)
+
+
+def test_own_lens_agrees_with_speech_lens_logit_lens() -> None:
+    """The organisms' evaluation lens (HF hidden states) and the library's streaming logit lens
+    (TransformerBridge hooks) pick the same top text token at every layer and position."""
+    import speech_lens
+
+    m = speech_lens.load_model(SHIPPED / "control_planted_l3")
+    rec = next(corpus.read_jsonl(SHIPPED / "test_manifest.jsonl"))
+    first, speech = int(m.layout.units.first_id), int(m.layout.marker_ids["speech"])
+    seq = [1, speech, *[first + u for u in rec["units"]]]
+    res = speech_lens.logit_lens(m, torch.tensor(seq), k=1)
+    ours = gates.layer_logits(m.hf_model, torch.tensor([seq]))[:, 0]
+    w0, w1 = 3, int(m.layout.marker_ids["text"])
+    assert torch.equal(res.topk_ids[:, :, 0], ours[:, :, w0:w1].argmax(-1) + w0)
