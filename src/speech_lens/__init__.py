@@ -17,6 +17,7 @@ from speech_lens.data import (
     read_manifest,
     write_manifest,
 )
+from speech_lens.guards import NumericError, finite_guard_hooks
 from speech_lens.lens import LensResult, WordLensResult, logit_lens, word_lens
 from speech_lens.lens.tuned import LensError, TunedLens, TunedLensConfig, lens_from_spec
 from speech_lens.patching import (
@@ -54,6 +55,7 @@ __all__ = [
     "LensError",
     "LensResult",
     "LoadReport",
+    "NumericError",
     "PatchResult",
     "PatchingError",
     "PositionMap",
@@ -74,6 +76,7 @@ __all__ = [
     "available_families",
     "detect_family",
     "encode_prompt",
+    "finite_guard_hooks",
     "get_speech_tokenizer",
     "lens_from_spec",
     "lens_kl",
