@@ -449,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     if m is not None:
         print(
-            f"{m.n_utterances} utterances, {m.n_words} words over {ctx.world} rank(s); "
+            f"{m.n_utterances} utterances, {m.n_words} words"
+            + (f" over {ctx.world} rank(s)" if args.command == "lens" else " (merged shards)")
+            + "; "
             f"wrote {args.out / 'metrics.json'} and {args.out / 'report.html'}"
         )
     return 0
