@@ -270,3 +270,51 @@ def test_bf16_load_keeps_lens_reductions_in_fp32(tiny_checkpoint, tiny_model):
     # a random tiny model has near-flat logits, so bf16 rounding flips some near ties
     assert agree >= 0.8, f"bf16 top-1 agrees with fp32 on only {agree:.1%} of (layer, position)"
     torch.testing.assert_close(b.mass, a.mass, atol=0.01, rtol=0)
+
+
+DDP_SCRIPT = """
+import sys, torch
+from speech_lens import load_model
+from speech_lens.distributed import init_distributed, train_tuned_lens_distributed
+from speech_lens.tuned_train import TrainConfig
+ctx = init_distributed("gloo")
+model = load_model(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+vocab = int(model.bridge.cfg.d_vocab)
+seqs = [torch.randint(0, vocab, (12 + 3 * i,), generator=g) for i in range(8)]
+cfg = TrainConfig(steps=4, tokens_per_step=60, batch_size=1, chunk_tokens=16, checkpoint_every=2)
+res = train_tuned_lens_distributed(model, seqs, cfg, ctx, out=sys.argv[2], progress=False)
+if ctx.rank == 0:
+    torch.save({"sd": res.lens.layer_translators.state_dict(), "kl": res.train_kl}, sys.argv[3])
+"""
+
+
+def test_tuned_lens_training_on_two_gloo_ranks_equals_single_process(
+    tiny_checkpoint, tiny_model, tmp_path
+):
+    from speech_lens.tuned_train import TrainConfig, train_tuned_lens
+
+    path, _ = tiny_checkpoint("spiritlm")
+    model = tiny_model("spiritlm")
+    g = torch.Generator().manual_seed(0)
+    vocab = int(model.bridge.cfg.d_vocab)
+    seqs = [torch.randint(0, vocab, (12 + 3 * i,), generator=g) for i in range(8)]
+    cfg = TrainConfig(steps=4, tokens_per_step=60, batch_size=1, chunk_tokens=16)
+    ref = train_tuned_lens(model, seqs, cfg, progress=False)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    res = tmp_path / "res.pt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), str(script), str(path), str(tmp_path / "lens")]
+    proc = subprocess.run([*cmd, str(res)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(res)
+    want = ref.lens.layer_translators.state_dict()
+    assert any(bool(v.abs().max() > 1e-4) for v in want.values())  # the lens did learn
+    for name, v in want.items():
+        torch.testing.assert_close(got["sd"][name], v, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["kl"], ref.train_kl, rtol=1e-5, atol=1e-7)
+    saved = tmp_path / "lens"
+    assert (saved / "config.json").is_file() and (saved / "params.pt").is_file()
+    assert not (saved / "checkpoint.pt").exists()
