@@ -23,6 +23,9 @@ from speech_lens.organisms.corpus import read_jsonl  # noqa: E402
 ORDER = [
     "text_lm",
     "textinit_interleaved",
+    "textinit_interleaved_x2",
+    "textinit_interleaved_x3",
+    "textinit_interleaved_1word",
     "textinit_speechonly",
     "random_interleaved",
     "random_speechonly",
