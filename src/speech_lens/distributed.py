@@ -17,7 +17,9 @@ path of the single-process :func:`~speech_lens.run_lens.run_dataset` writes ``me
 nothing), so the outputs equal a single-process run's.
 
 Launch: ``torchrun --nproc_per_node 8 -m speech_lens.distributed lens CKPT DATA --out DIR``;
-``python -m speech_lens.distributed merge CKPT DATA --out DIR`` merges finished shards alone.
+``python -m speech_lens.distributed merge CKPT DATA --out DIR`` merges finished shards alone;
+``torchrun ... -m speech_lens.distributed tuned-lens CKPT DATA --out LENS_DIR`` trains a tuned
+lens with gradients averaged across ranks (:func:`train_tuned_lens_distributed`).
 """
 
 from __future__ import annotations
@@ -451,7 +453,9 @@ def train_tuned_lens_distributed(
         if ctx.backend is not None:
             flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
             dist.all_reduce(flat)  # gloo/nccl sum: the single-process step's gradient
-            dist.all_reduce(step_kl)
+            kl = step_kl.to(flat.device)  # nccl reduces device tensors only
+            dist.all_reduce(kl)
+            step_kl.copy_(kl.cpu())
             o = 0
             for p in params:
                 if p.grad is not None:
@@ -495,7 +499,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Sharded lens runs under torchrun; 'merge' combines finished shards.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("lens", "merge"):
+    for name in ("lens", "merge", "tuned-lens"):
         s = sub.add_parser(name)
         s.add_argument("checkpoint", type=Path)
         s.add_argument("data", type=Path, help="JSONL manifest of utterances")
@@ -511,10 +515,21 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
         s.add_argument("--no-progress", action="store_true")
+        if name != "merge":
+            s.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl on GPU")
         if name == "lens":
             s.add_argument("--restart", action="store_true", help="discard finished shards")
-            s.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl on GPU")
             s.add_argument("--no-guard", action="store_true", help="skip the NaN/inf checks")
+        if name == "tuned-lens":  # defaults: tuned_train.TrainConfig
+            s.add_argument(
+                "--data-mode", default="text", choices=["text", "speech", "interleaved", "mix"]
+            )
+            s.add_argument("--steps", type=int)
+            s.add_argument("--tokens-per-step", type=int)
+            s.add_argument("--batch-size", type=int)
+            s.add_argument("--max-seq-len", type=int)
+            s.add_argument("--checkpoint-every", type=int)
+            s.add_argument("--no-resume", action="store_true")
     return p
 
 
@@ -523,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     from speech_lens.data import DataError, read_manifest
 
     args = _parser().parse_args(argv)
-    ctx = init_distributed(args.backend) if args.command == "lens" else DistContext()
+    ctx = init_distributed(args.backend) if args.command != "merge" else DistContext()
+    if args.command == "tuned-lens":
+        return _cli_tuned(args, ctx)
     try:
         model = load_model(
             args.checkpoint,
@@ -572,6 +589,47 @@ def main(argv: list[str] | None = None) -> int:
             + "; "
             f"wrote {args.out / 'metrics.json'} and {args.out / 'report.html'}"
         )
+    return 0
+
+
+def _cli_tuned(args: argparse.Namespace, ctx: DistContext) -> int:
+    from speech_lens.adapters import AdapterError, load_model
+    from speech_lens.data import DataError, read_manifest
+    from speech_lens.tuned_train import TrainConfig, TrainError, encode_training_data
+
+    try:
+        model = load_model(
+            args.checkpoint,
+            family=args.family,
+            spec=args.spec,
+            base_tokenizer=args.base_tokenizer,
+            device=ctx.device,
+            dtype=DTYPES[args.dtype],
+        )
+        utts = list(read_manifest(args.data, layout=model.layout))
+        if args.limit is not None:
+            utts = utts[: args.limit]
+        seqs, _ = encode_training_data(model, utts, args.data_mode, seed=args.seed)
+        names = ("steps", "tokens_per_step", "batch_size", "max_seq_len", "checkpoint_every")
+        given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+        cfg = TrainConfig(**given, seed=args.seed, data_mode=args.data_mode)
+        res = train_tuned_lens_distributed(
+            model,
+            seqs,
+            cfg,
+            ctx,
+            out=args.out,
+            resume=not args.no_resume,
+            progress=not args.no_progress,
+        )
+    except (TrainError, AdapterError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"speech-lens tuned-lens (rank {ctx.rank}): error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ctx.backend is not None and dist.is_initialized():
+            dist.destroy_process_group()
+    if ctx.rank == 0:
+        print(f"saved tuned lens ({res.steps_done} steps, {res.tokens_seen} tokens) to {args.out}")
     return 0
 
 
