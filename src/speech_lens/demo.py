@@ -216,6 +216,19 @@ def run_demo(
                 compare_figure(grid, metric="recall_next", k=K),
             ],
         )
+    longer = {o.name: metrics[o.name] for o in orgs if o.name.startswith("textinit_interleaved")}
+    if len(longer) > 1:
+        rep.add_section(
+            "Does more interleaved training help?",
+            text=(
+                "textinit_interleaved continued for 2x and 3x the stage-2 tokens, and with strict "
+                "one-word speech/text alternation (_1word)."
+            ),
+            figures=[
+                compare_figure(longer, metric="recall_current", k=K),
+                compare_figure(longer, metric="recall_next", k=K),
+            ],
+        )
     control = [o for o in orgs if o.aux_layer is not None]
     for o in control:
         twin = next((t for t in orgs if t.name == "textinit_interleaved"), None)
