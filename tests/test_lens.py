@@ -77,6 +77,9 @@ def test_logit_lens_matches_hf_hidden_states(family, tiny_model):
     torch.testing.assert_close(res.speech_mass.double(), p[..., lay.speech_mask].sum(-1), **tol)
     markers = torch.tensor(list(lay.marker_ids.values()))
     torch.testing.assert_close(res.marker_mass.double(), p[..., markers].sum(-1), **tol)
+    other = ~lay.text_mask & ~lay.speech_mask
+    other[markers] = False
+    torch.testing.assert_close(res.other_mass.double(), p[..., other].sum(-1), **tol)
     # target ranks and log-probs
     assert res.target_ranks is not None and res.target_logprobs is not None
     lo, hi = _rank_bounds(ref, targets.expand(L + 1, -1))

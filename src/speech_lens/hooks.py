@@ -30,7 +30,7 @@ HookFn = Callable[..., Tensor | None]
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 # Vocabulary groups whose probability mass is measured (columns of LensBuffer.mass)
-MASS_GROUPS = ("text", "unit", "speech", "marker")
+MASS_GROUPS = ("text", "unit", "speech", "marker", "other")
 
 
 class HiddenTransform(Protocol):
@@ -112,7 +112,8 @@ class Readout:
         )
 
     def masses(self, logprobs: Float[Tensor, "c vocab"]) -> Float[Tensor, "c group"]:
-        """Probability on text, unit, speech (units + prosody) and marker ids (MASS_GROUPS)."""
+        """Probability on text, unit, speech (units + prosody), marker and other (control,
+        unused) ids: the columns of MASS_GROUPS."""
 
         def mass(ix: Tensor) -> Tensor:
             if ix.numel() == 0:
@@ -123,7 +124,7 @@ class Readout:
         marker, other = mass(self.marker_idx), mass(self.other_idx)
         speech = unit + prosody
         text = (1.0 - speech - marker - other).clamp(min=0.0)
-        return torch.stack([text, unit, speech, marker], dim=-1)
+        return torch.stack([text, unit, speech, marker, other], dim=-1)
 
     def logits(self, h: Float[Tensor, "pos d_model"]) -> Float[Tensor, "pos vocab"]:
         return self.unembed(self.norm(h))

@@ -138,11 +138,11 @@ def recall_figure(
 def modality_figure(
     metrics: DatasetMetrics | Sequence[DatasetMetrics],
     *,
-    groups: Sequence[str] = ("unit", "text"),
+    groups: Sequence[str] = ("unit", "text", "marker", "other"),
     unit_top1: bool = True,
     relative_depth: bool = False,
 ) -> go.Figure:
-    """Probability mass on speech units vs text ids at speech positions, per layer."""
+    """Probability mass on speech units, text, markers and control ids at unit positions."""
     ms = _as_list(metrics)
     fig = go.Figure()
     i = 0

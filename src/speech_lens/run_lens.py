@@ -22,6 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from speech_lens.lens.logit import logit_lens, word_lens
+from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.metrics import (
     DEFAULT_MATCH,
     MATCH_RULES,
@@ -55,6 +56,7 @@ class LensRunConfig:
     limit: int | None = None
     n_boot: int = 1000
     seed: int = 0
+    lens: str = "logit"  # or "tuned:PATH" (a tuned lens in the tuned-lens format)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,6 +74,7 @@ class LensRunConfig:
             "mode": self.mode,
             "k": self.k,
             "seed": self.seed,
+            "lens": self.lens,
         }
 
 
@@ -158,6 +161,7 @@ def run_dataset(
             raise RunError(f"{cfg.data}: utterance id {u.id!r} appears twice")
         seen.add(u.id)
     todo = [u for u in utts if u.id not in done]
+    lens = lens_from_spec(cfg.lens, model)
     bar = tqdm(
         total=len(utts),
         initial=len(utts) - len(todo),
@@ -167,7 +171,7 @@ def run_dataset(
     )
     for u in todo:
         prompt = _encode(model, u, cfg)
-        res = word_lens(model, prompt, word_targets(model, u), k=cfg.k)
+        res = word_lens(model, prompt, word_targets(model, u), k=cfg.k, lens=lens)
         rec = utterance_record(res, prompt, model.layout)
         _append(partial, rec.to_json())
         done[u.id] = rec
@@ -227,8 +231,9 @@ def build_report(
     k = cfg.k if cfg.k in metrics.ks else max(metrics.ks)
     best = max(metrics.layers, key=lambda i: metrics.recall_current[k].mean[i])
     rep = Report(
-        f"speech_lens logit lens: {Path(cfg.checkpoint).name}",
-        subtitle=f"family {cfg.family}, {cfg.mode} prompts, data {cfg.data}",
+        f"speech_lens {'logit lens' if cfg.lens == 'logit' else 'tuned lens'}: "
+        f"{Path(cfg.checkpoint).name}",
+        subtitle=f"family {cfg.family}, {cfg.mode} prompts, lens {cfg.lens}, data {cfg.data}",
     )
     rep.add_section(
         "Summary",
@@ -254,11 +259,15 @@ def build_report(
     )
     rep.add_section(
         "Modality preference",
-        text="Probability mass on speech units and on text ids at unit positions, per layer.",
+        text=(
+            "Probability mass at unit positions, per layer, on speech units, text ids, modality "
+            "markers and other ids (BOS/EOS/control); dotted: share of positions whose top-1 "
+            "over the whole vocabulary is a unit."
+        ),
         figures=[modality_figure(metrics)],
     )
     prompt = _encode(model, first, cfg)
-    res = logit_lens(model, prompt.tokens, k=5)
+    res = logit_lens(model, prompt.tokens, k=5, lens=lens_from_spec(cfg.lens, model))
     rep.add_section(
         f"One utterance: {first.id}",
         text="Top text token per layer and position; colour: probability mass on speech units.",
@@ -295,6 +304,7 @@ def cli_lens(args: Any) -> int:
             limit=args.limit,
             n_boot=args.n_boot,
             seed=args.seed,
+            lens=args.lens,
         )
         reader = read_manifest(args.data, layout=model.layout)
         utts = list(reader)

@@ -171,6 +171,11 @@ class LensResult:
     def marker_mass(self) -> Float[Tensor, "row pos"]:
         return self.group_mass("marker")
 
+    @property
+    def other_mass(self) -> Float[Tensor, "row pos"]:
+        """Probability on control ids (BOS, EOS, chat tokens) and unused embedding rows."""
+        return self.group_mass("other")
+
 
 def _as_sequence(tokens: Tensor | Sequence[int]) -> Int[Tensor, " seq"]:
     t = torch.as_tensor(tokens, dtype=torch.long)
