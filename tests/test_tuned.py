@@ -443,3 +443,27 @@ def test_training_memory_does_not_grow_with_depth(tmp_path):
     # ... the streamed step by no activation at all: at most the autograd's fresh gradient
     # buffers of the added translators (lens-sized, d_model², independent of tokens)
     assert extra["train"] <= added * 2 * translator, (extra, small, large)
+
+
+def test_lens_cli_reads_through_a_tuned_lens(tmp_path):
+    """`speech-lens lens --lens tuned:PATH` on a shipped organism: the records differ from the
+    logit lens's, the setting is recorded, and a resumed run refuses to mix the two lenses."""
+    from pathlib import Path
+
+    from speech_lens.cli import main
+
+    org = Path(__file__).parents[1] / "organisms" / "textinit_interleaved"
+    data = org.parent / "test_manifest.jsonl"
+    common = [str(org), str(data), "--limit", "4", "--n-boot", "20", "--no-progress"]
+    assert main(["lens", *common, "--out", str(tmp_path / "logit")]) == 0
+    tuned = f"tuned:{org / 'tuned_lens'}"
+    assert main(["lens", *common, "--out", str(tmp_path / "tuned"), "--lens", tuned]) == 0
+    a = json.loads((tmp_path / "logit" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert b["config"]["lens"] == tuned and a["config"]["lens"] == "logit"
+    # the output row reads the model's own logits either way; the inner rows differ
+    ra, rb = a["metrics"]["mass"]["unit"]["mean"], b["metrics"]["mass"]["unit"]["mean"]
+    assert abs(ra[-1] - rb[-1]) < 1e-6 and any(
+        abs(x - y) > 1e-3 for x, y in zip(ra, rb, strict=True)
+    )
+    assert main(["lens", *common, "--out", str(tmp_path / "logit"), "--lens", tuned]) == 2
