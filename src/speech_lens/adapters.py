@@ -387,6 +387,18 @@ def _available_gb(device: str | torch.device) -> float | None:
     return None
 
 
+def load_from_args(args: Any, checkpoint: str | Path | None = None, **kw: Any) -> SpeechLM:
+    """``load_model`` with the checkpoint options every CLI command shares
+    (``--family``, ``--spec``, ``--base-tokenizer``)."""
+    return load_model(
+        checkpoint if checkpoint is not None else args.checkpoint,
+        family=args.family,
+        spec=args.spec,
+        base_tokenizer=args.base_tokenizer,
+        **kw,
+    )
+
+
 def detect_family(
     path: Path, config: dict[str, Any] | None = None, tok_dir: Path | None = None
 ) -> AdapterSpec:

@@ -12,7 +12,7 @@ from typing import Any
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from speech_lens.adapters import load_model
+    from speech_lens.adapters import load_from_args
 
     path = args.checkpoint
     if path is None:  # the smallest possible main job: a tiny SpiritLM-format checkpoint built here
@@ -20,7 +20,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
         path, _ = build_family("spiritlm", Path(tempfile.mkdtemp(prefix="speech-lens-")))
         print(f"no checkpoint given: built a tiny random SpiritLM-format checkpoint in {path}")
-    model = load_model(path, family=args.family, spec=args.spec, base_tokenizer=args.base_tokenizer)
+    model = load_from_args(args, path)
     info = model.describe()
     if args.json:
         info["partitions"] = [list(r) for r in model.layout.partition_table()]
@@ -195,13 +195,11 @@ def _add_patch(sub: Any) -> None:
     def go(args: argparse.Namespace) -> int:
         import itertools
 
-        from speech_lens.adapters import load_model
+        from speech_lens.adapters import load_from_args
         from speech_lens.data import read_manifest
         from speech_lens.patching import PatchingError, run_experiment
 
-        model = load_model(
-            args.checkpoint, family=args.family, spec=args.spec, base_tokenizer=args.base_tokenizer
-        )
+        model = load_from_args(args)
         reader = read_manifest(args.data, layout=model.layout)
         utts = list(itertools.islice(reader, args.max_utterances))
         layers = None

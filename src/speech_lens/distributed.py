@@ -534,7 +534,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from speech_lens.adapters import AdapterError, load_model
+    from speech_lens.adapters import AdapterError, load_from_args
     from speech_lens.data import DataError, read_manifest
 
     args = _parser().parse_args(argv)
@@ -542,14 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tuned-lens":
         return _cli_tuned(args, ctx)
     try:
-        model = load_model(
-            args.checkpoint,
-            family=args.family,
-            spec=args.spec,
-            base_tokenizer=args.base_tokenizer,
-            device=ctx.device,
-            dtype=DTYPES[args.dtype],
-        )
+        model = load_from_args(args, device=ctx.device, dtype=DTYPES[args.dtype])
         cfg = LensRunConfig(
             checkpoint=str(args.checkpoint.resolve()),
             data=str(args.data.resolve()),
@@ -593,19 +586,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cli_tuned(args: argparse.Namespace, ctx: DistContext) -> int:
-    from speech_lens.adapters import AdapterError, load_model
+    from speech_lens.adapters import AdapterError, load_from_args
     from speech_lens.data import DataError, read_manifest
     from speech_lens.tuned_train import TrainConfig, TrainError, encode_training_data
 
     try:
-        model = load_model(
-            args.checkpoint,
-            family=args.family,
-            spec=args.spec,
-            base_tokenizer=args.base_tokenizer,
-            device=ctx.device,
-            dtype=DTYPES[args.dtype],
-        )
+        model = load_from_args(args, device=ctx.device, dtype=DTYPES[args.dtype])
         utts = list(read_manifest(args.data, layout=model.layout))
         if args.limit is not None:
             utts = utts[: args.limit]

@@ -285,12 +285,10 @@ def cli_lens(args: Any) -> int:
     """``speech-lens lens CHECKPOINT DATA --out DIR``."""
     import sys
 
-    from speech_lens.adapters import load_model
+    from speech_lens.adapters import load_from_args
     from speech_lens.data import read_manifest
 
-    model = load_model(
-        args.checkpoint, family=args.family, spec=args.spec, base_tokenizer=args.base_tokenizer
-    )
+    model = load_from_args(args)
     ks = tuple(sorted({1, 5, int(args.k)}))
     try:
         cfg = LensRunConfig(

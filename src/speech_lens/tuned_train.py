@@ -546,12 +546,10 @@ def held_out_table(logit_kl: Tensor, tuned_kl: Tensor) -> str:
 
 
 def cli_load(args: Any) -> tuple[SpeechLM, list[Utterance]]:
-    from speech_lens.adapters import load_model
+    from speech_lens.adapters import load_from_args
     from speech_lens.data import read_manifest
 
-    model = load_model(
-        args.checkpoint, family=args.family, spec=args.spec, base_tokenizer=args.base_tokenizer
-    )
+    model = load_from_args(args)
     reader = read_manifest(args.data, layout=model.layout)
     utts = list(reader)
     if reader.report.n_skipped:
