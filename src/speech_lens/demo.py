@@ -105,13 +105,17 @@ def _peak(curve: list[float]) -> tuple[float, int]:
     return float(curve[i]), i
 
 
-def _crossover(m: DatasetMetrics) -> int | None:
-    """First layer from which unit mass exceeds text mass at unit positions."""
+def _crossover(m: DatasetMetrics) -> int | str:
+    """First layer (row >= 1) from which unit mass stays above text mass at unit positions;
+    "every layer" when text mass never leads (row 0, the embeddings, reads the input unit)."""
     unit, text = m.mass["unit"].mean, m.mass["text"].mean
-    for i in range(len(unit)):
+    rows = range(1, len(unit))
+    if all(unit[j] > text[j] for j in rows):
+        return "every layer"
+    for i in rows:
         if all(unit[j] > text[j] for j in range(i, len(unit))):
             return i
-    return None
+    return "never"
 
 
 def summary_row(o: Organism, m: DatasetMetrics) -> dict[str, Any]:
