@@ -247,7 +247,7 @@ def logit_lens(
 
     ``targets``: ids ``[seq]`` or ``[seq, n]`` whose rank and log-prob are measured at every
     position (-1: none), or ``"next"`` for the next input token. ``positions``: the positions to
-    read (default all). ``chunk_size``: positions unembedded at once (default: about 4M logits).
+    read (default all). ``chunk_size``: positions unembedded at once (default: about 16M logits).
     ``fwd_hooks``: the caller's own hooks, run in the same forward pass before ours; hooks
     already attached with ``model.bridge.hooks()`` compose too.
     """
