@@ -29,7 +29,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -392,98 +392,38 @@ def train_tuned_lens_distributed(
     equals the single-process one up to float summation order. Rank 0 writes the checkpoint and
     the lens; every rank resumes from the checkpoint.
     """
-    from speech_lens._tl import final_norm_and_unembed
-    from speech_lens.lens.tuned import TunedLens, exact_unembed_hash
-    from speech_lens.tuned_train import (
-        _RESUME_FREE,
-        CHECKPOINT_FILE,
-        TrainConfig,
-        TrainResult,
-        _accumulate,
-        _load_checkpoint,
-        _order,
-        _save_checkpoint,
-        _schedule,
-        data_fingerprint,
-        pad_right,
-        prepare_sequences,
-    )
+    from speech_lens.tuned_train import train_tuned_lens
 
     ctx = ctx or DistContext()
-    cfg = config or TrainConfig()
-    model.require_eval()
-    seqs = prepare_sequences(sequences, cfg.max_seq_len)
-    norm, unembed = final_norm_and_unembed(model.bridge)
-    lens = TunedLens.from_model(model, data_mode=cfg.data_mode)
-    params = list(lens.parameters())
-    opt = torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    step, cursor, tokens_seen = 0, 0, 0
-    history: list[torch.Tensor] = []
-    ckpt = Path(out) / CHECKPOINT_FILE if out is not None else None
-    identity = {
-        "config": {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE},
-        "data": data_fingerprint(seqs),
-        "model": exact_unembed_hash(norm, unembed),
-    }
-    if ckpt is not None and resume and ckpt.exists():
-        ck = _load_checkpoint(ckpt, identity)
-        lens.layer_translators.load_state_dict(ck["lens"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        step, cursor, tokens_seen = int(ck["step"]), int(ck["cursor"]), int(ck["tokens_seen"])
-        history = list(ck["history"])
-    order = _order(len(seqs), cfg.seed, cursor)
-    bar = tqdm(total=cfg.steps, initial=step, desc="tuned lens", disable=not progress or ctx.rank)
-    while step < cfg.steps:
-        batch: list[torch.Tensor] = []
-        n_tok = 0
-        while n_tok < cfg.tokens_per_step:
-            batch.append(seqs[next(order)])
-            n_tok += len(batch[-1])
-        cursor += len(batch)
-        opt.zero_grad(set_to_none=False)
-        step_kl = torch.zeros(model.n_layers, dtype=torch.float64)
-        for m, i in enumerate(range(0, len(batch), cfg.batch_size)):
-            if m % ctx.world == ctx.rank:
-                tokens, mask = pad_right(batch[i : i + cfg.batch_size])
-                _accumulate(model, lens, tokens, mask, 1.0 / n_tok, cfg.chunk_tokens, step_kl)
-        if ctx.backend is not None:
-            flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
-            dist.all_reduce(flat)  # gloo/nccl sum: the single-process step's gradient
-            kl = step_kl.to(flat.device)  # nccl reduces device tensors only
-            dist.all_reduce(kl)
-            step_kl.copy_(kl.cpu())
-            o = 0
-            for p in params:
-                if p.grad is not None:
-                    p.grad.copy_(flat[o : o + p.numel()].view_as(p))
-                    o += p.numel()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        step += 1
-        tokens_seen += n_tok
-        history.append((step_kl / n_tok).float())
-        bar.update(1)
-        if ckpt is not None and step % cfg.checkpoint_every == 0 and ctx.rank == 0:
-            _save_checkpoint(ckpt, identity, lens, opt, sched, step, cursor, tokens_seen, history)
-    bar.close()
-    lens.config = replace(
-        lens.config,
-        steps=cfg.steps,
-        tokens=tokens_seen,
-        data_mode=cfg.data_mode,
-        training={**asdict(cfg), "lr": cfg.lr, "n_sequences": len(seqs), "world": ctx.world},
+
+    def reduce_grads(params: list[torch.Tensor], step_kl: torch.Tensor) -> None:
+        if ctx.backend is None:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+        dist.all_reduce(flat)  # gloo/nccl sum: the single-process step's gradient
+        kl = step_kl.to(flat.device)  # nccl reduces device tensors only
+        dist.all_reduce(kl)
+        step_kl.copy_(kl.cpu())
+        o = 0
+        for p in params:
+            if p.grad is not None:
+                p.grad.copy_(flat[o : o + p.numel()].view_as(p))
+                o += p.numel()
+
+    result = train_tuned_lens(
+        model,
+        sequences,
+        config,
+        out=out,
+        resume=resume,
+        progress=progress,
+        extra_config={"world": ctx.world},
+        rank=ctx.rank,
+        world=ctx.world,
+        reduce_grads=reduce_grads,
     )
     ctx.barrier()
-    if out is not None and ctx.rank == 0:
-        lens.save(out)
-        if ckpt is not None:
-            ckpt.unlink(missing_ok=True)
-    return TrainResult(lens, torch.stack(history), step, tokens_seen, finished=True)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------

@@ -356,6 +356,9 @@ def train_tuned_lens(
     stop_after: int | None = None,
     progress: bool = True,
     extra_config: dict[str, Any] | None = None,
+    rank: int = 0,
+    world: int = 1,
+    reduce_grads: Callable[[list[Tensor], Tensor], None] | None = None,
 ) -> TrainResult:
     """Train a tuned lens on ``sequences`` (1-D token-id tensors, e.g. ``EncodedPrompt.tokens``).
 
@@ -364,6 +367,10 @@ def train_tuned_lens(
     saved to ``out`` in the tuned-lens layout and the checkpoint removed. ``stop_after=k`` stops
     after step k with a checkpoint written (what an interruption leaves behind).
     ``extra_config`` is stored in ``config.json`` under ``training``.
+
+    Data parallel (``speech_lens.distributed``): every rank draws the same step batch, micro-batch
+    ``m`` runs on rank ``m % world``, and ``reduce_grads(params, step_kl)`` sums gradients and
+    KL across ranks before clipping; only rank 0 writes checkpoints and the lens.
     """
     cfg = config or TrainConfig()
     model.require_eval()
@@ -399,7 +406,7 @@ def train_tuned_lens(
         history = list(ck["history"])
 
     order = _order(len(seqs), cfg.seed, cursor)
-    bar = tqdm(total=cfg.steps, initial=step, desc="tuned lens", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc="tuned lens", disable=not progress or rank > 0)
     while step < cfg.steps:
         batch: list[Tensor] = []
         n_tok = 0
@@ -411,9 +418,12 @@ def train_tuned_lens(
 
         opt.zero_grad(set_to_none=False)
         step_kl = torch.zeros(model.n_layers, dtype=torch.float64)
-        for i in range(0, len(batch), cfg.batch_size):
-            tokens, mask = pad_right(batch[i : i + cfg.batch_size])
-            _accumulate(model, lens, tokens, mask, 1.0 / n_tok, cfg.chunk_tokens, step_kl)
+        for m, i in enumerate(range(0, len(batch), cfg.batch_size)):
+            if m % world == rank:
+                tokens, mask = pad_right(batch[i : i + cfg.batch_size])
+                _accumulate(model, lens, tokens, mask, 1.0 / n_tok, cfg.chunk_tokens, step_kl)
+        if reduce_grads is not None:
+            reduce_grads(list(lens.parameters()), step_kl)
         torch.nn.utils.clip_grad_norm_(lens.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
@@ -424,7 +434,8 @@ def train_tuned_lens(
         bar.set_postfix(kl=f"{history[-1].mean():.4f}", tokens=tokens_seen)
 
         stopping = stop_after is not None and step >= stop_after and step < cfg.steps
-        if ckpt_path is not None and (step % cfg.checkpoint_every == 0 or stopping):
+        due = step % cfg.checkpoint_every == 0 or stopping
+        if ckpt_path is not None and due and rank == 0:
             _save_checkpoint(
                 ckpt_path, identity, lens, opt, sched, step, cursor, tokens_seen, history
             )
@@ -448,7 +459,7 @@ def train_tuned_lens(
         },
     }
     lens.config = dataclasses.replace(lens.config, **extras)
-    if out is not None:
+    if out is not None and rank == 0:
         lens.save(out)
         if ckpt_path is not None and ckpt_path.exists():
             ckpt_path.unlink()  # the lens is saved; a full-size optimizer state is not worth keeping
