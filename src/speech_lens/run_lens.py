@@ -211,13 +211,42 @@ def write_outputs(
     records: Sequence[UtteranceRecord],
     first: Any,
 ) -> None:
+    from speech_lens.provenance import POOLING, collect_provenance, provenance_rows, stable
+
     layers = layer_table(metrics)
     words = word_table(records, match=cfg.match, tokenizer=model.tokenizer)
-    info = {"config": asdict(cfg), "model": model.describe(), "metrics": metrics.to_json()}
+    # what `speech-lens compare` requires to be equal across models (model identity aside)
+    settings = {
+        "mode": cfg.mode,
+        "k": cfg.k,
+        "ks": list(metrics.ks),
+        "match": metrics.match,
+        "pooling": POOLING,
+        "ranking": "text ids",
+        "limit": cfg.limit,
+        "n_boot": metrics.n_boot,
+        "seed": metrics.seed,
+        "ci": metrics.ci,
+        "bootstrap_unit": metrics.bootstrap_unit,
+    }
+    prov = collect_provenance(model, data=cfg.data, lens=cfg.lens, settings=settings)
+    info = {
+        "config": asdict(cfg),
+        "model": model.describe(),
+        # no timestamp: a rerun (or a torchrun merge) writes byte-identical metrics.json
+        "provenance": stable(prov),
+        "metrics": metrics.to_json(),
+    }
     atomic_write_text(out / "metrics.json", json.dumps(info, indent=2, ensure_ascii=False))
     atomic_write_text(out / "layers.csv", _csv(layers))
     atomic_write_text(out / "words.csv", _csv(words))
-    build_report(model, cfg, metrics, layers, words, first).write(out / "report.html")
+    rep = build_report(model, cfg, metrics, layers, words, first)
+    rep.add_section(
+        "Provenance",
+        text="Model, code, lens, data and settings behind these numbers (also in metrics.json).",
+        tables=[Table(provenance_rows(prov), caption="provenance", max_rows=1000)],
+    )
+    rep.write(out / "report.html")
 
 
 def build_report(
