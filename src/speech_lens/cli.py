@@ -141,6 +141,20 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--base-tokenizer", type=Path, help="base text tokenizer dir (SIMS stores none)")
 
 
+def _add_dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would run, its memory and a time estimate from a short calibration",
+    )
+
+
+def _dry_run(command: str, args: argparse.Namespace, *extra: Any) -> int:
+    from speech_lens import dryrun
+
+    return dryrun.run(command, args, *extra)
+
+
 def _add_tuned_lens(sub: Any) -> None:
     """``tuned-lens train|eval``; defaults (None here) come from ``tuned_train.TrainConfig``."""
 
@@ -148,6 +162,8 @@ def _add_tuned_lens(sub: Any) -> None:
         def go(args: argparse.Namespace) -> int:
             from speech_lens import tuned_train
 
+            if getattr(args, "dry_run", False):
+                return _dry_run("tuned-lens train", args)
             return int(getattr(tuned_train, name)(args))
 
         return go
@@ -177,6 +193,7 @@ def _add_tuned_lens(sub: Any) -> None:
     t.add_argument("--heldout", type=float, default=0.1, help="held-out fraction (by id hash)")
     t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
     t.add_argument("--no-progress", action="store_true")
+    _add_dry_run(t)
     t.set_defaults(func=run("cli_train"))
     e = tsub.add_parser("eval", help="per-layer KL to the final distribution: logit vs tuned")
     _add_model_args(e)
@@ -199,15 +216,17 @@ def _add_patch(sub: Any) -> None:
         from speech_lens.data import read_manifest
         from speech_lens.patching import PatchingError, run_experiment
 
-        model = load_from_args(args)
-        reader = read_manifest(args.data, layout=model.layout)
-        utts = list(itertools.islice(reader, args.max_utterances))
         layers = None
         if args.layers:  # "0,2,4-7" -> single layers; "4-7" patches layers 4..7 together
             layers = []
             for part in args.layers.split(","):
                 a, _, b = part.partition("-")
                 layers.append(int(a) if not b else tuple(range(int(a), int(b) + 1)))
+        if args.dry_run:
+            return _dry_run("patch", args, layers)
+        model = load_from_args(args)
+        reader = read_manifest(args.data, layout=model.layout)
+        utts = list(itertools.islice(reader, args.max_utterances))
         try:
             summary = run_experiment(
                 model,
@@ -242,6 +261,7 @@ def _add_patch(sub: Any) -> None:
         "--read-layer", type=int, help="read the next word with the logit lens at this row"
     )
     p.add_argument("--max-utterances", type=int, default=50)
+    _add_dry_run(p)
     p.set_defaults(func=go)
 
 
@@ -251,6 +271,8 @@ def _add_lens(sub: Any) -> None:
     def go(args: argparse.Namespace) -> int:
         from speech_lens.run_lens import cli_lens
 
+        if args.dry_run:
+            return _dry_run("lens", args)
         return cli_lens(args)
 
     p = sub.add_parser("lens", help="logit lens over a data set -> report.html, metrics, CSVs")
@@ -266,6 +288,7 @@ def _add_lens(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap and span-sampling seed")
     p.add_argument("--restart", action="store_true", help="discard a partial run in --out")
     p.add_argument("--no-progress", action="store_true")
+    _add_dry_run(p)
     p.set_defaults(func=go)
 
 
@@ -273,6 +296,8 @@ def _add_demo(sub: Any) -> None:
     def run(args: argparse.Namespace) -> int:
         from speech_lens.demo import run_demo
 
+        if args.dry_run:
+            return _dry_run("demo", args)
         run_demo(
             args.out,
             organisms=args.organisms,
@@ -286,7 +311,25 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--organisms", type=Path, help="organisms directory (default: the repository's)")
     p.add_argument("--limit", type=int, default=150, help="held-out utterances to analyse (150)")
     p.add_argument("--patch-utterances", type=int, default=20, help="utterances for patching")
+    _add_dry_run(p)
     p.set_defaults(func=run)
+
+
+def _add_compare(sub: Any) -> None:
+    from speech_lens.compare import cli_compare
+
+    p = sub.add_parser(
+        "compare", help="lens runs of several models on one relative-depth axis (same settings)"
+    )
+    p.add_argument("runs", nargs="+", type=Path, help="output directories of `speech-lens lens`")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--allow",
+        action="append",
+        metavar="FIELD[,FIELD]",
+        help="setting differences that are intended (e.g. k, lens, versions, versions.torch)",
+    )
+    p.set_defaults(func=cli_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_patch(sub)
     _add_lens(sub)
     _add_demo(sub)
+    _add_compare(sub)
     # further subcommands register here (lens, tuned-lens, patch, demo, bench)
     return parser
 

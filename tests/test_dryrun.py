@@ -1,0 +1,112 @@
+"""--dry-run: a plan with memory and a calibrated time estimate, and nothing written."""
+
+import time
+
+import torch
+
+from speech_lens.cli import main
+from speech_lens.data import Utterance, Word, write_manifest
+from speech_lens.dryrun import calibrate
+
+WORDS = "the cat sat on a mat and then it ran off to see dog".split()
+
+
+def _manifest(model, path, n: int = 5):
+    rate = model.layout.units.frame_rate
+    g = torch.Generator().manual_seed(3)
+    utts = []
+    for j in range(n):
+        picks = torch.randint(0, len(WORDS), (4,), generator=g).tolist()
+        words = tuple(Word(WORDS[p], k * 0.2, (k + 1) * 0.2) for k, p in enumerate(picks))
+        units = torch.randint(0, 100, (round(0.8 * rate),), generator=g).tolist()
+        utts.append(Utterance(f"u{j}", words, tuple(units), None, rate))
+    write_manifest(path, utts)
+    return path
+
+
+def test_calibrate_skips_the_warm_up_and_averages():
+    calls = []
+
+    def work(seconds: float) -> None:
+        calls.append(seconds)
+        time.sleep(seconds)
+
+    per, n = calibrate(work, [0.3, 0.02, 0.04, 0.5], n=2)
+    assert n == 2 and calls == [0.3, 0.02, 0.04]  # warm-up first, then n items, no more
+    assert 0.03 <= per < 0.2
+    assert calibrate(work, [], n=2) == (0.0, 0)
+    per1, n1 = calibrate(work, [0.05], n=2)
+    assert n1 == 1 and per1 >= 0.05
+
+
+def test_lens_patch_and_tuned_dry_runs_write_nothing(tiny_checkpoint, tiny_model, tmp_path, capsys):
+    path, _ = tiny_checkpoint("spiritlm")
+    data = _manifest(tiny_model("spiritlm"), tmp_path / "utts.jsonl")
+    for argv, title in [
+        (["lens", str(path), str(data), "--out", str(tmp_path / "lens")], "lens"),
+        (
+            ["patch", str(path), str(data), "--out", str(tmp_path / "patch"), "--layers", "0,1"],
+            "patch",
+        ),
+        (
+            [
+                "tuned-lens",
+                "train",
+                str(path),
+                str(data),
+                "--out",
+                str(tmp_path / "tl"),
+                "--steps",
+                "40",
+            ],
+            "tuned-lens train",
+        ),
+    ]:
+        assert main([*argv, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert f"dry run: speech-lens {title}" in out
+        assert "memory: weights" in out and "estimated time:" in out
+        assert not any(p.name in ("lens", "patch", "tl") for p in tmp_path.iterdir())
+    assert "training  40 steps x 65536 tokens" in out  # the given steps, TrainConfig's default
+    assert "training: 40 step(s)" in out
+
+
+def test_lens_dry_run_counts_finished_utterances(tiny_checkpoint, tiny_model, tmp_path, capsys):
+    path, _ = tiny_checkpoint("spiritlm")
+    data = _manifest(tiny_model("spiritlm"), tmp_path / "utts.jsonl")
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "lens",
+                str(path),
+                str(data),
+                "--out",
+                str(out),
+                "--limit",
+                "2",
+                "--n-boot",
+                "10",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["lens", str(path), str(data), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "5 utterances, 2 already in" in text and "word lens: 3 utterance(s)" in text
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_demo_dry_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert (
+        main(["demo", "--out", str(out), "--limit", "6", "--patch-utterances", "2", "--dry-run"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "dry run: speech-lens demo" in text and "organisms" in text
+    assert "lens: " in text and "patching: " in text and "estimated time:" in text
+    assert not out.exists()
