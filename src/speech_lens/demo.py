@@ -26,6 +26,7 @@ from speech_lens.lens import logit_lens, word_lens
 from speech_lens.metrics import DatasetMetrics, aggregate, layer_table, utterance_record
 from speech_lens.plots import compare_figure, lens_heatmap, modality_figure, recall_figure
 from speech_lens.prompts import encode_prompt, word_targets
+from speech_lens.provenance import POOLING, collect_provenance, provenance_table
 from speech_lens.report import Report, Table, atomic_write_text
 
 REPO_ORGANISMS = Path(__file__).resolve().parents[2] / "organisms"
@@ -281,11 +282,30 @@ def run_demo(
     _asr_section(rep, results)
     _tuned_section(rep, orgs, models, test, say)
     _patching_section(rep, orgs, models, test[:patch_utterances], out, say)
+    settings = {  # lens_metrics' settings for the per-organism curves above
+        "mode": "speech",
+        "k": 10,
+        "ks": [1, 5, 10],
+        "match": "first",
+        "pooling": POOLING,
+        "ranking": "text ids",
+        "limit": limit,
+        "n_boot": 500,
+        "seed": 0,
+    }
+    data = root / "test_manifest.jsonl"
+    provs = {o.name: collect_provenance(models[o.name], data=data, settings=settings) for o in orgs}
+    rep.add_section(
+        "Provenance",
+        text="Model, code, data and settings behind the lens curves (also in demo.json).",
+        tables=[Table(provenance_table(provs), caption="per organism", max_rows=2000)],
+    )
 
     summary = {
         "organisms": {o.name: metrics[o.name].to_json() for o in orgs},
         "table": rows,
         "seconds": round(time.time() - t0, 1),
+        "provenance": provs,
     }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=1))
     path = rep.write(out / "report.html")

@@ -381,6 +381,7 @@ def train_tuned_lens_distributed(
     out: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    data: str | Path | None = None,
 ) -> Any:
     """``tuned_train.train_tuned_lens`` with each step's micro-batches split across ranks.
 
@@ -421,6 +422,7 @@ def train_tuned_lens_distributed(
         rank=ctx.rank,
         world=ctx.world,
         reduce_grads=reduce_grads,
+        data=data,
     )
     ctx.barrier()
     return result
@@ -547,6 +549,7 @@ def _cli_tuned(args: argparse.Namespace, ctx: DistContext) -> int:
             out=args.out,
             resume=not args.no_resume,
             progress=not args.no_progress,
+            data=args.data,
         )
     except (TrainError, AdapterError, DataError, ValueError, FileNotFoundError) as e:
         print(f"speech-lens tuned-lens (rank {ctx.rank}): error: {e}", file=sys.stderr)

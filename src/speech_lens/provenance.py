@@ -251,6 +251,15 @@ def provenance_rows(prov: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def provenance_table(provs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Several provenances side by side: one row per field, one column per label."""
+    rows: dict[str, dict[str, Any]] = {}
+    for label, prov in provs.items():
+        for row in provenance_rows(prov):
+            rows.setdefault(row["field"], {"field": row["field"]})[label] = row["value"]
+    return list(rows.values())
+
+
 def write_provenance(path: str | Path, prov: Mapping[str, Any]) -> Path:
     """Write ``prov`` as indented JSON, atomically."""
     return atomic_write_text(path, json.dumps(prov, indent=2, ensure_ascii=False) + "\n")

@@ -43,6 +43,7 @@ from speech_lens.data import Utterance
 from speech_lens.lens.tuned import TunedLens, exact_unembed_hash, unembed_weight
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PROVENANCE_FILE = "provenance.json"  # beside the lens files, which keep the tuned-lens format
 DATA_MODES = ("text", "speech", "interleaved", "mix")
 # fields that may change between an interrupted run and its resumption
 _RESUME_FREE = ("checkpoint_every",)
@@ -359,6 +360,7 @@ def train_tuned_lens(
     rank: int = 0,
     world: int = 1,
     reduce_grads: Callable[[list[Tensor], Tensor], None] | None = None,
+    data: str | Path | None = None,
 ) -> TrainResult:
     """Train a tuned lens on ``sequences`` (1-D token-id tensors, e.g. ``EncodedPrompt.tokens``).
 
@@ -366,7 +368,8 @@ def train_tuned_lens(
     resumes from it (same config, data and model, else ``TrainError``); at the end the lens is
     saved to ``out`` in the tuned-lens layout and the checkpoint removed. ``stop_after=k`` stops
     after step k with a checkpoint written (what an interruption leaves behind).
-    ``extra_config`` is stored in ``config.json`` under ``training``.
+    ``extra_config`` is stored in ``config.json`` under ``training``; ``provenance.json`` beside
+    the lens records model, code, ``data`` (the manifest path) and lens hashes.
 
     Data parallel (``speech_lens.distributed``): every rank draws the same step batch, micro-batch
     ``m`` runs on rank ``m % world``, and ``reduce_grads(params, step_kl)`` sums gradients and
@@ -461,9 +464,23 @@ def train_tuned_lens(
     lens.config = dataclasses.replace(lens.config, **extras)
     if out is not None and rank == 0:
         lens.save(out)
+        write_lens_provenance(model, lens, out, data=data)
         if ckpt_path is not None and ckpt_path.exists():
             ckpt_path.unlink()  # the lens is saved; a full-size optimizer state is not worth keeping
     return TrainResult(lens, torch.stack(history), step, tokens_seen, finished=True)
+
+
+def write_lens_provenance(
+    model: SpeechLM, lens: TunedLens, out: str | Path, *, data: str | Path | None = None
+) -> Path:
+    """``out/provenance.json`` for the lens saved in ``out`` (rewrite it after every save: it
+    holds the sha256 of the lens files). Settings: the training config, without its results."""
+    from speech_lens.provenance import collect_provenance, write_provenance
+
+    results = ("final_train_kl", "heldout_kl_logit", "heldout_kl_tuned")
+    training = {k: v for k, v in (lens.config.training or {}).items() if k not in results}
+    prov = collect_provenance(model, data=data, lens=f"tuned:{out}", settings=training)
+    return write_provenance(Path(out) / PROVENANCE_FILE, prov)
 
 
 def _accumulate(
@@ -594,6 +611,7 @@ def cli_train(args: Any) -> int:
             resume=not args.no_resume,
             progress=not args.no_progress,
             extra_config=info,
+            data=args.data,
         )
         print(
             f"saved tuned lens ({result.steps_done} steps, {result.tokens_seen} tokens) to {args.out}"
@@ -610,6 +628,7 @@ def cli_train(args: Any) -> int:
             training["heldout_kl_logit"] = [round(float(x), 6) for x in logit]
             training["heldout_kl_tuned"] = [round(float(x), 6) for x in tuned]
             result.lens.save(args.out, training=training)
+            write_lens_provenance(model, result.lens, args.out, data=args.data)
             print(
                 f"held-out KL(final ‖ lens), nats/token, {len(held_u)} utterances ({args.data_mode}):"
             )
