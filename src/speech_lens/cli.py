@@ -316,7 +316,10 @@ def _add_demo(sub: Any) -> None:
 
 
 def _add_compare(sub: Any) -> None:
-    from speech_lens.compare import cli_compare
+    def go(args: argparse.Namespace) -> int:
+        from speech_lens.compare import cli_compare
+
+        return cli_compare(args)
 
     p = sub.add_parser(
         "compare", help="lens runs of several models on one relative-depth axis (same settings)"
@@ -329,7 +332,7 @@ def _add_compare(sub: Any) -> None:
         metavar="FIELD[,FIELD]",
         help="setting differences that are intended (e.g. k, lens, versions, versions.torch)",
     )
-    p.set_defaults(func=cli_compare)
+    p.set_defaults(func=go)
 
 
 def build_parser() -> argparse.ArgumentParser:
