@@ -16,6 +16,7 @@ from transformer_lens.utilities import get_act_name
 __all__ = [
     "TransformerBridge",
     "boot_bridge",
+    "check_device_map_supported",
     "final_norm_and_unembed",
     "get_act_name",
     "resid_post_name",
@@ -28,18 +29,38 @@ def boot_bridge(
     hf_model: torch.nn.Module,
     tokenizer: Any,
     *,
-    device: str | torch.device,
+    device: str | torch.device | None,
     dtype: torch.dtype,
 ) -> TransformerBridge:
     """Wrap an already-loaded HF causal LM. No hub call: the config is copied from ``hf_model``.
 
     ``dtype`` must match the HF model's dtype (TL pitfall P4: it is not applied to a passed model).
+    ``device``: TL records it in ``cfg.device`` but does not move a passed model, so it is moved
+    here. ``device=None`` is for a model dispatched with accelerate (``hf_device_map`` set): it
+    stays where its hooks put it, and TL's boot is called without ``device_map`` (which it
+    refuses next to ``hf_model``); TL then reads ``hf_device_map`` and takes the embedding's
+    device as ``cfg.device``.
     """
+    if device is not None:
+        if getattr(hf_model, "hf_device_map", None):
+            raise ValueError("a dispatched model (hf_device_map set) is booted with device=None")
+        hf_model.to(device)
+    elif not getattr(hf_model, "hf_device_map", None):
+        raise ValueError("device=None is only for a model dispatched with a device map")
     bridge = TransformerBridge.boot_transformers(
         label, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
     bridge.eval()
     return bridge
+
+
+def check_device_map_supported(devices: Any) -> None:
+    """Raise ValueError for device maps TL 4.3's boot refuses (CPU/disk offload mixed with a
+    GPU: unverified upstream), so a load is refused before any weight is read."""
+    from transformer_lens.utilities.multi_gpu import MIXED_OFFLOAD_GPU_ERROR, is_mixed_offload_gpu
+
+    if is_mixed_offload_gpu(list(devices)):
+        raise ValueError(f"TransformerLens 4.3 refuses it: {MIXED_OFFLOAD_GPU_ERROR}")
 
 
 def resid_pre_name(layer: int) -> str:

@@ -236,7 +236,15 @@ class SpeechLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.bridge.parameters()).device
+        """Where input tokens go: the embedding's execution device (also under a device map,
+        where the embedding may be offloaded and its parameter sits on ``meta``)."""
+        return input_device(self.hf_model)
+
+    @property
+    def device_map(self) -> dict[str, str | int] | None:
+        """The accelerate device map the model was dispatched with (None: one device)."""
+        dmap = getattr(self.hf_model, "hf_device_map", None)
+        return dict(dmap) if dmap else None
 
     def require_eval(self) -> None:
         """Analyses refuse train mode: dropout would make every number irreproducible."""
@@ -260,6 +268,7 @@ class SpeechLM:
             "d_vocab": int(cfg.d_vocab),
             "tied_embeddings": self.tied,
             "dtype": str(next(self.bridge.parameters()).dtype).replace("torch.", ""),
+            **({"devices": _device_summary(self.device_map)} if self.device_map else {}),
         }
 
 
@@ -273,11 +282,14 @@ def load_model(
     *,
     family: str | None = None,
     spec: str | Path | AdapterSpec | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     base_tokenizer: str | Path | None = None,
     memory_budget_gb: float | None = None,
     seq_len: int = 1024,
+    device_map: str | dict[str, str | int] | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> SpeechLM:
     """Load a speech-text checkpoint directory into a ``TransformerBridge`` (eval mode).
 
@@ -286,35 +298,64 @@ def load_model(
     ``base_tokenizer`` is the base text tokenizer directory for families that store none (SIMS).
     Before reading any weight, the memory a lens run at ``seq_len`` positions needs is estimated
     and the load is refused when it exceeds ``memory_budget_gb`` (default: available RAM on CPU).
+
+    Models that do not fit one device: ``device_map`` is ``"auto"`` (also ``"balanced"``,
+    ``"balanced_low_0"``, ``"sequential"``) or a dict from module name to device (``0``,
+    ``"cuda:1"``, ``"cpu"``, ``"disk"``), within ``max_memory`` (``{"0": "70GiB", "cpu":
+    "100GiB"}``; default: free memory of each device); ``"disk"`` needs ``offload_folder``.
+    Per device, weights + activations + lens buffers at ``seq_len`` are planned and the load is
+    refused before any weight is read when they do not fit. Weights are then read tensor by
+    tensor straight onto their device (or into ``offload_folder``), and accelerate's hooks move
+    activations between devices; ``SpeechLM.device`` is where input tokens go.
     """
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"checkpoint {path} is not a directory")
+    if device_map is not None and device is not None:
+        raise AdapterError(
+            f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})"
+        )
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise AdapterError("max_memory= and offload_folder= need device_map= ('auto' or a dict)")
+    if device_map is not None and memory_budget_gb is not None:
+        raise AdapterError(
+            "with device_map=, give per-device budgets as max_memory=, not memory_budget_gb="
+        )
     dtype = dtype or torch.float32
     lora_base = _lora_base(path)
     weights_dir = lora_base or path
     config = _read_json(weights_dir / "config.json")
-
     tok_dir = path if _has_tokenizer(path) else weights_dir
-    if spec is not None:
-        the_spec = get_spec(spec)
-    elif family is None and (path / CHECKPOINT_SPEC).exists():
-        the_spec = AdapterSpec.from_toml(path / CHECKPOINT_SPEC)
-    elif family is not None:
-        the_spec = get_spec(family)
-    else:
-        the_spec = detect_family(weights_dir, config, tok_dir)
+    the_spec = _checkpoint_spec(path, weights_dir, config, tok_dir, family, spec)
 
-    est = estimate_memory(_base_config_dict(config, the_spec, weights_dir), dtype, seq_len=seq_len)
-    budget = memory_budget_gb if memory_budget_gb is not None else _available_gb(device)
-    if budget is not None and est.total_gb > budget:
-        raise AdapterError(
-            f"{path} needs about {est.total_gb:.1f} GiB ({est}) but the budget is {budget:.1f} GiB; "
-            f"use a smaller dtype (dtype=torch.bfloat16), fewer positions, or a machine with more memory"
+    hf: Any
+    if device_map is not None:
+        hf, tied = _load_dispatched(
+            weights_dir,
+            config,
+            the_spec,
+            dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            seq_len=seq_len,
+            lora_dir=path if lora_base is not None else None,
         )
-    hf: Any = _load_hf_model(weights_dir, config, the_spec, dtype)
-    if lora_base is not None:
-        hf = _merge_lora(hf, path)
+    else:
+        device = device if device is not None else "cpu"
+        base_cfg = _base_config_dict(config, the_spec, weights_dir)
+        est = estimate_memory(base_cfg, dtype, seq_len=seq_len)
+        budget = memory_budget_gb if memory_budget_gb is not None else _available_gb(device)
+        if budget is not None and est.total_gb > budget:
+            raise AdapterError(
+                f"{path} needs about {est.total_gb:.1f} GiB ({est}) but the budget is {budget:.1f} GiB; "
+                f"use a smaller dtype (dtype=torch.bfloat16), fewer positions, device_map='auto' "
+                f"with max_memory= to split it over devices, or a machine with more memory"
+            )
+        hf = _load_hf_model(weights_dir, config, the_spec, dtype)
+        if lora_base is not None:
+            hf = _merge_lora(hf, path)
+        tied = _is_tied(hf)
     hf.eval()
 
     model_type = _base_config_dict(config, the_spec, weights_dir).get("model_type", "")
@@ -323,11 +364,66 @@ def load_model(
     layout = build_layout(
         the_spec, tokenizer, rows, n_text=n_text, model_type=model_type, where=str(path)
     )
-    tied = _is_tied(hf)
-    bridge = boot_bridge(str(path), hf, tokenizer, device=device, dtype=dtype)
+    bridge = boot_bridge(
+        str(path), hf, tokenizer, device=device if device_map is None else None, dtype=dtype
+    )
+    if device_map is not None:
+        # TL reads the embedding parameter's device, which is meta when it is offloaded
+        bridge.cfg.device = str(input_device(hf))
     return SpeechLM(
         bridge=bridge, tokenizer=tokenizer, layout=layout, spec=the_spec, path=path, tied=tied
     )
+
+
+def _checkpoint_spec(
+    path: Path,
+    weights_dir: Path,
+    config: dict[str, Any],
+    tok_dir: Path,
+    family: str | None,
+    spec: str | Path | AdapterSpec | None,
+) -> AdapterSpec:
+    if spec is not None:
+        return get_spec(spec)
+    if family is None and (path / CHECKPOINT_SPEC).exists():
+        return AdapterSpec.from_toml(path / CHECKPOINT_SPEC)
+    if family is not None:
+        return get_spec(family)
+    return detect_family(weights_dir, config, tok_dir)
+
+
+def plan_load(
+    path: str | Path,
+    device_map: str | dict[str, str | int],
+    *,
+    family: str | None = None,
+    spec: str | Path | AdapterSpec | None = None,
+    dtype: torch.dtype | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
+    offload_folder: str | Path | None = None,
+    seq_len: int = 1024,
+) -> DevicePlan:
+    """Where ``load_model(path, device_map=...)`` would put every module and what each device
+    would hold, from the config and the weight files' headers alone (no weight is read).
+    Raises the same ``AdapterError`` the load would when a device cannot hold its part."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"checkpoint {path} is not a directory")
+    weights_dir = _lora_base(path) or path
+    config = _read_json(weights_dir / "config.json")
+    tok_dir = path if _has_tokenizer(path) else weights_dir
+    the_spec = _checkpoint_spec(path, weights_dir, config, tok_dir, family, spec)
+    folder = Path(offload_folder) if offload_folder is not None else None
+    return _plan_dispatch(
+        weights_dir,
+        config,
+        the_spec,
+        dtype or torch.float32,
+        device_map,
+        max_memory,
+        folder,
+        seq_len,
+    )[3]
 
 
 @dataclass(frozen=True)
@@ -351,7 +447,11 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    config: dict[str, Any], dtype: torch.dtype, *, seq_len: int = 1024, lens_chunk: int = 128
+    config: dict[str, Any],
+    dtype: torch.dtype,
+    *,
+    seq_len: int = 1024,
+    lens_chunk: int | None = None,
 ) -> MemoryEstimate:
     """Estimate from the HF config alone (nothing loaded), for Llama / Qwen2-shaped decoders."""
     d = int(config["hidden_size"])
@@ -365,14 +465,26 @@ def estimate_memory(
     per_layer = d * heads * d_head * 2 + d * kv * d_head * 2 + 3 * d * ff + 2 * d
     n_params = vocab * d * (1 if tied else 2) + n_layers * per_layer + d
     width = torch.finfo(dtype).bits // 8
+    layer, logits, lens = _activation_parts(config, dtype, seq_len, lens_chunk)
+    return MemoryEstimate(weights=n_params * width, activations=layer + logits, lens=lens)
+
+
+def _activation_parts(
+    config: dict[str, Any], dtype: torch.dtype, seq_len: int, lens_chunk: int | None = None
+) -> tuple[int, int, int]:
+    """Bytes of (one decoder layer's activations, the fp32 logits, the lens buffers: up to
+    three fp32 ``[chunk, vocab]`` blocks, chunk as the streaming lens picks it by default)."""
+    from speech_lens.hooks import DEFAULT_CHUNK_ELEMENTS
+
+    d = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    ff = int(config["intermediate_size"])
+    vocab = int(config["vocab_size"])
+    width = torch.finfo(dtype).bits // 8
     # eager attention holds one layer's [heads, pos, pos] scores; logits [pos, vocab] in fp32
-    act = (
-        heads * seq_len * seq_len * width * 2
-        + seq_len * (4 * d + 2 * ff) * width
-        + seq_len * vocab * 4
-    )
-    lens = 3 * lens_chunk * vocab * 4
-    return MemoryEstimate(weights=n_params * width, activations=act, lens=lens)
+    layer = heads * seq_len * seq_len * width * 2 + seq_len * (4 * d + 2 * ff) * width
+    chunk = lens_chunk or min(seq_len, max(1, DEFAULT_CHUNK_ELEMENTS // vocab))
+    return layer, seq_len * vocab * 4, 3 * chunk * vocab * 4
 
 
 def _available_gb(device: str | torch.device) -> float | None:
@@ -387,15 +499,34 @@ def _available_gb(device: str | torch.device) -> float | None:
     return None
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_from_args(args: Any, checkpoint: str | Path | None = None, **kw: Any) -> SpeechLM:
     """``load_model`` with the checkpoint options every CLI command shares
-    (``--family``, ``--spec``, ``--base-tokenizer``)."""
+    (``--family``, ``--spec``, ``--base-tokenizer``, and where the parser has them
+    ``--dtype``, ``--device-map``, ``--max-memory``, ``--offload-folder``); ``kw`` wins."""
+    opts: dict[str, Any] = {}
+    dtype = getattr(args, "dtype", None)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise AdapterError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+        opts["dtype"] = DTYPES[dtype]
+    device_map = parse_device_map(getattr(args, "device_map", None))
+    if device_map is not None:
+        opts["device_map"] = device_map
+    max_memory = parse_max_memory(getattr(args, "max_memory", None))
+    if max_memory is not None:
+        opts["max_memory"] = max_memory
+    if getattr(args, "offload_folder", None) is not None:
+        opts["offload_folder"] = args.offload_folder
+    opts.update(kw)
     return load_model(
         checkpoint if checkpoint is not None else args.checkpoint,
         family=args.family,
         spec=args.spec,
         base_tokenizer=args.base_tokenizer,
-        **kw,
+        **opts,
     )
 
 
@@ -565,9 +696,10 @@ def _base_config_dict(config: dict[str, Any], spec: AdapterSpec, path: Path) -> 
     return base
 
 
-def _load_hf_model(
-    path: Path, config: dict[str, Any], spec: AdapterSpec, dtype: torch.dtype
-) -> torch.nn.Module:
+def _empty_model(
+    path: Path, config: dict[str, Any], spec: AdapterSpec, dtype: torch.dtype, rows: int
+) -> tuple[Any, Any]:
+    """The HF model on the meta device (no memory), with ``rows`` embedding rows."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     base = dict(_base_config_dict(config, spec, path))
@@ -577,18 +709,7 @@ def _load_hf_model(
             f"{path / 'config.json'}: architecture {arch} is not one of {spec.name}'s "
             f"{', '.join(spec.architectures)}"
         )
-    state = read_state_dict(path)
-    if spec.weights_prefix:
-        p = spec.weights_prefix
-        if not any(k.startswith(p) for k in state):
-            raise WeightFileError(
-                f"weights in {path} have no keys with the {spec.name} prefix {p!r}"
-            )
-        state = {k[len(p) :]: v for k, v in state.items() if k.startswith(p)}
-    emb = state.get("model.embed_tokens.weight")
-    if emb is None:
-        raise WeightFileError(f"weights in {path} have no model.embed_tokens.weight")
-    base["vocab_size"] = int(emb.shape[0])  # SIMS: the nested config may predate the resize
+    base["vocab_size"] = rows  # SIMS: the nested config may predate the resize
     model_type = base.pop("model_type", None)
     if model_type is None:
         raise AdapterError(f"{path / 'config.json'}: no model_type in the (base) config")
@@ -596,18 +717,49 @@ def _load_hf_model(
     hf_config._attn_implementation = "eager"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    return model, hf_config
+
+
+def _expected_keys(model: torch.nn.Module, tied: bool) -> set[str]:
     expected = set(model.state_dict())
     if tied:
-        state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
-    missing = sorted(expected - set(state))
-    unexpected = sorted(k for k in set(state) - expected if "rotary_emb" not in k)
+    return expected
+
+
+def _check_keys(path: Path, keys: set[str], expected: set[str], model: Any) -> None:
+    missing = sorted(expected - keys)
+    unexpected = sorted(k for k in keys - expected if "rotary_emb" not in k)
     if missing or unexpected:
         raise WeightFileError(
-            f"weights in {path} do not match {model_type} config: missing {missing[:5]}"
+            f"weights in {path} do not match {model.config.model_type} config: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
         )
+
+
+def _strip_prefix(path: Path, spec: AdapterSpec, keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> model key (SIMS stores the LM under ``lm.``)."""
+    p = spec.weights_prefix
+    if not p:
+        return {k: k for k in keys}
+    if not any(k.startswith(p) for k in keys):
+        raise WeightFileError(f"weights in {path} have no keys with the {spec.name} prefix {p!r}")
+    return {k: k[len(p) :] for k in keys if k.startswith(p)}
+
+
+def _load_hf_model(
+    path: Path, config: dict[str, Any], spec: AdapterSpec, dtype: torch.dtype
+) -> torch.nn.Module:
+    state = read_state_dict(path)
+    names = _strip_prefix(path, spec, list(state))
+    state = {names[k]: v for k, v in state.items() if k in names}
+    emb = state.get("model.embed_tokens.weight")
+    if emb is None:
+        raise WeightFileError(f"weights in {path} have no model.embed_tokens.weight")
+    model, hf_config = _empty_model(path, config, spec, dtype, int(emb.shape[0]))
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    expected = _expected_keys(model, tied)
+    _check_keys(path, set(state), expected, model)
     state = {
         k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if k in expected
     }
@@ -619,7 +771,7 @@ def _load_hf_model(
     return model
 
 
-def _materialize_buffers(model: torch.nn.Module, hf_config: Any) -> None:
+def _materialize_buffers(model: torch.nn.Module, hf_config: Any, check: bool = True) -> None:
     for module in model.modules():
         if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
             with torch.device("cpu"):
@@ -629,7 +781,7 @@ def _materialize_buffers(model: torch.nn.Module, hf_config: Any) -> None:
             if hasattr(fresh, "attention_scaling"):
                 module.attention_scaling = fresh.attention_scaling
     leftovers = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if leftovers:
+    if check and leftovers:
         raise WeightFileError(f"tensors left unloaded: {leftovers[:5]}")
 
 
@@ -797,3 +949,631 @@ def build_layout(
         marker_tokens=marker_tokens,
         control_ids=control,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Device maps: one model split over several devices (accelerate dispatch, then the bridge)
+# --------------------------------------------------------------------------------------------
+
+AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+Device = int | str  # a CUDA index, "cpu", "mps" or "disk" (accelerate's spelling)
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    """Planned bytes on one device; ``budget`` None means unknown (not checked)."""
+
+    device: str
+    weights: int
+    activations: int
+    lens: int
+    budget: int | None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.lens
+
+    def __str__(self) -> str:
+        budget = "unknown" if self.budget is None else f"{self.budget / GiB:.3f} GiB"
+        return (
+            f"{self.device}: {self.total / GiB:.3f} GiB (weights {self.weights / GiB:.3f} + "
+            f"activations {self.activations / GiB:.3f} + lens buffers {self.lens / GiB:.3f}) "
+            f"of budget {budget}"
+        )
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where every placement unit goes, and what each device must hold for a lens run."""
+
+    device_map: dict[str, Device]
+    main_device: Device
+    uses: tuple[DeviceUse, ...]
+    seq_len: int
+
+    def __str__(self) -> str:
+        return "; ".join(str(u) for u in self.uses)
+
+    def check(self, where: str) -> None:
+        over = [u for u in self.uses if u.budget is not None and u.total > u.budget]
+        if over:
+            raise AdapterError(
+                f"{where} does not fit the device map at seq_len={self.seq_len}: "
+                + "; ".join(f"device {u}" for u in over)
+                + f" (plan: {self}); raise max_memory, map fewer modules there, use "
+                "dtype=torch.bfloat16, fewer positions, or spill to disk with offload_folder="
+            )
+
+
+def parse_device_map(text: str | dict[str, Any] | None) -> str | dict[str, str | int] | None:
+    """``--device-map`` value: ``auto`` (or another accelerate strategy) or a JSON object."""
+    if text is None or isinstance(text, dict):
+        return text
+    if text.strip() in AUTO_DEVICE_MAPS:
+        return text.strip()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AdapterError(
+            f"--device-map {text!r} is neither one of {', '.join(AUTO_DEVICE_MAPS)} nor JSON: {e}"
+        ) from None
+    if not isinstance(value, dict):
+        raise AdapterError(f"--device-map {text!r}: JSON must be an object (module -> device)")
+    return value
+
+
+def parse_max_memory(text: str | dict[Any, Any] | None) -> dict[str | int, str | int] | None:
+    """``--max-memory`` value: a JSON object from device to size, e.g. ``{"0": "70GiB"}``."""
+    if text is None or isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"--max-memory {text!r} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise AdapterError(f'--max-memory {text!r}: expected an object like {{"0": "70GiB"}}')
+    return value
+
+
+def _normalize_device(what: str, value: Any, offload_folder: Path | None) -> Device:
+    """Accelerate's device spelling (int for CUDA); refuses devices this machine does not have."""
+    n_cuda = torch.cuda.device_count()
+    here = f"this machine has {n_cuda} CUDA device(s)" + (f" (0..{n_cuda - 1})" if n_cuda else "")
+    idx: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        idx = value
+    elif isinstance(value, str):
+        t = value.strip().lower()
+        if t in ("cpu", "disk"):
+            if t == "disk" and offload_folder is None:
+                raise AdapterError(f"{what} = 'disk' needs offload_folder= (--offload-folder)")
+            return t
+        if t == "mps":
+            if not torch.backends.mps.is_available():
+                raise AdapterError(f"{what} = 'mps': no MPS device on this machine")
+            return t
+        if t.isdigit():
+            idx = int(t)
+        elif t == "cuda":
+            idx = 0
+        elif t.startswith("cuda:") and t[5:].isdigit():
+            idx = int(t[5:])
+    if idx is None:
+        raise AdapterError(
+            f"{what} = {value!r} is not a device: use a CUDA index (0, 'cuda:1'), 'cpu' or 'disk'"
+        )
+    if not 0 <= idx < n_cuda:
+        raise AdapterError(f"{what} = {value!r}: no such device, {here}; or use 'cpu' / 'disk'")
+    return idx
+
+
+def _torch_device(d: Device) -> torch.device:
+    return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+
+
+def _size_bytes(what: str, value: Any) -> int:
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        n = int(convert_file_size_to_int(value))
+    except (ValueError, TypeError):
+        raise AdapterError(
+            f"{what} = {value!r} is not a size (e.g. '70GiB', '500MB', bytes)"
+        ) from None
+    if n < 0:
+        raise AdapterError(f"{what} = {value!r} is negative")
+    return n
+
+
+def _budgets(max_memory: dict[Any, Any] | None, offload_folder: Path | None) -> dict[Device, int]:
+    """Per-device budgets in bytes: as given, else the free memory of every device found."""
+    if max_memory is not None:
+        out: dict[Device, int] = {}
+        for k, v in max_memory.items():
+            d = _normalize_device(f"max_memory key {k!r}", k, offload_folder or Path("."))
+            out[d] = _size_bytes(f"max_memory[{k!r}]", v)
+        return out
+    found: dict[Device, int] = {}
+    for i in range(torch.cuda.device_count()):
+        found[i] = int(torch.cuda.mem_get_info(i)[0])
+    cpu = _available_gb("cpu")
+    if cpu is not None:
+        found["cpu"] = int(cpu * GiB)
+    return found
+
+
+def _measured_budget(d: Device, offload_folder: Path | None) -> int | None:
+    if isinstance(d, int):
+        return int(torch.cuda.mem_get_info(d)[0])
+    if d == "cpu":
+        gb = _available_gb("cpu")
+        return None if gb is None else int(gb * GiB)
+    if d == "disk" and offload_folder is not None:
+        import shutil
+
+        p = offload_folder
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return int(shutil.disk_usage(p).free)
+    return None
+
+
+def _placement_units(model: torch.nn.Module) -> list[str]:
+    """Modules that go to one device whole: no-split blocks (decoder layers), and leaves
+    with tensors. The lens calls the final norm and the unembedding directly, so each must
+    carry its own accelerate hook, which a coarser map (``{"model": 0}``) would not give it."""
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    units: list[str] = []
+
+    def walk(name: str, m: torch.nn.Module) -> None:
+        own = any(True for _ in m.parameters(recurse=False)) or any(
+            True for _ in m.buffers(recurse=False)
+        )
+        children = list(m.named_children())
+        if type(m).__name__ in no_split or not children or own:
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                units.append(name)
+            return
+        for c, cm in children:
+            walk(f"{name}.{c}" if name else c, cm)
+
+    walk("", model)
+    return units
+
+
+def _owner(name: str, keys: Any) -> str | None:
+    owners = [k for k in keys if k == "" or name == k or name.startswith(k + ".")]
+    return max(owners, key=len) if owners else None
+
+
+def _expand_device_map(
+    model: torch.nn.Module, dmap: dict[str, Any], offload_folder: Path | None
+) -> dict[str, Device]:
+    """A user's (or accelerate's) map, checked and rewritten at placement-unit granularity."""
+    units = _placement_units(model)
+    modules = dict(model.named_modules())
+    bad = [k for k in dmap if k and k not in modules]
+    if bad:
+        raise AdapterError(
+            f"device_map names no module of this model: {bad[:5]}; its modules are "
+            f"{', '.join(units[:4])}, ..., {units[-1]} (or '' for all)"
+        )
+    out: dict[str, Device] = {}
+    uncovered = []
+    for u in units:
+        inner = [k for k in dmap if k.startswith(u + ".")]
+        if inner:
+            raise AdapterError(
+                f"device_map splits {u} ({type(modules[u]).__name__}, which stays on one device): "
+                f"{inner[:3]}; map {u!r} as a whole"
+            )
+        key = _owner(u, dmap)
+        if key is None:
+            uncovered.append(u)
+            continue
+        out[u] = _normalize_device(f"device_map[{key!r}]", dmap[key], offload_folder)
+    if uncovered:
+        raise AdapterError(
+            f"device_map places no device for {', '.join(uncovered[:5])}"
+            f"{'...' if len(uncovered) > 5 else ''}; add them or a '' entry for the rest"
+        )
+    from accelerate.utils import find_tied_parameters
+
+    for group in find_tied_parameters(model):
+        devs = {out[k] for n in group if (k := _owner(n, out)) is not None}
+        if len(devs) > 1:
+            raise AdapterError(
+                f"device_map puts the tied weights {', '.join(group)} on different devices "
+                f"{sorted(map(str, devs))}; map them to one device"
+            )
+    return out
+
+
+def _module_name(model: torch.nn.Module, module: Any) -> str:
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    raise AdapterError(f"module {type(module).__name__} is not part of the model")
+
+
+def _main_device(dmap: dict[str, Device], embed_unit: str) -> Device:
+    """Execution device of offloaded modules and of the inputs: the embedding's device when it
+    is an accelerator, else the lowest-numbered GPU in the map, else the CPU."""
+    emb = dmap[embed_unit]
+    if emb not in ("cpu", "disk"):
+        return emb
+    gpus = sorted(d for d in dmap.values() if isinstance(d, int))
+    return gpus[0] if gpus else ("mps" if "mps" in dmap.values() else "cpu")
+
+
+def plan_devices(
+    model: Any,
+    dmap: dict[str, Device],
+    base_config: dict[str, Any],
+    dtype: torch.dtype,
+    *,
+    seq_len: int,
+    budgets: dict[Device, int],
+    offload_folder: Path | None,
+) -> DevicePlan:
+    """Bytes per device for a lens run at ``seq_len``: resident weights; one decoder layer's
+    activations on each device that runs a layer; logits and lens buffers on the device that
+    runs the unembedding; and, on the main device, the largest offloaded unit while it runs."""
+    width = torch.finfo(dtype).bits // 8
+    unit_bytes = dict.fromkeys(dmap, 0)
+    for n, t in (*model.named_parameters(), *model.named_buffers()):
+        u = _owner(n, dmap)
+        if u is not None:
+            w = width if t.is_floating_point() and isinstance(t, torch.nn.Parameter) else None
+            unit_bytes[u] += t.numel() * (w or t.element_size())
+    embed_unit = _owner(_module_name(model, model.get_input_embeddings()), dmap) or ""
+    head_unit = _owner(_module_name(model, model.get_output_embeddings()), dmap) or ""
+    main = _main_device(dmap, embed_unit)
+
+    def runs_on(d: Device) -> Device:
+        return main if d == "disk" or (d == "cpu" and main != "cpu") else d
+
+    layer, logits, lens = _activation_parts(base_config, dtype, seq_len)
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    modules = dict(model.named_modules())
+    weights: dict[Device, int] = {}
+    acts: dict[Device, int] = {}
+    lens_on: dict[Device, int] = {}
+    for u, d in dmap.items():
+        weights[d] = weights.get(d, 0) + unit_bytes[u]
+        acts.setdefault(runs_on(d), 0)
+        if type(modules[u]).__name__ in no_split:
+            acts[runs_on(d)] = layer
+    head = runs_on(dmap[head_unit])
+    acts[head] = acts.get(head, 0) + logits
+    lens_on[head] = lens
+    offloaded = [unit_bytes[u] for u, d in dmap.items() if runs_on(d) != d]
+    if offloaded:
+        acts[main] = acts.get(main, 0) + max(offloaded)
+    devices = sorted({*weights, *acts}, key=lambda d: (isinstance(d, str), str(d)))
+    uses = tuple(
+        DeviceUse(
+            device=f"cuda:{d}" if isinstance(d, int) else d,
+            weights=weights.get(d, 0),
+            activations=acts.get(d, 0),
+            lens=lens_on.get(d, 0),
+            budget=budgets[d] if d in budgets else _measured_budget(d, offload_folder),
+        )
+        for d in devices
+    )
+    return DevicePlan(device_map=dmap, main_device=main, uses=uses, seq_len=seq_len)
+
+
+def _auto_device_map(
+    model: torch.nn.Module,
+    kind: str,
+    budgets: dict[Device, int],
+    base_config: dict[str, Any],
+    dtype: torch.dtype,
+    *,
+    seq_len: int,
+    offload_folder: Path | None,
+    where: str,
+) -> dict[str, Any]:
+    """accelerate's placement within the budgets left after activations and lens buffers."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    if kind not in AUTO_DEVICE_MAPS:
+        raise AdapterError(
+            f"device_map={kind!r}: use one of {', '.join(AUTO_DEVICE_MAPS)} or a dict"
+        )
+    layer, logits, lens = _activation_parts(base_config, dtype, seq_len)
+    reserve = layer + logits + lens
+    left = {d: max(b - reserve, 0) for d, b in budgets.items() if d != "disk"}
+    width = torch.finfo(dtype).bits // 8
+    need = sum(
+        p.numel() * (width if p.is_floating_point() else p.element_size())
+        for p in model.parameters()
+    )
+    if offload_folder is None and need > sum(left.values()):
+        rows = "; ".join(
+            f"{'cuda:' if isinstance(d, int) else ''}{d}: budget {b / GiB:.3f} GiB - "
+            f"{reserve / GiB:.3f} GiB activations and lens buffers = {left[d] / GiB:.3f} GiB for weights"
+            for d, b in budgets.items()
+            if d != "disk"
+        )
+        raise AdapterError(
+            f"{where} needs {need / GiB:.3f} GiB of weights ({dtype}) but the budgets hold "
+            f"{sum(left.values()) / GiB:.3f} GiB at seq_len={seq_len} ({rows}); raise max_memory, "
+            f"add devices, use dtype=torch.bfloat16, or spill to disk with offload_folder="
+        )
+    no_split = list(getattr(model, "_no_split_modules", None) or ())
+    gpus = [d for d in left if isinstance(d, int)]
+    mm: dict[Any, int] = dict(left)
+    if kind != "sequential" and len(gpus) > 1:
+        mm = get_balanced_memory(
+            model,
+            max_memory=mm,
+            no_split_module_classes=no_split,
+            dtype=dtype,
+            low_zero=kind == "balanced_low_0",
+        )
+    dmap = infer_auto_device_map(
+        model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype, clean_result=False
+    )
+    if "disk" in dmap.values() and offload_folder is None:
+        spilled = [k for k, v in dmap.items() if v == "disk"]
+        raise AdapterError(
+            f"{where} does not fit the budgets {_fmt_budgets(left)} (weights {need / GiB:.3f} GiB; "
+            f"accelerate also keeps room for the largest offloaded layer): {spilled[:3]}... would "
+            f"go to disk; raise max_memory or pass offload_folder="
+        )
+    return dict(dmap)
+
+
+def _fmt_budgets(b: dict[Device, int]) -> str:
+    return ", ".join(
+        f"{'cuda:' if isinstance(d, int) else ''}{d}={v / GiB:.3f} GiB" for d, v in b.items()
+    )
+
+
+def resolve_device_map(
+    model: torch.nn.Module,
+    device_map: str | dict[str, Any],
+    *,
+    base_config: dict[str, Any],
+    dtype: torch.dtype,
+    seq_len: int,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: Path | None = None,
+    where: str = "the model",
+) -> DevicePlan:
+    """Check a device map against the (meta) model and the budgets; nothing is read or moved.
+
+    Refuses, naming the device and the numbers, when a device cannot hold what is planned."""
+    from speech_lens._tl import check_device_map_supported
+
+    budgets = _budgets(max_memory, offload_folder)
+    if isinstance(device_map, str):
+        raw = _auto_device_map(
+            model,
+            device_map,
+            budgets,
+            base_config,
+            dtype,
+            seq_len=seq_len,
+            offload_folder=offload_folder,
+            where=where,
+        )
+    elif isinstance(device_map, dict):
+        raw = dict(device_map)
+    else:
+        raise AdapterError(
+            f"device_map must be a string or a dict, not {type(device_map).__name__}"
+        )
+    dmap = _expand_device_map(model, raw, offload_folder)
+    try:
+        check_device_map_supported(dmap.values())
+    except ValueError as e:
+        raise AdapterError(f"device map {_device_summary(dmap)} for {where}: {e}") from None
+    plan = plan_devices(
+        model,
+        dmap,
+        base_config,
+        dtype,
+        seq_len=seq_len,
+        budgets=budgets,
+        offload_folder=offload_folder,
+    )
+    plan.check(where)
+    return plan
+
+
+def _device_summary(dmap: dict[str, Any] | None) -> dict[str, int]:
+    """Placement units per device, e.g. ``{"cuda:0": 9, "cuda:1": 8}``."""
+    out: dict[str, int] = {}
+    for d in (dmap or {}).values():
+        k = f"cuda:{d}" if isinstance(d, int) else str(d)
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def input_device(hf: Any) -> torch.device:
+    """Where input ids must go: the embedding's execution device (its accelerate hook's, when
+    dispatched; its parameter's otherwise)."""
+    emb = hf.get_input_embeddings()
+    emb = getattr(emb, "original_component", None) or emb
+    hook = getattr(emb, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return _torch_device(dev) if isinstance(dev, int | str) else torch.device(dev)
+    return next(emb.parameters()).device
+
+
+def _checkpoint_keys(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the weight files' headers (safetensors) or lazily mapped
+    pickles: nothing is read into memory."""
+    out: dict[str, tuple[int, ...]] = {}
+    for f in _weight_files(path):
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                        out[k] = tuple(sf.get_slice(k).get_shape())
+            except Exception as e:
+                raise WeightFileError(f"weight file {f} is corrupt or not safetensors: {e}") from e
+        else:
+            out.update({k: tuple(v.shape) for k, v in _mapped_pickle(f).items()})
+    return out
+
+
+def _mapped_pickle(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise WeightFileError(
+            f"weight file {f} could not be loaded safely (weights_only=True refuses pickled code): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    if not isinstance(sd, dict):
+        raise WeightFileError(f"weight file {f} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def iter_state_dict(path: Path) -> Any:
+    """``(name, tensor)`` one at a time, file by file: at most one tensor is in memory."""
+    for f in _weight_files(path):
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():  # noqa: SIM118
+                        yield k, sf.get_tensor(k)
+            except WeightFileError:
+                raise
+            except Exception as e:
+                raise WeightFileError(f"weight file {f} is corrupt or not safetensors: {e}") from e
+        else:
+            yield from _mapped_pickle(f).items()
+
+
+def _plan_dispatch(
+    path: Path,
+    config: dict[str, Any],
+    spec: AdapterSpec,
+    dtype: torch.dtype,
+    device_map: str | dict[str, Any],
+    max_memory: dict[Any, Any] | None,
+    folder: Path | None,
+    seq_len: int,
+) -> tuple[Any, Any, dict[str, str], DevicePlan]:
+    """Meta model, checkpoint-key -> model-key map and the checked plan, from headers only."""
+    shapes = _checkpoint_keys(path)
+    names = _strip_prefix(path, spec, list(shapes))
+    emb_key = next((k for k, v in names.items() if v == "model.embed_tokens.weight"), None)
+    if emb_key is None:
+        raise WeightFileError(f"weights in {path} have no model.embed_tokens.weight")
+    model, hf_config = _empty_model(path, config, spec, dtype, int(shapes[emb_key][0]))
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    if tied:
+        model.tie_weights()
+    expected = _expected_keys(model, tied)
+    _check_keys(path, set(names.values()), expected, model)
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = [
+        f"{k} {shapes[k]} (model: {model_shapes[n]})"
+        for k, n in names.items()
+        if n in expected and shapes[k] != model_shapes[n]
+    ]
+    if bad:
+        raise WeightFileError(f"weights in {path} do not match the config's shapes: {bad[:3]}")
+    base_config = {**_base_config_dict(config, spec, path), "vocab_size": int(shapes[emb_key][0])}
+    plan = resolve_device_map(
+        model,
+        device_map,
+        base_config=base_config,
+        dtype=dtype,
+        seq_len=seq_len,
+        max_memory=max_memory,
+        offload_folder=folder,
+        where=str(path),
+    )
+    return model, hf_config, names, plan
+
+
+def _load_dispatched(
+    path: Path,
+    config: dict[str, Any],
+    spec: AdapterSpec,
+    dtype: torch.dtype,
+    *,
+    device_map: str | dict[str, Any],
+    max_memory: dict[Any, Any] | None,
+    offload_folder: str | Path | None,
+    seq_len: int,
+    lora_dir: Path | None,
+) -> tuple[torch.nn.Module, bool]:
+    """Plan on the meta model, then read tensor by tensor onto its device (or into the offload
+    folder), then let accelerate hook the model so activations follow the weights."""
+    from accelerate import dispatch_model
+    from accelerate.utils import offload_weight, set_module_tensor_to_device
+
+    folder = Path(offload_folder) if offload_folder is not None else None
+    model, hf_config, names, plan = _plan_dispatch(
+        path, config, spec, dtype, device_map, max_memory, folder, seq_len
+    )
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    expected = _expected_keys(model, tied)
+    dmap = plan.device_map
+    on_disk = "disk" in dmap.values()
+    if lora_dir is not None and on_disk:
+        raise AdapterError(
+            f"{lora_dir} is a LoRA adapter: merging it needs every weight in memory, but the "
+            f"device map sends {[k for k, v in dmap.items() if v == 'disk'][:3]} to disk; "
+            "raise max_memory or merge the adapter once and save the merged checkpoint"
+        )
+    _materialize_buffers(model, hf_config, check=False)  # rotary inv_freq, rebuilt on the CPU
+    index: dict[str, Any] = {}
+    if on_disk and folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    head_on_disk = tied and dmap.get(_owner("lm_head.weight", dmap) or "") == "disk"
+    for key, tensor in iter_state_dict(path):
+        name = names.get(key)
+        if name is None or name not in expected:
+            continue
+        value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        dev = dmap[_owner(name, dmap) or ""]
+        if dev == "disk":
+            offload_weight(value, name, str(folder), index)
+            if head_on_disk and name == "model.embed_tokens.weight":  # tied: hook reads lm_head's
+                offload_weight(value, "lm_head.weight", str(folder), index)
+        else:
+            set_module_tensor_to_device(model, name, _torch_device(dev), value=value)
+        del tensor, value
+    if on_disk and folder is not None:
+        # overwrite (accelerate's save_offload_index would merge into a stale index)
+        tmp = folder / "index.json.tmp"
+        tmp.write_text(json.dumps(index, indent=2))
+        os.replace(tmp, folder / "index.json")
+    if tied:
+        model.tie_weights()
+    disk_units = [u for u, d in dmap.items() if d == "disk"]
+    left = [
+        n
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_meta and _owner(n, disk_units) is None
+    ]
+    if left:
+        raise WeightFileError(f"tensors left unloaded from {path}: {left[:5]}")
+    if lora_dir is not None:
+        model = _merge_lora(model, lora_dir)
+    model.eval()
+    dispatch_model(
+        model,
+        device_map=dict(dmap),
+        main_device=plan.main_device,
+        offload_dir=str(folder) if on_disk else None,
+        force_hooks=True,  # one hook per unit even on one device: the lens calls them directly
+    )
+    model.hf_device_map = dict(dmap)  # what TL (and from_pretrained) read
+    return model, tied

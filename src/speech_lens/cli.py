@@ -139,6 +139,11 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--family", help="family spec name (detected when omitted)")
     p.add_argument("--spec", type=Path, help="a user spec file (TOML) describing a new family")
     p.add_argument("--base-tokenizer", type=Path, help="base text tokenizer dir (SIMS stores none)")
+    # one model over several devices (accelerate); parsed and checked in adapters.load_from_args
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="(float32)")
+    p.add_argument("--device-map", help="auto | balanced | sequential | JSON module->device")
+    p.add_argument("--max-memory", help='JSON device->size, e.g. {"0": "70GiB", "cpu": "100GiB"}')
+    p.add_argument("--offload-folder", type=Path, help="where --device-map 'disk' weights go")
 
 
 def _add_dry_run(p: argparse.ArgumentParser) -> None:

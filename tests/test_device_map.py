@@ -1,0 +1,245 @@
+"""Loading with a device map (accelerate dispatch, then the bridge): the same numbers as a plain
+load, hooks and the logit lens still work, and the planner refuses before reading any weight.
+
+This machine has no GPU, so the maps use "cpu" and "disk". Disk offload is the strongest test
+of the dispatch on CPU: every offloaded module's weights exist only in the offload folder and are
+loaded by accelerate's hooks around each call, including the final norm and unembedding that
+the lens calls from inside other hooks."""
+
+import json
+
+import pytest
+import torch
+
+from speech_lens import AdapterError, load_model
+from speech_lens.adapters import parse_device_map, parse_max_memory, plan_load
+from speech_lens.lens.logit import logit_lens
+from speech_lens.testing import build_family
+
+SEQ = 24  # positions; the plan is made for this many
+# wide MLPs, so the decoder layers (not only the embeddings) are big enough for a budget to split
+FAMILIES = {"spiritlm": {"intermediate_size": 4096}, "sims-qwen": {"intermediate_size": 12288}}
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """family -> (path, kwargs, plain-loaded model) for the wide checkpoints, built once."""
+    root = tmp_path_factory.mktemp("wide")
+    out = {}
+    for fam, dims in FAMILIES.items():
+        path, kw = build_family(fam, root, **dims)
+        out[fam] = (path, kw, load_model(path, **kw))
+    return out
+
+
+def _tokens(model, n=SEQ):
+    g = torch.Generator().manual_seed(0)
+    units = model.layout.unit_ids
+    text = torch.randint(3, 200, (n // 2,), generator=g)
+    unit = units[torch.randint(0, len(units), (n - n // 2,), generator=g)]
+    return torch.cat([text, unit])
+
+
+def _same_numbers(plain, other):
+    tokens = _tokens(plain)
+    ids = tokens.unsqueeze(0)
+    with torch.no_grad():
+        ref, got = plain.bridge(ids), other.bridge(ids.to(other.device))
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+    # a user hook on resid_pre fires, sees the same activations, and its edit takes effect
+    seen: dict[str, list[torch.Tensor]] = {"plain": [], "other": []}
+
+    def grab(key):
+        def hook(act, *, hook):
+            seen[key].append(act.detach().clone())
+            return act * 0.5 if hook.name == "blocks.1.hook_in" else act
+
+        return hook
+
+    hooks = [(f"blocks.{i}.hook_resid_pre", None) for i in range(plain.n_layers)]
+    with torch.no_grad():
+        a = plain.bridge.run_with_hooks(ids, fwd_hooks=[(n, grab("plain")) for n, _ in hooks])
+        b = other.bridge.run_with_hooks(ids, fwd_hooks=[(n, grab("other")) for n, _ in hooks])
+    assert len(seen["other"]) == plain.n_layers
+    for x, y in zip(seen["plain"], seen["other"], strict=True):
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    assert (a - ref).abs().max() > 1e-3  # the edit changed the output: the hooks really ran
+
+    # the streaming logit lens (final norm + unembedding called inside hooks) agrees row by row
+    la = logit_lens(plain, tokens, k=5, targets="next")
+    lb = logit_lens(other, tokens, k=5, targets="next")
+    assert torch.equal(la.topk_ids, lb.topk_ids) and torch.equal(la.topk_ids_all, lb.topk_ids_all)
+    torch.testing.assert_close(lb.topk_logprobs, la.topk_logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lb.mass, la.mass, atol=1e-6, rtol=0)
+    assert la.target_ranks is not None and lb.target_ranks is not None
+    assert torch.equal(la.target_ranks, lb.target_ranks)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_explicit_map_every_module_on_cpu(wide, family):
+    path, kw, plain = wide[family]
+    dmap = {
+        "model.embed_tokens": "cpu",
+        **{f"model.layers.{i}": "cpu" for i in range(plain.n_layers)},
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    m = load_model(path, **kw, device_map=dmap, seq_len=SEQ)
+    assert m.device == torch.device("cpu") and m.device_map == dmap
+    # accelerate hooks are on the modules the lens calls directly
+    norm, head = m.bridge.ln_final.original_component, m.bridge.unembed.original_component
+    assert hasattr(norm, "_hf_hook") and hasattr(head, "_hf_hook")
+    assert m.tied == plain.tied
+    _same_numbers(plain, m)
+
+
+def _split_budget(path, kw, folder):
+    """The smallest CPU budget (MiB) under which "auto" keeps some modules on the CPU and
+    spills the rest to disk; the planner alone answers (no weight read)."""
+    for mib in range(4, 400, 2):
+        try:
+            plan = plan_load(
+                path,
+                "auto",
+                max_memory={"cpu": f"{mib}MiB"},
+                offload_folder=folder,
+                seq_len=SEQ,
+                family=kw.get("family"),
+            )
+        except AdapterError:
+            continue
+        if {"cpu", "disk"} <= set(plan.device_map.values()):
+            return mib, plan
+    raise AssertionError(f"no budget splits {path} between cpu and disk")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_auto_map_spills_layers_to_disk(wide, family, tmp_path):
+    path, kw, plain = wide[family]
+    folder = tmp_path / "offload"
+    mib, plan = _split_budget(path, kw, folder)
+    on_disk = [k for k, v in plan.device_map.items() if v == "disk"]
+    assert any(k.startswith("model.layers.") for k in on_disk), plan.device_map
+    m = load_model(
+        path,
+        **kw,
+        device_map="auto",
+        max_memory={"cpu": f"{mib}MiB"},
+        offload_folder=folder,
+        seq_len=SEQ,
+    )
+    assert m.device_map == plan.device_map
+    # offloaded weights exist only in the folder: the module holds a meta placeholder
+    layer = next(k for k in on_disk if k.startswith("model.layers."))
+    assert all(p.is_meta for p in m.hf_model.get_submodule(layer).parameters())
+    index = json.loads((folder / "index.json").read_text())
+    assert any(k.startswith(layer + ".") for k in index)
+    assert m.device == torch.device("cpu")
+    _same_numbers(plain, m)
+
+
+def test_planner_refuses_before_reading_any_weight(wide, monkeypatch, tmp_path):
+    import speech_lens.adapters as adapters
+
+    path, _, plain = wide["spiritlm"]
+
+    def no_reads(*a, **k):
+        raise AssertionError("a weight was read")
+
+    for name in ("read_state_dict", "iter_state_dict", "_read_weight_file"):
+        monkeypatch.setattr(adapters, name, no_reads)
+    layers = {f"model.layers.{i}": "cpu" for i in range(plain.n_layers)}
+    dmap = {"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "model.rotary_emb": "cpu"}
+    dmap["lm_head"] = "cpu"
+    with pytest.raises(AdapterError, match=r"device cpu: .*GiB \(weights .* of budget 0\.001 GiB"):
+        load_model(path, device_map=dmap, max_memory={"cpu": "1MiB"}, seq_len=SEQ)
+    # "auto" without a folder to spill into: the budgets named, with what the weights need
+    with pytest.raises(AdapterError, match=r"needs .* GiB of weights .*\(cpu: budget 0\.001 GiB"):
+        load_model(path, device_map="auto", max_memory={"cpu": "1MiB"}, seq_len=SEQ)
+    # a disk budget too small for the offloaded layers
+    dmap["model.layers.1"] = "disk"
+    with pytest.raises(AdapterError, match=r"device disk: .* of budget 0\.000 GiB"):
+        load_model(
+            path,
+            device_map=dmap,
+            max_memory={"cpu": "1GiB", "disk": "10KiB"},
+            offload_folder=tmp_path / "off",
+            seq_len=SEQ,
+        )
+    assert not (tmp_path / "off").exists()
+
+
+def test_bad_device_maps_are_named(wide, tmp_path):
+    path, _, _ = wide["spiritlm"]
+    n_cuda = torch.cuda.device_count()
+    with pytest.raises(AdapterError, match=rf"device_map\[''\] = 'cuda:{n_cuda}': no such device"):
+        load_model(path, device_map={"": f"cuda:{n_cuda}"})
+    with pytest.raises(AdapterError, match=r"device_map\['lm_head'\] = 'gpu7' is not a device"):
+        load_model(path, device_map={"model": "cpu", "lm_head": "gpu7"})
+    with pytest.raises(AdapterError, match=r"'disk' needs offload_folder"):
+        load_model(path, device_map={"model": "cpu", "lm_head": "disk"})
+    with pytest.raises(AdapterError, match=r"places no device for lm_head"):
+        load_model(path, device_map={"model": "cpu"})
+    with pytest.raises(AdapterError, match=r"names no module of this model: \['model.layer.0'\]"):
+        load_model(path, device_map={"": "cpu", "model.layer.0": "cpu"})
+    with pytest.raises(AdapterError, match=r"splits model.layers.0 .*LlamaDecoderLayer"):
+        load_model(path, device_map={"": "cpu", "model.layers.0.mlp": "cpu"})
+    with pytest.raises(AdapterError, match=r"device= or device_map=, not both"):
+        load_model(path, device="cpu", device_map="auto")
+    with pytest.raises(AdapterError, match=r"max_memory\['cpu'\] = 'lots' is not a size"):
+        load_model(path, device_map="auto", max_memory={"cpu": "lots"})
+
+
+def test_tied_weights_stay_together(wide, tmp_path):
+    path, kw, plain = wide["sims-qwen"]
+    assert plain.tied  # SIMS on Qwen2.5: lm_head is the embedding matrix
+    with pytest.raises(AdapterError, match=r"tied weights .*lm_head.weight.* different devices"):
+        load_model(
+            path,
+            **kw,
+            device_map={"model": "cpu", "lm_head": "disk"},
+            offload_folder=tmp_path / "off",
+        )
+
+
+def test_cli_values_parse():
+    assert parse_device_map("auto") == "auto"
+    assert parse_device_map('{"model": 0, "lm_head": "cpu"}') == {"model": 0, "lm_head": "cpu"}
+    assert parse_max_memory('{"0": "70GiB", "cpu": "100GiB"}') == {"0": "70GiB", "cpu": "100GiB"}
+    with pytest.raises(AdapterError, match="--device-map 'everywhere' is neither"):
+        parse_device_map("everywhere")
+    with pytest.raises(AdapterError, match="--max-memory .* is not JSON"):
+        parse_max_memory("70GiB")
+
+
+def test_cli_lens_with_device_map(tiny_checkpoint, tmp_path, capsys):
+    """``speech-lens inspect CKPT --device-map ...`` goes through load_from_args."""
+    from speech_lens.cli import main
+
+    path, _ = tiny_checkpoint("spiritlm")
+    folder = tmp_path / "off"
+    dm = json.dumps({"model.embed_tokens": "cpu", "model.layers.0": "cpu", "": "disk"})
+    rc = main(["inspect", str(path), "--json", "--device-map", dm, "--offload-folder", str(folder)])
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["devices"] == {"cpu": 2, "disk": 4}
+    assert (folder / "index.json").exists()
+    assert main(["inspect", str(path), "--device-map", "{bad"]) == 2
+    assert "--device-map '{bad' is neither" in capsys.readouterr().err
+
+
+def test_offload_folder_index_is_rewritten(wide, tmp_path):
+    """A stale index.json from another model in the folder is replaced, not merged into."""
+    path, _, plain = wide["spiritlm"]
+    folder = tmp_path / "off"
+    folder.mkdir()
+    (folder / "index.json").write_text(json.dumps({"stale.weight": {"dtype": "x", "shape": [1]}}))
+    m = load_model(path, device_map={"": "disk"}, offload_folder=folder, seq_len=SEQ)
+    index = json.loads((folder / "index.json").read_text())
+    assert "stale.weight" not in index and "model.norm.weight" in index
+    ids = _tokens(plain).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(m.bridge(ids), plain.bridge(ids), atol=1e-6, rtol=0)
