@@ -8,6 +8,7 @@ from speech_lens.adapters import (
     detect_family,
     load_model,
 )
+from speech_lens.compare import CompareError, compare_runs
 from speech_lens.data import (
     DataError,
     LoadReport,
@@ -37,6 +38,7 @@ from speech_lens.prompts import (
     encode_prompt,
     word_targets,
 )
+from speech_lens.provenance import collect_provenance
 from speech_lens.speech_tokenizers import (
     FrameUnits,
     SpeechTokenizer,
@@ -49,6 +51,7 @@ from speech_lens.vocab import UnitBlock, VocabError, VocabLayout
 __all__ = [
     "AdapterError",
     "AdapterSpec",
+    "CompareError",
     "DataError",
     "EncodedPrompt",
     "FrameUnits",
@@ -74,6 +77,8 @@ __all__ = [
     "WordSpan",
     "WordTarget",
     "available_families",
+    "collect_provenance",
+    "compare_runs",
     "detect_family",
     "encode_prompt",
     "finite_guard_hooks",
