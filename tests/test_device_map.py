@@ -243,3 +243,39 @@ def test_offload_folder_index_is_rewritten(wide, tmp_path):
     ids = _tokens(plain).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(m.bridge(ids), plain.bridge(ids), atol=1e-6, rtol=0)
+
+
+def test_lora_bf16_and_tuned_translators_under_a_map(tiny_checkpoint, wide, tmp_path):
+    """SpeechGPT-com (LoRA merged before dispatch) and bf16 give the plain load's numbers; a
+    tuned lens's translators apply to residuals from disk-offloaded layers."""
+    from speech_lens.lens.tuned import TunedLens
+
+    path, kw = tiny_checkpoint("speechgpt-com")
+    plain, mapped = load_model(path, **kw), load_model(path, **kw, device_map={"": "cpu"})
+    ids = _tokens(plain).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(mapped.bridge(ids), plain.bridge(ids), atol=1e-6, rtol=0)
+    with pytest.raises(AdapterError, match=r"LoRA adapter: merging it needs every weight"):
+        load_model(path, **kw, device_map={"": "disk"}, offload_folder=tmp_path / "l")
+
+    spirit, _, _ = wide["spiritlm"]
+    a = load_model(spirit, dtype=torch.bfloat16)
+    b = load_model(spirit, dtype=torch.bfloat16, device_map={"": "cpu"})
+    assert b.describe()["dtype"] == "bfloat16" and b.output_device == torch.device("cpu")
+    ids = _tokens(a).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(b.bridge(ids), a.bridge(ids), atol=0, rtol=0)
+
+    _, _, plain = wide["spiritlm"]
+    lens = TunedLens.from_model(plain)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i in range(len(lens)):
+            t = lens.translator(i)
+            t.weight.copy_(0.05 * torch.randn(t.weight.shape, generator=g))
+    offloaded = load_model(spirit, device_map={"": "disk"}, offload_folder=tmp_path / "d")
+    tokens = _tokens(plain)
+    ra = logit_lens(plain, tokens, k=5, lens=lens)
+    rb = logit_lens(offloaded, tokens, k=5, lens=lens)
+    assert torch.equal(ra.topk_ids_all, rb.topk_ids_all)
+    torch.testing.assert_close(rb.topk_logprobs_all, ra.topk_logprobs_all, atol=1e-6, rtol=0)

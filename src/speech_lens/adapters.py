@@ -241,6 +241,12 @@ class SpeechLM:
         return input_device(self.hf_model)
 
     @property
+    def output_device(self) -> torch.device:
+        """Where the logits come out (the unembedding's execution device): the same as
+        ``device`` unless a device map put the unembedding elsewhere."""
+        return execution_device(self.hf_model.get_output_embeddings())
+
+    @property
     def device_map(self) -> dict[str, str | int] | None:
         """The accelerate device map the model was dispatched with (None: one device)."""
         dmap = getattr(self.hf_model, "hf_device_map", None)
@@ -1395,16 +1401,20 @@ def _device_summary(dmap: dict[str, Any] | None) -> dict[str, int]:
 
 
 def input_device(hf: Any) -> torch.device:
-    """Where input ids must go: the embedding's execution device (its accelerate hook's, when
-    dispatched; its parameter's otherwise)."""
-    emb = hf.get_input_embeddings()
-    emb = getattr(emb, "original_component", None) or emb
-    hook = getattr(emb, "_hf_hook", None)
+    """Where input ids must go: the embedding's execution device."""
+    return execution_device(hf.get_input_embeddings())
+
+
+def execution_device(module: Any) -> torch.device:
+    """Where ``module`` computes: its accelerate hook's execution device when dispatched
+    (its parameters may sit on ``meta`` or the CPU), else its first parameter's device."""
+    module = getattr(module, "original_component", None) or module  # a TL bridge component
+    hook = getattr(module, "_hf_hook", None)
     for h in [hook, *getattr(hook, "hooks", ())]:
         dev = getattr(h, "execution_device", None)
         if dev is not None:
             return _torch_device(dev) if isinstance(dev, int | str) else torch.device(dev)
-    return next(emb.parameters()).device
+    return next(module.parameters()).device
 
 
 def _checkpoint_keys(path: Path) -> dict[str, tuple[int, ...]]:
@@ -1568,12 +1578,23 @@ def _load_dispatched(
     if lora_dir is not None:
         model = _merge_lora(model, lora_dir)
     model.eval()
-    dispatch_model(
-        model,
-        device_map=dict(dmap),
-        main_device=plan.main_device,
-        offload_dir=str(folder) if on_disk else None,
-        force_hooks=True,  # one hook per unit even on one device: the lens calls them directly
-    )
+    import logging
+
+    # accelerate warns of "offloaded to the cpu" for any "cpu" entry, also when the CPU is
+    # where everything runs (nothing is offloaded then)
+    log = logging.getLogger("accelerate.big_modeling")
+    level = log.level
+    if plan.main_device == "cpu" and not on_disk:
+        log.setLevel(logging.ERROR)
+    try:
+        dispatch_model(
+            model,
+            device_map=dict(dmap),
+            main_device=plan.main_device,
+            offload_dir=str(folder) if on_disk else None,
+            force_hooks=True,  # a hook per unit even on one device: the lens calls them directly
+        )
+    finally:
+        log.setLevel(level)
     model.hf_device_map = dict(dmap)  # what TL (and from_pretrained) read
     return model, tied
