@@ -74,7 +74,8 @@ class Readout:
                 f"model {getattr(model, 'path', '?')}: unembedding has {out_features} outputs "
                 f"but the vocabulary layout has {vocab} ids"
             )
-        return cls.for_layout(model.layout, norm, unembed, int(model.n_layers), model.device)
+        device = getattr(model, "output_device", model.device)  # logits' device (device_map)
+        return cls.for_layout(model.layout, norm, unembed, int(model.n_layers), device)
 
     @classmethod
     def for_layout(

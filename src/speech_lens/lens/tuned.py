@@ -182,7 +182,8 @@ class TunedLens(nn.Module):
             return h
         translator = self.translator(layer)
         # residual form: weight decay pulls toward the identity, zero init == logit lens
-        return h + translator(h.to(translator.weight.dtype)).to(h.dtype)
+        w = translator.weight  # under a device map, h lives on its layer's device
+        return h + translator(h.to(w.device, w.dtype)).to(h.device, h.dtype)
 
     def forward(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... vocab"]:
         """Logits read from ``resid_pre`` of ``layer`` through the model's final norm + unembedding."""
