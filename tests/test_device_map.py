@@ -274,8 +274,13 @@ def test_lora_bf16_and_tuned_translators_under_a_map(tiny_checkpoint, wide, tmp_
             t = lens.translator(i)
             t.weight.copy_(0.05 * torch.randn(t.weight.shape, generator=g))
     offloaded = load_model(spirit, device_map={"": "disk"}, offload_folder=tmp_path / "d")
+    assert offloaded.hf_model.lm_head.weight.is_meta  # the unembedding lives in the folder
+    # the unembedding fingerprint is read through the offload hook: same as the plain load's
+    assert TunedLens.from_model(offloaded).config == TunedLens.from_model(plain).config
+    lens.save(tmp_path / "lens")
+    loaded = TunedLens.load(tmp_path / "lens", offloaded)  # checks the fingerprint
     tokens = _tokens(plain)
     ra = logit_lens(plain, tokens, k=5, lens=lens)
-    rb = logit_lens(offloaded, tokens, k=5, lens=lens)
+    rb = logit_lens(offloaded, tokens, k=5, lens=loaded)
     assert torch.equal(ra.topk_ids_all, rb.topk_ids_all)
     torch.testing.assert_close(rb.topk_logprobs_all, ra.topk_logprobs_all, atol=1e-6, rtol=0)

@@ -100,10 +100,15 @@ def exact_unembed_hash(norm: nn.Module, unembed: nn.Module) -> str:
     Changes with any weight change, vocabulary resize or final-norm change, all of which make a
     trained translator meaningless. A dtype change (bf16 vs fp32 load) also changes it.
     """
+    from accelerate.utils import align_module_device
+
     h = hashlib.sha256()
     for part, mod in (("norm", norm), ("unembed", unembed)):
-        for name, p in sorted(mod.named_parameters()):
-            t = p.detach().to("cpu", torch.float32).contiguous()
+        # offloaded under a device map (meta placeholder): the hook loads the real weights
+        with align_module_device(mod):
+            params = [(n, p.detach().to("cpu", torch.float32)) for n, p in mod.named_parameters()]
+        for name, p in sorted(params, key=lambda x: x[0]):
+            t = p.contiguous()
             h.update(f"{part}.{name}:{tuple(t.shape)};".encode())
             h.update(t.numpy().tobytes())
     return h.hexdigest()
@@ -312,6 +317,11 @@ def unembed_weight(unembed: nn.Module) -> Tensor:
     w = getattr(unembed, "weight", None)
     if not isinstance(w, Tensor):
         raise TypeError(f"unembedding {type(unembed).__name__} has no weight matrix")
+    if w.is_meta:  # offloaded under a device map: read it through its accelerate hook
+        from accelerate.utils import align_module_device
+
+        with align_module_device(unembed):
+            return unembed.get_parameter("weight").detach().clone()
     return w
 
 
