@@ -7,6 +7,7 @@ loaded by accelerate's hooks around each call, including the final norm and unem
 the lens calls from inside other hooks."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +285,84 @@ def test_lora_bf16_and_tuned_translators_under_a_map(tiny_checkpoint, wide, tmp_
     rb = logit_lens(offloaded, tokens, k=5, lens=loaded)
     assert torch.equal(ra.topk_ids_all, rb.topk_ids_all)
     torch.testing.assert_close(rb.topk_logprobs_all, ra.topk_logprobs_all, atol=1e-6, rtol=0)
+
+
+def test_lens_command_on_an_offloaded_organism(tmp_path):
+    """`speech-lens lens ... --device-map` on a shipped organism writes the same tables as the
+    plain run, byte for byte; the model section records the placement."""
+    from speech_lens.cli import main
+
+    org = Path(__file__).parents[1] / "organisms" / "textinit_interleaved"
+    data = org.parent / "test_manifest.jsonl"
+    common = [str(org), str(data), "--limit", "3", "--n-boot", "20", "--no-progress"]
+    assert main(["lens", *common, "--out", str(tmp_path / "plain")]) == 0
+    dm = ["--device-map", '{"": "disk"}', "--offload-folder", str(tmp_path / "off")]
+    assert main(["lens", *common, "--out", str(tmp_path / "dm"), *dm]) == 0
+    for f in ("layers.csv", "words.csv"):
+        assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "dm" / f).read_bytes()
+    a = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "dm" / "metrics.json").read_text())
+    assert a["metrics"] == b["metrics"] and b["model"]["devices"] == {
+        "disk": a["model"]["n_layers"] + 4
+    }
+
+
+def test_planner_splits_a_7b_model_over_gpus(monkeypatch):
+    """The planner alone (a meta model, nothing allocated) for a SpiritLM-7B-shaped model in
+    bf16 on a node that reports 8 CUDA devices: "auto" balances the decoder layers over the
+    GPUs within max_memory, keeps room for activations and lens buffers, and refuses budgets
+    that cannot hold the weights, naming each device."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from speech_lens.adapters import resolve_device_map
+
+    cfg = {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+        "intermediate_size": 11008,
+        "vocab_size": 32512,
+    }
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    plan = resolve_device_map(
+        model,
+        "auto",
+        base_config=cfg,
+        dtype=torch.bfloat16,
+        seq_len=2048,
+        max_memory={str(i): "70GiB" for i in range(8)},
+    )
+    gpus = {d for d in plan.device_map.values()}
+    assert len(gpus) > 4 and all(isinstance(d, int) for d in gpus)  # balanced, nothing offloaded
+    assert plan.main_device == plan.device_map["model.embed_tokens"] == 0
+    weights = sum(u.weights for u in plan.uses)
+    assert 6.7e9 < weights / 2 < 6.8e9  # every parameter placed once (bf16: 2 bytes each)
+    head = plan.device_map["lm_head"]
+    by_dev = {u.device: u for u in plan.uses}
+    assert by_dev[f"cuda:{head}"].lens > 0 and by_dev["cuda:0"].activations > 0
+    with pytest.raises(
+        AdapterError, match=r"needs 12\.5\d+ GiB of weights .*cuda:0: budget 5\.000 GiB"
+    ):
+        resolve_device_map(
+            model,
+            "auto",
+            base_config=cfg,
+            dtype=torch.bfloat16,
+            seq_len=2048,
+            max_memory={"0": "5GiB", "1": "5GiB"},
+        )
+    # GPU + CPU offload in one map: TL 4.3's boot refuses it, so the planner does, up front
+    mixed = {"model": 0, "lm_head": "cpu"}
+    with pytest.raises(AdapterError, match=r"'cuda:0': 35, 'cpu': 1.*TransformerLens 4.3 refuses"):
+        resolve_device_map(
+            model,
+            mixed,
+            base_config=cfg,
+            dtype=torch.bfloat16,
+            seq_len=2048,
+            max_memory={"0": "70GiB", "cpu": "64GiB"},
+        )

@@ -1103,6 +1103,8 @@ def _budgets(max_memory: dict[Any, Any] | None, offload_folder: Path | None) -> 
     found: dict[Device, int] = {}
     for i in range(torch.cuda.device_count()):
         found[i] = int(torch.cuda.mem_get_info(i)[0])
+    if found:  # TL 4.3 refuses GPU maps with CPU offload: name the CPU in max_memory to try
+        return found
     cpu = _available_gb("cpu")
     if cpu is not None:
         found["cpu"] = int(cpu * GiB)
@@ -1304,10 +1306,11 @@ def _auto_device_map(
             for d, b in budgets.items()
             if d != "disk"
         )
+        smaller = "use dtype=torch.bfloat16, " if width > 2 else ""
         raise AdapterError(
             f"{where} needs {need / GiB:.3f} GiB of weights ({dtype}) but the budgets hold "
             f"{sum(left.values()) / GiB:.3f} GiB at seq_len={seq_len} ({rows}); raise max_memory, "
-            f"add devices, use dtype=torch.bfloat16, or spill to disk with offload_folder="
+            f"add devices, {smaller}or spill to disk with offload_folder="
         )
     no_split = list(getattr(model, "_no_split_modules", None) or ())
     gpus = [d for d in left if isinstance(d, int)]
