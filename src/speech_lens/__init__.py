@@ -19,7 +19,14 @@ from speech_lens.data import (
     write_manifest,
 )
 from speech_lens.guards import NumericError, finite_guard_hooks
-from speech_lens.lens import LensResult, WordLensResult, logit_lens, word_lens
+from speech_lens.lens import (
+    LensResult,
+    WordLensResult,
+    logit_lens,
+    logit_lens_batch,
+    word_lens,
+    word_lens_batch,
+)
 from speech_lens.lens.tuned import LensError, TunedLens, TunedLensConfig, lens_from_spec
 from speech_lens.patching import (
     PatchingError,
@@ -87,6 +94,7 @@ __all__ = [
     "lens_kl",
     "load_model",
     "logit_lens",
+    "logit_lens_batch",
     "map_words",
     "patch_sweep",
     "patching_hooks",
@@ -95,6 +103,7 @@ __all__ = [
     "run_patched",
     "train_tuned_lens",
     "word_lens",
+    "word_lens_batch",
     "word_targets",
     "write_manifest",
 ]

@@ -293,6 +293,13 @@ def _add_lens(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap and span-sampling seed")
     p.add_argument("--restart", action="store_true", help="discard a partial run in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--batch-size", default="1", help="utterances per forward pass, or 'auto' (from memory)"
+    )
+    p.add_argument(
+        "--memory-budget", type=float, help="GiB for --batch-size auto (default: free memory)"
+    )
+    p.add_argument("--padding-side", choices=("right", "left"), default="right")
     _add_dry_run(p)
     p.set_defaults(func=go)
 

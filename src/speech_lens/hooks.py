@@ -150,6 +150,8 @@ class LensBuffer:
     cand_ids: Int[Tensor, " n_cand"] | None = None
     cand_word: Int[Tensor, " n_cand"] | None = None
     chunk_size: int | None = None
+    # lens rows held, one per buffer row (default ``0..n_rows-1``): a layer subset keeps only these
+    layers: tuple[int, ...] = ()
     # outputs, filled by the hooks
     topk_ids: Int[Tensor, "row pos k"] = field(init=False)
     topk_logprobs: Float[Tensor, "row pos k"] = field(init=False)
@@ -166,6 +168,9 @@ class LensBuffer:
 
     def __post_init__(self) -> None:
         r, p, k = self.n_rows, int(self.positions.shape[0]), self.k
+        self.layers = tuple(int(i) for i in self.layers) or tuple(range(r))
+        if len(self.layers) != r:
+            raise ValueError(f"{len(self.layers)} lens rows {self.layers} for a buffer of {r} rows")
         self.topk_ids = torch.full((r, p, k), -1, dtype=torch.long)
         self.topk_logprobs = torch.full((r, p, k), float("nan"))
         self.topk_ids_all = torch.full((r, p, k), -1, dtype=torch.long)
@@ -194,6 +199,8 @@ class LensBuffer:
             if wp.numel() == 0:
                 raise ValueError(f"word {j}: no positions to pool over")
             self._word_index.append(torch.tensor([index[int(q)] for q in wp.tolist()]))
+        self._first_idx = [int(ix.min()) for ix in self._word_index]
+        self._last_idx = [int(ix.max()) for ix in self._word_index]
         self._word_cands: list[Tensor] = [
             (self.cand_word == j).nonzero().squeeze(-1) if self.cand_word is not None else None  # type: ignore[misc]
             for j in range(w)
@@ -201,9 +208,16 @@ class LensBuffer:
 
     # ------------------------------------------------------------------------------------------
     def chunk_len(self, vocab: int) -> int:
-        if self.chunk_size is not None:
-            return max(1, int(self.chunk_size))
-        return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+        return chunk_len(self.chunk_size, vocab)
+
+    def row_of(self, layer: int) -> int:
+        """Index into this buffer's rows of lens row ``layer``."""
+        try:
+            return self.layers.index(int(layer))
+        except ValueError:
+            raise KeyError(
+                f"lens row {layer} is not among this buffer's rows {self.layers}"
+            ) from None
 
     @torch.no_grad()
     def consume(
@@ -213,24 +227,7 @@ class LensBuffer:
         readout: Readout,
     ) -> None:
         """Fill ``row``: ``rows_of(index)`` gives the logits at ``positions[index]``."""
-        n = int(self.positions.shape[0])
-        step = self.chunk_len(readout.vocab_size)
-        # words pooled so far whose last position lies in a later chunk: word -> running max
-        running: dict[int, Tensor] = {}
-        last_idx = [int(ix.max()) for ix in self._word_index]
-        first_idx = [int(ix.min()) for ix in self._word_index]
-        for c0 in range(0, n, step):
-            c1 = min(n, c0 + step)
-            logits = rows_of(torch.arange(c0, c1)).float()
-            self._pool_words(row, logits, c0, c1, running, first_idx, last_idx, readout)
-            # torch's own log_softmax (bit-equal to log_softmax of the model's logits); the raw
-            # logits are dropped before the probabilities are made: at most two [chunk, vocab]
-            # blocks are alive
-            logprobs = torch.log_softmax(logits, dim=-1)
-            del logits
-            self._reduce_positions(row, logprobs, c0, c1, readout)
-            del logprobs
-        self.filled[row] = True
+        stream_rows([self], row, rows_of, readout, self.chunk_len(readout.vocab_size))
 
     def _pool_words(
         self,
@@ -239,10 +236,10 @@ class LensBuffer:
         c0: int,
         c1: int,
         running: dict[int, Tensor],
-        first_idx: list[int],
-        last_idx: list[int],
         readout: Readout,
     ) -> None:
+        """Max-pool ``logits`` (positions ``c0..c1-1``) into the words; rank the finished ones."""
+        first_idx, last_idx = self._first_idx, self._last_idx
         done: list[int] = []
         for j, ix in enumerate(self._word_index):
             if last_idx[j] < c0 or first_idx[j] >= c1:
@@ -295,42 +292,172 @@ class LensBuffer:
         self.topk_logprobs[row, c0:c1, :k] = vals.cpu()
 
 
+def chunk_len(chunk_size: int | None, vocab: int) -> int:
+    """Positions unembedded at once: ``chunk_size``, or about DEFAULT_CHUNK_ELEMENTS logits."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+
+
+@torch.no_grad()
+def stream_rows(
+    buffers: Sequence[LensBuffer],
+    row: int,
+    logits_of: Callable[[Tensor], Float[Tensor, "c vocab"]],
+    readout: Readout,
+    chunk: int,
+) -> None:
+    """Fill buffer row ``row`` of every buffer in one stream of chunks.
+
+    The buffers' positions are laid end to end (buffer 0's, then buffer 1's, ...);
+    ``logits_of(flat_index)`` gives the logits at those flat positions. A chunk may span several
+    buffers: it is unembedded once and each buffer reduces its own slice, so short sequences of a
+    batch share the unembedding matmul.
+    """
+    sizes = [int(b.positions.shape[0]) for b in buffers]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = sum(sizes)
+    # words pooled so far whose last position lies in a later chunk: word -> running max
+    running: list[dict[int, Tensor]] = [{} for _ in buffers]
+    for f0 in range(0, total, chunk):
+        f1 = min(total, f0 + chunk)
+        logits = logits_of(torch.arange(f0, f1)).float()
+        parts = [
+            (i, max(f0, s) - s, min(f1, s + n) - s, max(f0, s) - f0)
+            for i, (s, n) in enumerate(zip(starts, sizes, strict=True))
+            if s < f1 and s + n > f0
+        ]
+        for i, c0, c1, a in parts:
+            buffers[i]._pool_words(row, logits[a : a + c1 - c0], c0, c1, running[i], readout)
+        # torch's own log_softmax (bit-equal to log_softmax of the model's logits); the raw
+        # logits are dropped before the probabilities are made: at most two [chunk, vocab]
+        # blocks are alive
+        logprobs = torch.log_softmax(logits, dim=-1)
+        del logits
+        for i, c0, c1, a in parts:
+            buffers[i]._reduce_positions(row, logprobs[a : a + c1 - c0], c0, c1, readout)
+        del logprobs
+    for b in buffers:
+        b.filled[row] = True
+
+
+class LensComplete(Exception):
+    """Raised by the last lens hook when no later activation is needed (no output row asked
+    for): the forward pass stops there and the lens runner catches it."""
+
+
+@dataclass(frozen=True, eq=False)
+class BatchIndex:
+    """Where each buffer's positions sit in a padded batch: flat position ``f`` is
+    ``act[batch_rows[f], columns[f]]`` (buffers laid end to end, as in :func:`stream_rows`)."""
+
+    batch_rows: Int[Tensor, " flat"]
+    columns: Int[Tensor, " flat"]
+
+    @classmethod
+    def of(cls, buffers: Sequence[LensBuffer], offsets: Sequence[int]) -> BatchIndex:
+        rows = [torch.full_like(b.positions, i) for i, b in enumerate(buffers)]
+        cols = [b.positions + int(o) for b, o in zip(buffers, offsets, strict=True)]
+        return cls(torch.cat(rows), torch.cat(cols))
+
+    def gather(self, act: Tensor, ix: Tensor | None = None) -> Tensor:
+        """``act[batch_rows, columns]`` (at flat positions ``ix`` if given): ``[flat, ...]``."""
+        r, c = self.batch_rows, self.columns
+        if ix is not None:
+            r, c = r[ix], c[ix]
+        return act[r.to(act.device), c.to(act.device)]
+
+
 def resid_hook(
-    buffer: LensBuffer, readout: Readout, row: int, lens: HiddenTransform | None = None
+    buffers: Sequence[LensBuffer],
+    index: BatchIndex,
+    readout: Readout,
+    layer: int,
+    lens: HiddenTransform | None = None,
+    *,
+    chunk: int,
+    last: bool = False,
 ) -> HookFn:
-    """Hook for ``blocks.{row}.hook_resid_pre``: lens -> final norm -> unembed -> reduce."""
+    """Hook for ``blocks.{layer}.hook_resid_pre``: lens -> final norm -> unembed -> reduce, for
+    every sequence of the batch at once. ``last``: stop the forward pass afterwards."""
+    row = buffers[0].row_of(layer)
 
     def hook(act: Tensor, *, hook: Any) -> None:
         with torch.no_grad():
-            h = act[0].index_select(0, buffer.positions.to(act.device))
+            h = index.gather(act)  # the batch's activation is read once, for every row
             if lens is not None:
-                h = lens.transform_hidden(h, row)
+                h = lens.transform_hidden(h, layer)
             normed = readout.norm(h)
-            buffer.consume(row, lambda ix: readout.unembed(normed[ix.to(normed.device)]), readout)
+            del h
+            stream_rows(
+                buffers,
+                row,
+                lambda ix: readout.unembed(normed[ix.to(normed.device)]),
+                readout,
+                chunk,
+            )
+        if last:
+            raise LensComplete
         return None
 
     return hook
 
 
-def logits_hook(buffer: LensBuffer, readout: Readout, row: int) -> HookFn:
+def logits_hook(
+    buffers: Sequence[LensBuffer], index: BatchIndex, readout: Readout, *, chunk: int
+) -> HookFn:
     """Hook for ``hook_unembed``: the model's own logits, reduced like every other row."""
+    row = buffers[0].row_of(readout.n_layers)
 
     def hook(act: Tensor, *, hook: Any) -> None:
         with torch.no_grad():
-            pos = buffer.positions.to(act.device)
-            buffer.consume(row, lambda ix: act[0].index_select(0, pos[ix.to(pos.device)]), readout)
+            stream_rows(buffers, row, lambda ix: index.gather(act, ix), readout, chunk)
         return None
 
     return hook
+
+
+def batch_lens_hooks(
+    buffers: Sequence[LensBuffer],
+    offsets: Sequence[int],
+    readout: Readout,
+    lens: HiddenTransform | None = None,
+    *,
+    stop_early: bool = True,
+) -> list[tuple[str, HookFn]]:
+    """One ``(hook name, fn)`` per lens row held by the buffers (all hold the same rows), each
+    filling that row of every buffer; ``offsets[b]``: column of buffer ``b``'s position 0 in
+    the padded batch. With ``stop_early`` and no output row, the hook of the last row held
+    stops the forward pass (:class:`LensComplete`)."""
+    if not buffers:
+        raise ValueError("no lens buffers")
+    layers = buffers[0].layers
+    if any(b.layers != layers for b in buffers):
+        raise ValueError("the buffers of one batch must hold the same lens rows")
+    n = readout.n_layers
+    if not layers or min(layers) < 0 or max(layers) > n:
+        raise ValueError(f"lens rows {layers} out of range 0..{n}")
+    index = BatchIndex.of(buffers, offsets)
+    chunk = chunk_len(buffers[0].chunk_size, readout.vocab_size)
+    stop = stop_early and n not in layers
+    hooks: list[tuple[str, HookFn]] = [
+        (
+            resid_pre_name(i),
+            resid_hook(
+                buffers, index, readout, i, lens, chunk=chunk, last=stop and i == max(layers)
+            ),
+        )
+        for i in layers
+        if i < n
+    ]
+    if n in layers:
+        hooks.append((unembed_name(), logits_hook(buffers, index, readout, chunk=chunk)))
+    return hooks
 
 
 def lens_hooks(
     buffer: LensBuffer, readout: Readout, lens: HiddenTransform | None = None
 ) -> list[tuple[str, HookFn]]:
-    """One ``(hook name, fn)`` per lens row, ready for ``run_with_hooks(fwd_hooks=...)``."""
-    n = readout.n_layers
-    hooks: list[tuple[str, HookFn]] = [
-        (resid_pre_name(i), resid_hook(buffer, readout, i, lens)) for i in range(n)
-    ]
-    hooks.append((unembed_name(), logits_hook(buffer, readout, n)))
-    return hooks
+    """One ``(hook name, fn)`` per lens row, ready for ``run_with_hooks(fwd_hooks=...)`` on the
+    unpadded sequence (batch of one); the forward pass runs to the end."""
+    return batch_lens_hooks([buffer], [0], readout, lens, stop_early=False)

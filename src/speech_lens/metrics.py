@@ -97,8 +97,13 @@ def utterance_record(
         raise ValueError(
             f"utterance {prompt.utterance_id}: the lens result has no word readout (use word_lens)"
         )
-    if not torch.equal(result.positions, torch.arange(len(prompt))):
-        raise ValueError(f"utterance {prompt.utterance_id}: the lens must read every position")
+    if result.layers is not None:
+        raise ValueError(f"utterance {prompt.utterance_id}: the lens must read every layer")
+    # only unit positions are read here, so a lens restricted to them (positions="speech") will do
+    speech = prompt.positions_of(SPEECH)
+    col = torch.searchsorted(result.positions, speech).clamp(max=len(result.positions) - 1)
+    if not torch.equal(result.positions[col], speech):
+        raise ValueError(f"utterance {prompt.utterance_id}: the lens must read every unit position")
     ranks: dict[str, dict[str, list[list[int]]]] = {}
     for rule in MATCH_RULES:
         cur = [w.rank_of(j, match_ids(t, rule)).tolist() for j, t in enumerate(w.current)]
@@ -107,10 +112,9 @@ def utterance_record(
             for j, t in enumerate(w.next)
         ]
         ranks[rule] = {"current": cur, "next": nxt}
-    speech = prompt.positions_of(SPEECH)
-    mass = result.mass[:, speech]  # [row, n_speech, group]
+    mass = result.mass[:, col]  # [row, n_speech, group]
     sums = {g: mass[..., i].double().sum(1).tolist() for i, g in enumerate(MASS_GROUPS)}
-    top1 = result.topk_ids_all[:, speech, 0]
+    top1 = result.topk_ids_all[:, col, 0]
     unit_top1 = layout.is_unit(top1).sum(1).tolist()
     return UtteranceRecord(
         utterance_id=prompt.utterance_id,

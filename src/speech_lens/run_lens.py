@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from speech_lens.lens.logit import logit_lens, word_lens
+from speech_lens.lens.logit import logit_lens, word_lens_batch
 from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.metrics import (
     DEFAULT_MATCH,
@@ -140,8 +140,19 @@ def run_dataset(
     restart: bool = False,
     progress: bool = True,
     on_record: Callable[[UtteranceRecord], None] | None = None,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
+    padding_side: str = "right",
 ) -> DatasetMetrics:
-    """Lens every utterance (resuming), then write metrics, CSVs and the HTML report."""
+    """Lens every utterance (resuming), then write metrics, CSVs and the HTML report.
+
+    ``batch_size``: utterances per forward pass (padded on ``padding_side``), or ``"auto"`` to
+    size each batch from ``memory_budget_gb`` (default: the memory free now) for its longest
+    prompt. Batches group similar lengths, longest first; records are appended after each batch,
+    and resume per utterance as before. The records do not depend on the batch size (up to
+    float summation order), so it is not part of the resume key.
+    """
+    from speech_lens.batching import plan_batches
     from speech_lens.prompts import word_targets
 
     out = Path(out_dir)
@@ -169,15 +180,31 @@ def run_dataset(
         unit="utt",
         disable=not progress,
     )
-    for u in todo:
-        prompt = _encode(model, u, cfg)
-        res = word_lens(model, prompt, word_targets(model, u), k=cfg.k, lens=lens)
-        rec = utterance_record(res, prompt, model.layout)
-        _append(partial, rec.to_json())
-        done[u.id] = rec
-        if on_record is not None:
-            on_record(rec)
-        bar.update(1)
+    prompts = [_encode(model, u, cfg) for u in todo]
+    if batch_size == 1:
+        plan = [[i] for i in range(len(todo))]  # input order
+    else:
+        plan = plan_batches(
+            model, [len(p) for p in prompts], batch_size, memory_budget_gb=memory_budget_gb
+        )
+    for idx in plan:
+        # positions="speech": the records read unit positions only (same records, fewer unembeds)
+        results = word_lens_batch(
+            model,
+            [prompts[i] for i in idx],
+            [word_targets(model, todo[i]) for i in idx],
+            k=cfg.k,
+            lens=lens,
+            positions="speech",
+            padding_side=padding_side,
+        )
+        for i, res in zip(idx, results, strict=True):
+            rec = utterance_record(res, prompts[i], model.layout)
+            _append(partial, rec.to_json())
+            done[todo[i].id] = rec
+            if on_record is not None:
+                on_record(rec)
+            bar.update(1)
     bar.close()
     records = [done[u.id] for u in utts]
     if not records:
@@ -310,6 +337,19 @@ def build_report(
     return rep
 
 
+def _batch_size(value: Any) -> int | str:
+    """``--batch-size``: a positive integer or ``auto``."""
+    if value == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"--batch-size {value!r}: a positive integer or 'auto'")
+    return n
+
+
 def cli_lens(args: Any) -> int:
     """``speech-lens lens CHECKPOINT DATA --out DIR``."""
     import sys
@@ -336,7 +376,15 @@ def cli_lens(args: Any) -> int:
         reader = read_manifest(args.data, layout=model.layout)
         utts = list(reader)
         m = run_dataset(
-            model, utts, args.out, cfg, restart=args.restart, progress=not args.no_progress
+            model,
+            utts,
+            args.out,
+            cfg,
+            restart=args.restart,
+            progress=not args.no_progress,
+            batch_size=_batch_size(getattr(args, "batch_size", 1)),
+            memory_budget_gb=getattr(args, "memory_budget", None),
+            padding_side=getattr(args, "padding_side", "right"),
         )
     except (ValueError, RunError, FileNotFoundError) as e:
         print(f"speech-lens lens: error: {e}", file=sys.stderr)

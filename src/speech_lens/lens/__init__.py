@@ -1,5 +1,19 @@
 """Lenses: read every layer's residual stream out in the model's own vocabulary."""
 
-from speech_lens.lens.logit import LensResult, WordLensResult, logit_lens, word_lens
+from speech_lens.lens.logit import (
+    LensResult,
+    WordLensResult,
+    logit_lens,
+    logit_lens_batch,
+    word_lens,
+    word_lens_batch,
+)
 
-__all__ = ["LensResult", "WordLensResult", "logit_lens", "word_lens"]
+__all__ = [
+    "LensResult",
+    "WordLensResult",
+    "logit_lens",
+    "logit_lens_batch",
+    "word_lens",
+    "word_lens_batch",
+]

@@ -8,6 +8,7 @@ Both run a single ``run_with_hooks`` forward pass whose hooks reduce as they go 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,17 +17,26 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from speech_lens.batching import PADDING_SIDES, pad_batch
 from speech_lens.hooks import (
     MASS_GROUPS,
     HiddenTransform,
     HookFn,
     LensBuffer,
+    LensComplete,
     Readout,
-    lens_hooks,
+    batch_lens_hooks,
 )
 from speech_lens.prompts import SPEECH, EncodedPrompt, WordTarget
 
-__all__ = ["LensResult", "WordLensResult", "logit_lens", "word_lens"]
+__all__ = [
+    "LensResult",
+    "WordLensResult",
+    "logit_lens",
+    "logit_lens_batch",
+    "word_lens",
+    "word_lens_batch",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +124,8 @@ class LensResult:
     target_logprobs: Float[Tensor, "row pos n_targets"] | None = None
     words: WordLensResult | None = None
     lens_name: str = "logit"
+    # lens rows held (``layers=`` subset), one per array row; None: all ``n_layers + 1``
+    layers: tuple[int, ...] | None = None
 
     @classmethod
     def from_buffer(
@@ -123,11 +135,13 @@ class LensResult:
         targets: Tensor | None = None,
         words: WordLensResult | None = None,
         lens_name: str = "logit",
+        n_layers: int | None = None,
     ) -> LensResult:
+        n = b.n_rows - 1 if n_layers is None else int(n_layers)
         return cls(
             tokens=tokens,
             positions=b.positions,
-            n_layers=b.n_rows - 1,
+            n_layers=n,
             k=b.k,
             topk_ids=b.topk_ids,
             topk_logprobs=b.topk_logprobs,
@@ -139,15 +153,29 @@ class LensResult:
             target_logprobs=b.target_logprobs,
             words=words,
             lens_name=lens_name,
+            layers=None if b.layers == tuple(range(n + 1)) else b.layers,
         )
 
     @property
     def n_rows(self) -> int:
-        return self.n_layers + 1
+        return len(self.row_layers)
+
+    @property
+    def row_layers(self) -> tuple[int, ...]:
+        """The lens row (0 = embeddings, ``n_layers`` = output) of each array row."""
+        return tuple(range(self.n_layers + 1)) if self.layers is None else self.layers
+
+    def row_of(self, layer: int) -> int:
+        """Array row holding lens row ``layer``."""
+        try:
+            return self.row_layers.index(int(layer))
+        except ValueError:
+            raise KeyError(f"lens row {layer} was not computed (rows {self.row_layers})") from None
 
     @property
     def layer_labels(self) -> list[str]:
-        return ["embed", *(str(i) for i in range(1, self.n_layers)), "output"]
+        n = self.n_layers
+        return ["embed" if i == 0 else "output" if i == n else str(i) for i in self.row_layers]
 
     def group_mass(self, group: str) -> Float[Tensor, "row pos"]:
         return self.mass[..., MASS_GROUPS.index(group)]
@@ -177,17 +205,18 @@ class LensResult:
         return self.group_mass("other")
 
 
-def _as_sequence(tokens: Tensor | Sequence[int]) -> Int[Tensor, " seq"]:
+def _as_sequence(tokens: Tensor | Sequence[int], what: str = "tokens") -> Int[Tensor, " seq"]:
     t = torch.as_tensor(tokens, dtype=torch.long)
     if t.dim() == 2:
         if t.shape[0] != 1:
             raise ValueError(
-                f"logit_lens reads one sequence at a time; got a batch of {t.shape[0]}"
+                f"logit_lens reads one sequence at a time; got a batch of {t.shape[0]} "
+                "(use logit_lens_batch for several)"
             )
         t = t[0]
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(
-            f"tokens must be a non-empty 1-D sequence of ids, got shape {tuple(t.shape)}"
+            f"{what} must be a non-empty 1-D sequence of ids, got shape {tuple(t.shape)}"
         )
     return t
 
@@ -212,24 +241,120 @@ def _targets(targets: Tensor | str | None, tokens: Tensor) -> Tensor | None:
     return t
 
 
-def _run(
+def _layers(layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
+    """Lens rows to compute, sorted; negative values count from the output row (-1)."""
+    n_rows = n_layers + 1
+    if layers is None:
+        return tuple(range(n_rows))
+    raw = [int(i) for i in layers]
+    rows = sorted({i + n_rows if i < 0 else i for i in raw})
+    if not rows or rows[0] < 0 or rows[-1] >= n_rows:
+        raise ValueError(f"layers {raw}: lens rows are 0..{n_layers} (0 = embeddings)")
+    return tuple(rows)
+
+
+def _per_sequence(value: Any, n: int, what: str) -> list[Any]:
+    """``None`` / ``"next"`` for every sequence, or one entry per sequence."""
+    if value is None or isinstance(value, str):
+        return [value] * n
+    items = list(value)
+    if len(items) != n:
+        raise ValueError(f"{what}: {len(items)} entries for {n} sequences (one per sequence)")
+    return items
+
+
+def _run_batch(
     model: Any,
-    tokens: Tensor,
-    buffer: LensBuffer,
+    seqs: Sequence[Tensor],
+    buffers: Sequence[LensBuffer],
     lens: HiddenTransform | None,
     fwd_hooks: Sequence[tuple[Any, HookFn]],
+    padding_side: str,
+    stop_early: bool = True,
 ) -> None:
+    """One forward pass over the padded batch; the lens hooks fill one buffer per sequence."""
     model.require_eval()
     readout = Readout.of(model)
-    hooks = lens_hooks(buffer, readout, lens)
-    with torch.no_grad():
+    if len(seqs) == 1:
+        # a batch of one needs no mask: the same call as a plain forward pass (bit-equal logits)
+        tokens, kwargs, offsets = seqs[0].unsqueeze(0), {}, [0]
+    else:
+        batch = pad_batch(seqs, side=padding_side)
+        tokens, kwargs = batch.tokens, batch.forward_kwargs(model.device)
+        offsets = list(batch.offsets)
+    hooks = batch_lens_hooks(buffers, offsets, readout, lens, stop_early=stop_early)
+    # LensComplete: every requested row is filled and later blocks are not needed
+    with torch.no_grad(), contextlib.suppress(LensComplete):
         # the user's hooks go first so that ours read what they wrote
         model.bridge.run_with_hooks(
-            tokens.unsqueeze(0).to(model.device), fwd_hooks=[*fwd_hooks, *hooks]
+            tokens.to(model.device), fwd_hooks=[*fwd_hooks, *hooks], **kwargs
         )
-    if not bool(buffer.filled.all()):
-        missing = (~buffer.filled).nonzero().squeeze(-1).tolist()
-        raise RuntimeError(f"lens rows {missing} never fired (did a hook stop the forward early?)")
+    for b in buffers:
+        if not bool(b.filled.all()):
+            missing = [b.layers[i] for i in (~b.filled).nonzero().squeeze(-1).tolist()]
+            raise RuntimeError(
+                f"lens rows {missing} never fired (did a hook stop the forward early?)"
+            )
+
+
+def logit_lens_batch(
+    model: Any,
+    sequences: Sequence[Tensor | Sequence[int]],
+    *,
+    k: int = 10,
+    targets: Sequence[Tensor | None] | str | None = None,
+    lens: HiddenTransform | None = None,
+    positions: Sequence[Tensor | Sequence[int] | None] | None = None,
+    layers: Sequence[int] | None = None,
+    chunk_size: int | None = None,
+    padding_side: str = "right",
+    fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+    stop_early: bool = True,
+) -> list[LensResult]:
+    """:func:`logit_lens` on several sequences of any lengths in one padded forward pass.
+
+    Each result equals the sequence's own ``logit_lens`` run up to float summation order (the
+    padded matmuls sum in another order: about 1e-7 in fp32). ``targets``: ``"next"``, or one
+    ``[seq]`` / ``[seq, n]`` id tensor (or None) per sequence; ``positions``: one position list
+    (or None = all) per sequence. ``layers``: the lens rows to compute (0 = embeddings,
+    ``n_layers`` or -1 = output); hooks go only there, and with ``stop_early`` and no output
+    row the forward pass stops at the last row asked for (a user hook on a later layer then
+    does not fire). ``padding_side``: "right" or "left" (attention mask and position ids follow).
+    Position chunks (``chunk_size``) run over the batch's positions laid end to end.
+    """
+    seqs = [_as_sequence(s, f"sequence {i}") for i, s in enumerate(sequences)]
+    if not seqs:
+        raise ValueError("logit_lens_batch: no sequences")
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding side {padding_side!r}: one of {PADDING_SIDES}")
+    kk = _check_k(k, model)
+    rows = _layers(layers, model.n_layers)
+    tgs = [
+        _targets(t, s)
+        for t, s in zip(_per_sequence(targets, len(seqs), "targets"), seqs, strict=True)
+    ]
+    poss = [
+        _positions(p, s)
+        for p, s in zip(_per_sequence(positions, len(seqs), "positions"), seqs, strict=True)
+    ]
+    buffers = [
+        LensBuffer(
+            n_rows=len(rows),
+            positions=p,
+            k=kk,
+            targets=None if t is None else t[p],
+            chunk_size=chunk_size,
+            layers=rows,
+        )
+        for p, t in zip(poss, tgs, strict=True)
+    ]
+    _run_batch(model, seqs, buffers, lens, fwd_hooks, padding_side, stop_early)
+    return [
+        LensResult.from_buffer(
+            b, s, None if t is None else t[b.positions], None, _lens_name(lens), model.n_layers
+        )
+        for b, s, t in zip(buffers, seqs, tgs, strict=True)
+    ]
 
 
 def logit_lens(
@@ -240,51 +365,49 @@ def logit_lens(
     targets: Tensor | str | None = None,
     lens: HiddenTransform | None = None,
     positions: Tensor | Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
     chunk_size: int | None = None,
     fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+    stop_early: bool = True,
 ) -> LensResult:
     """Logit lens (or, with ``lens=``, a tuned lens) over every layer of ``model`` on ``tokens``.
 
     ``targets``: ids ``[seq]`` or ``[seq, n]`` whose rank and log-prob are measured at every
     position (-1: none), or ``"next"`` for the next input token. ``positions``: the positions to
-    read (default all). ``chunk_size``: positions unembedded at once (default: about 16M logits).
-    ``fwd_hooks``: the caller's own hooks, run in the same forward pass before ours; hooks
-    already attached with ``model.bridge.hooks()`` compose too.
+    read (default all). ``layers``: the lens rows to compute (default all; see
+    :func:`logit_lens_batch`). ``chunk_size``: positions unembedded at once (default: about 16M
+    logits). ``fwd_hooks``: the caller's own hooks, run in the same forward pass before ours;
+    hooks already attached with ``model.bridge.hooks()`` compose too.
     """
     seq = _as_sequence(tokens)
-    pos = _positions(positions, seq)
-    tg = _targets(targets, seq)
-    buffer = LensBuffer(
-        n_rows=model.n_layers + 1,
-        positions=pos,
-        k=_check_k(k, model),
-        targets=None if tg is None else tg[pos],
+    tg: Sequence[Tensor | None] | str | None
+    tg = targets if targets is None or isinstance(targets, str) else [targets]
+    return logit_lens_batch(
+        model,
+        [seq],
+        k=k,
+        targets=tg,
+        lens=lens,
+        positions=None if positions is None else [positions],
+        layers=layers,
         chunk_size=chunk_size,
-    )
-    _run(model, seq, buffer, lens, fwd_hooks)
-    return LensResult.from_buffer(
-        buffer, seq, None if tg is None else tg[pos], None, _lens_name(lens)
-    )
+        fwd_hooks=fwd_hooks,
+        stop_early=stop_early,
+    )[0]
 
 
-def word_lens(
+WORD_POSITIONS = ("all", "speech")
+
+
+def _word_buffer(
     model: Any,
     prompt: EncodedPrompt,
-    targets: Sequence[WordTarget] | None = None,
-    *,
-    k: int = 10,
-    lens: HiddenTransform | None = None,
-    chunk_size: int | None = None,
-    fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
-) -> LensResult:
-    """``logit_lens`` over all positions of ``prompt`` plus the pooled readout of its spoken words.
-
-    ``targets`` holds one ``WordTarget`` per utterance word (``prompt.words``); by default they
-    come from ``prompts.word_targets``. Each speech word's lens logits are max-pooled over its
-    unit (SPEECH) positions; the pooled vector is ranked over text ids. Every sub-token of the
-    word and of the next word (spaced and bare forms) is ranked, so every matching rule in
-    ``metrics.MATCH_RULES`` can be scored from the result.
-    """
+    targets: Sequence[WordTarget] | None,
+    k: int,
+    rows: tuple[int, ...],
+    positions: str,
+    chunk_size: int | None,
+) -> tuple[LensBuffer, tuple[Any, ...]]:
     if targets is None:
         from speech_lens import prompts
 
@@ -298,7 +421,7 @@ def word_lens(
             f"utterance {prompt.utterance_id}: {len(targets)} word targets for "
             f"{len(prompt.words)} words"
         )
-    seq = _as_sequence(prompt.tokens)
+    seq = _as_sequence(prompt.tokens, f"utterance {prompt.utterance_id}: tokens")
     spans = list(prompt.speech_spans())
     word_pos: list[Tensor] = []
     idx: list[int] = []
@@ -326,20 +449,104 @@ def word_lens(
         for i in sorted(ids):
             cand_ids.append(i)
             cand_word.append(j)
+    if positions == "all":
+        pos = torch.arange(seq.shape[0])
+    else:
+        # the unit positions: all that word pooling and the per-utterance record read (a prompt
+        # with no speech reads none)
+        pos = prompt.positions_of(SPEECH).to(torch.long)
     buffer = LensBuffer(
-        n_rows=model.n_layers + 1,
-        positions=torch.arange(seq.shape[0]),
-        k=_check_k(k, model),
+        n_rows=len(rows),
+        positions=pos,
+        k=k,
         word_positions=word_pos,
         cand_ids=torch.tensor(cand_ids, dtype=torch.long),
         cand_word=torch.tensor(cand_word, dtype=torch.long),
         chunk_size=chunk_size,
+        layers=rows,
     )
-    _run(model, seq, buffer, lens, fwd_hooks)
-    words = WordLensResult.from_buffer(
-        buffer, tuple(idx), tuple(s.text for s in spans), tuple(cur), tuple(nxt)
-    )
-    return LensResult.from_buffer(buffer, seq, None, words, _lens_name(lens))
+    return buffer, (tuple(idx), tuple(s.text for s in spans), tuple(cur), tuple(nxt))
+
+
+def word_lens_batch(
+    model: Any,
+    prompts: Sequence[EncodedPrompt],
+    targets: Sequence[Sequence[WordTarget] | None] | None = None,
+    *,
+    k: int = 10,
+    lens: HiddenTransform | None = None,
+    layers: Sequence[int] | None = None,
+    positions: str = "all",
+    chunk_size: int | None = None,
+    padding_side: str = "right",
+    fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+    stop_early: bool = True,
+) -> list[LensResult]:
+    """:func:`word_lens` on several prompts of any lengths in one padded forward pass.
+
+    ``targets``: one list of ``WordTarget`` per prompt (None: ``prompts.word_targets``).
+    ``positions``: ``"all"``, or ``"speech"`` to unembed only the unit positions (what word
+    pooling and :func:`speech_lens.metrics.utterance_record` read; the per-position arrays then
+    cover those positions only). ``layers``, ``padding_side``, ``stop_early``: as in
+    :func:`logit_lens_batch`.
+    """
+    if not prompts:
+        raise ValueError("word_lens_batch: no prompts")
+    if positions not in WORD_POSITIONS:
+        raise ValueError(f"positions={positions!r}: one of {WORD_POSITIONS}")
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding side {padding_side!r}: one of {PADDING_SIDES}")
+    kk = _check_k(k, model)
+    rows = _layers(layers, model.n_layers)
+    tg = _per_sequence(targets, len(prompts), "targets")
+    made = [
+        _word_buffer(model, p, t, kk, rows, positions, chunk_size)
+        for p, t in zip(prompts, tg, strict=True)
+    ]
+    buffers = [b for b, _ in made]
+    seqs = [_as_sequence(p.tokens) for p in prompts]
+    _run_batch(model, seqs, buffers, lens, fwd_hooks, padding_side, stop_early)
+    out = []
+    for (b, meta), seq in zip(made, seqs, strict=True):
+        words = WordLensResult.from_buffer(b, *meta)
+        out.append(LensResult.from_buffer(b, seq, None, words, _lens_name(lens), model.n_layers))
+    return out
+
+
+def word_lens(
+    model: Any,
+    prompt: EncodedPrompt,
+    targets: Sequence[WordTarget] | None = None,
+    *,
+    k: int = 10,
+    lens: HiddenTransform | None = None,
+    layers: Sequence[int] | None = None,
+    positions: str = "all",
+    chunk_size: int | None = None,
+    fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+    stop_early: bool = True,
+) -> LensResult:
+    """``logit_lens`` over the positions of ``prompt`` plus the pooled readout of its spoken words.
+
+    ``targets`` holds one ``WordTarget`` per utterance word (``prompt.words``); by default they
+    come from ``prompts.word_targets``. Each speech word's lens logits are max-pooled over its
+    unit (SPEECH) positions; the pooled vector is ranked over text ids. Every sub-token of the
+    word and of the next word (spaced and bare forms) is ranked, so every matching rule in
+    ``metrics.MATCH_RULES`` can be scored from the result. ``positions="speech"`` reads only
+    the unit positions (enough for the word readout and the per-utterance record).
+    """
+    return word_lens_batch(
+        model,
+        [prompt],
+        None if targets is None else [targets],
+        k=k,
+        lens=lens,
+        layers=layers,
+        positions=positions,
+        chunk_size=chunk_size,
+        fwd_hooks=fwd_hooks,
+        stop_early=stop_early,
+    )[0]
 
 
 def _check_k(k: int, model: Any) -> int:
