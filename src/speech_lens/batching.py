@@ -113,11 +113,14 @@ def auto_batch_size(
     memory_budget_gb: float | None = None,
     max_batch: int = 32,
     headroom: float = 0.8,
+    extra_bytes_per_token: int = 0,
 ) -> int:
     """How many sequences of ``seq_len`` tokens fit one forward pass in the budget (or the free
-    memory now), keeping ``1 - headroom`` of it spare; refuses if not even one fits."""
+    memory now), keeping ``1 - headroom`` of it spare; refuses if not even one fits.
+    ``extra_bytes_per_token``: memory each row keeps per token beyond the forward itself (e.g.
+    activations cached for later patching)."""
     free, source = _free_bytes(model, memory_budget_gb)
-    per_row = _bytes_per_row(model, seq_len)
+    per_row = _bytes_per_row(model, seq_len) + int(extra_bytes_per_token) * seq_len
     n = int(free * headroom) // max(per_row, 1)
     if n < 1:
         raise ValueError(
@@ -135,10 +138,12 @@ def plan_batches(
     *,
     memory_budget_gb: float | None = None,
     max_batch: int = 32,
+    extra_bytes_per_token: int = 0,
 ) -> list[list[int]]:
     """Group indices into batches of similar length (longest first, so the first batch shows at
     once whether memory suffices). ``batch_size``: an int, or ``"auto"`` to size each batch from
-    the memory budget for its longest sequence. Indices within a batch keep input order."""
+    the memory budget for its longest sequence (``extra_bytes_per_token`` as in
+    :func:`auto_batch_size`). Indices within a batch keep input order."""
     if not lengths:
         return []
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
@@ -151,6 +156,7 @@ def plan_batches(
                 int(lengths[order[i]]),
                 memory_budget_gb=memory_budget_gb,
                 max_batch=max_batch,
+                extra_bytes_per_token=extra_bytes_per_token,
             )
             out.append(sorted(order[i : i + size]))
             i += size

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,6 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from speech_lens._tl import get_act_name
+from speech_lens.batching import PaddedBatch, pad_batch, plan_batches
 from speech_lens.prompts import BOS, MARKER, PROSODY, SPEECH, TEXT, EncodedPrompt
 
 if TYPE_CHECKING:
@@ -64,6 +66,8 @@ COMPONENTS: dict[str, str] = {
 }
 HookFn = Callable[..., Tensor]
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
+# an unpatched run: logits [1, pos, vocab] and the activations cached by hook name
+SourceRun = tuple[Tensor, dict[str, Tensor]]
 
 
 class PatchingError(ValueError):
@@ -415,15 +419,25 @@ def _gather(
     return tgt, torch.stack(rows, dim=1)
 
 
-def patch_hook(
+@dataclass(frozen=True, eq=False)
+class _Patch:
+    """One hook point's patch of one target run: ``values`` go to ``target`` positions
+    (unpadded; :func:`_put` adds a padded row's offset), restricted to ``heads`` if given."""
+
+    name: str
+    target: Int[Tensor, " n"]
+    values: Float[Tensor, "1 n *rest"]
+    heads: Int[Tensor, " h"] | None
+    target_len: int
+    target_id: str
+
+
+def _make_patch(
+    name: str,
     source_act: Float[Tensor, "batch src_pos *rest"],
     pmap: PositionMap,
-    *,
     heads: Sequence[int] | None = None,
-) -> HookFn:
-    """A hook ``fn(act, *, hook)`` writing ``source_act`` (one hook point's activation from the
-    source run) into the target run at the map's positions; ``heads`` restricts a per-head
-    activation (``attn.hook_z``, ``[batch, pos, head, d_head]``) to those heads."""
+) -> _Patch:
     tgt, values = _gather(source_act.detach(), pmap)
     head_idx = None
     if heads is not None:
@@ -438,22 +452,66 @@ def patch_hook(
             raise PatchingError(f"head {bad[0]} out of range 0..{n_heads - 1}")
         head_idx = torch.tensor([int(h) for h in heads], dtype=torch.long, device=tgt.device)
         values = values[:, :, head_idx]
+    return _Patch(name, tgt, values, head_idx, pmap.target_len, pmap.target_id)
 
+
+def _put(out: Tensor, patch: _Patch, offset: int = 0) -> None:
+    """Write ``patch`` into every batch row of ``out`` in place (a one-row view writes one
+    row), at its positions shifted by ``offset`` (a left-padded row's pad columns)."""
+    tgt = (patch.target + offset).to(out.device)
+    v = patch.values.to(device=out.device, dtype=out.dtype)
+    if patch.heads is None:
+        out[:, tgt] = v
+    else:
+        out[:, tgt.unsqueeze(1), patch.heads.to(out.device).unsqueeze(0)] = v
+
+
+def patch_hook(
+    source_act: Float[Tensor, "batch src_pos *rest"],
+    pmap: PositionMap,
+    *,
+    heads: Sequence[int] | None = None,
+) -> HookFn:
+    """A hook ``fn(act, *, hook)`` writing ``source_act`` (one hook point's activation from the
+    source run) into the target run at the map's positions; ``heads`` restricts a per-head
+    activation (``attn.hook_z``, ``[batch, pos, head, d_head]``) to those heads."""
+    return _patch_fn(_make_patch("", source_act, pmap, heads))
+
+
+def _patch_fn(patch: _Patch) -> HookFn:
     def hook(act: Tensor, *, hook: Any) -> Tensor:
-        if act.shape[1] != pmap.target_len:
+        if act.shape[1] != patch.target_len:
             raise PatchingError(
                 f"{hook.name}: target run has {act.shape[1]} positions but the map's target "
-                f"prompt {pmap.target_id!r} has {pmap.target_len}"
+                f"prompt {patch.target_id!r} has {patch.target_len}"
             )
         out = act.clone()  # never write into a tensor autograd or another hook may hold
-        v = values.to(device=out.device, dtype=out.dtype)
-        if head_idx is None:
-            out[:, tgt] = v
-        else:
-            out[:, tgt.unsqueeze(1), head_idx.unsqueeze(0)] = v
+        _put(out, patch)
         return out
 
     return hook
+
+
+def _rows_hook(entries: Sequence[tuple[int, _Patch]], batch: PaddedBatch) -> HookFn:
+    """One hook for a hook point of a batched forward: row ``b`` gets its own patch at its own
+    (offset) positions; rows without an entry pass through unchanged."""
+
+    def hook(act: Tensor, *, hook: Any) -> Tensor:
+        out = act.clone()
+        for b, patch in entries:
+            _put(out[b : b + 1], patch, batch.offsets[b])
+        return out
+
+    return hook
+
+
+def _check_pair(
+    model: SpeechLM, source: EncodedPrompt, target: EncodedPrompt, pmap: PositionMap
+) -> None:
+    model.require_eval()
+    check_prompt(model, source, "source")
+    check_prompt(model, target, "target")
+    pmap.check(source, target)
 
 
 def _layer_sets(
@@ -475,16 +533,86 @@ def _layer_sets(
     return entries
 
 
-def cache_source(
-    model: SpeechLM, source: EncodedPrompt, names: Iterable[str]
-) -> tuple[Float[Tensor, "1 pos vocab"], dict[str, Tensor]]:
-    """Run ``source`` once, caching only ``names`` (``names_filter``); returns logits and cache."""
+def _padded(
+    model: SpeechLM, seqs: Sequence[Tensor], side: str
+) -> tuple[PaddedBatch, Tensor, dict[str, Any]]:
+    """Pad ``seqs`` into one batch: the batch, its tokens on the model's device, and the
+    forward's keyword arguments."""
+    batch = pad_batch(seqs, side=side)
+    # equal lengths need no mask: the plain forward, as a one-by-one run makes it
+    kwargs: dict[str, Any] = {}
+    if len(set(batch.lengths)) > 1:
+        kwargs.update(batch.forward_kwargs(model.device))
+    return batch, batch.tokens.to(model.device), kwargs
+
+
+def _unpad(x: Tensor, batch: PaddedBatch, b: int) -> Tensor:
+    """Row ``b`` of a batched activation at its real columns, as ``[1, own length, ...]``."""
+    if len(batch) == 1:
+        return x
+    return x[b : b + 1, batch.columns(b)].clone()  # a copy: the batch tensor can be freed
+
+
+def _cache_bytes_per_token(model: SpeechLM, names: Collection[str]) -> int:
+    cfg = model.bridge.cfg
+    width = torch.finfo(next(model.bridge.parameters()).dtype).bits // 8
+    per_point = max(int(cfg.d_model), int(cfg.n_heads) * int(cfg.d_head))  # resid / z
+    return len(names) * per_point * width
+
+
+def cache_sources(
+    model: SpeechLM,
+    prompts: Sequence[EncodedPrompt],
+    names: Iterable[str],
+    *,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
+    padding_side: str = "right",
+) -> list[SourceRun]:
+    """Run every prompt once, caching only ``names``: ``batch_size`` prompts (an int, or
+    ``"auto"`` from the memory budget) per padded forward. Each prompt's logits and cache come
+    back un-padded, ``[1, its length, ...]``, as from its own run (fp32: up to summation
+    order)."""
     wanted = sorted(set(names))
-    with torch.no_grad():
-        logits, cache = model.bridge.run_with_cache(
-            _batch(source.tokens, model.device), names_filter=wanted
-        )
-    return logits, {n: cache[n] for n in wanted}
+    seqs = [p.tokens for p in prompts]
+    batches = plan_batches(
+        model,
+        [len(x) for x in seqs],
+        batch_size,
+        memory_budget_gb=memory_budget_gb,
+        extra_bytes_per_token=_cache_bytes_per_token(model, wanted),
+    )
+    runs: dict[int, SourceRun] = {}
+    for idx in batches:
+        batch, tokens, kwargs = _padded(model, [seqs[i] for i in idx], padding_side)
+        with torch.no_grad():
+            logits, cache = model.bridge.run_with_cache(tokens, names_filter=wanted, **kwargs)
+        for b, i in enumerate(idx):
+            runs[i] = (_unpad(logits, batch, b), {n: _unpad(cache[n], batch, b) for n in wanted})
+    return [runs[i] for i in range(len(seqs))]
+
+
+def cache_source(model: SpeechLM, source: EncodedPrompt, names: Iterable[str]) -> SourceRun:
+    """Run ``source`` once, caching only ``names`` (``names_filter``); returns logits and cache."""
+    return cache_sources(model, [source], names)[0]
+
+
+def _row_patches(
+    source_cache: Mapping[str, Tensor],
+    pmap: PositionMap,
+    component: str,
+    layers: Iterable[int],
+    heads: Sequence[int] | None,
+) -> tuple[_Patch, ...]:
+    if heads is not None and component != "z":
+        raise PatchingError(f"heads= applies to component 'z' only, not {component!r}")
+    out = []
+    for layer in layers:
+        name = hook_name(component, layer)
+        if name not in source_cache:
+            raise PatchingError(f"source cache has no {name!r}; cache it with cache_source")
+        out.append(_make_patch(name, source_cache[name], pmap, heads))
+    return tuple(out)
 
 
 def patching_hooks(
@@ -497,15 +625,8 @@ def patching_hooks(
 ) -> list[tuple[str, HookFn]]:
     """``fwd_hooks`` for ``bridge.run_with_hooks`` / ``bridge.hooks()``: patch ``component`` at
     every layer in ``layers`` (jointly) from ``source_cache`` into the target at ``pmap``."""
-    if heads is not None and component != "z":
-        raise PatchingError(f"heads= applies to component 'z' only, not {component!r}")
-    out = []
-    for layer in layers:
-        name = hook_name(component, layer)
-        if name not in source_cache:
-            raise PatchingError(f"source cache has no {name!r}; cache it with cache_source")
-        out.append((name, patch_hook(source_cache[name], pmap, heads=heads)))
-    return out
+    patches = _row_patches(source_cache, pmap, component, layers, heads)
+    return [(p.name, _patch_fn(p)) for p in patches]
 
 
 def run_patched(
@@ -521,10 +642,7 @@ def run_patched(
 ) -> Float[Tensor, "1 pos vocab"]:
     """Logits of ``target`` with ``component`` at ``layers`` (patched jointly) taken from
     ``source`` at ``pmap``'s positions; ``fwd_hooks`` run alongside (e.g. lens readers)."""
-    model.require_eval()
-    check_prompt(model, source, "source")
-    check_prompt(model, target, "target")
-    pmap.check(source, target)
+    _check_pair(model, source, target, pmap)
     layer_list = [layers] if isinstance(layers, int) else list(layers)
     _layer_sets(model, [tuple(layer_list)])
     _, cache = cache_source(model, source, [hook_name(component, i) for i in layer_list])
@@ -674,11 +792,8 @@ def lens_next_word_logprob(
 ) -> LensLogProb:
     """:func:`next_word_logprob` read by the logit lens at row ``layer`` (``resid_pre`` of that
     block; ``layer == n_layers`` is the model output), as in ``speech_lens.logit_lens``."""
-    n = model.n_layers
-    if not 0 <= layer <= n:
-        raise PatchingError(f"lens layer {layer} out of range 0..{n}")
+    point = _lens_point(model, layer)
     m = next_word_logprob(model, prompt, word, next_word)
-    point = hook_name("resid_pre", layer) if layer < n else hook_name("resid_post", n - 1)
     b = model.bridge
     return LensLogProb(
         point,
@@ -689,27 +804,86 @@ def lens_next_word_logprob(
     )
 
 
-def _measure(
-    model: SpeechLM,
-    tokens: Tensor,
-    metric: Metric,
-    hooks: Sequence[tuple[Any, HookFn]],
-    logits: Tensor | None = None,
-) -> Tensor:
-    """Run (unless ``logits`` are given and the metric reads logits) and apply ``metric``."""
+@dataclass(frozen=True, eq=False)
+class _Row:
+    """One patched (or plain) run to measure: ``tokens`` (1-D, unpadded) with ``patches``
+    written in, reduced to a scalar by ``metric``."""
+
+    tokens: Int[Tensor, " pos"]
+    metric: Metric
+    patches: tuple[_Patch, ...] = ()
+
+
+def _known(metric: Metric, run: SourceRun | None) -> float | None:
+    """``metric`` on a run already made (its logits, or the activation it reads, if cached)."""
+    if run is None:
+        return None
     point = getattr(metric, "hook_point", None)
-    with torch.no_grad():
+    with torch.no_grad():  # a lens readout applies the model's own weights
         if point is None:
-            if logits is None:
-                logits = model.bridge.run_with_hooks(tokens, fwd_hooks=list(hooks))
-            return torch.as_tensor(metric(logits))
-        seen: dict[str, Tensor] = {}
+            return float(metric(run[0]))
+        return float(metric(run[1][point])) if point in run[1] else None
 
+
+def _forward_rows(
+    model: SpeechLM,
+    rows: Sequence[_Row],
+    padding_side: str,
+    fwd_hooks: Sequence[tuple[Any, HookFn]],
+) -> list[Tensor]:
+    """One padded forward of ``rows``, each patched by its own patches only; every metric reads
+    its own row at its real columns (logits, or the activation at its ``hook_point``)."""
+    batch, tokens, kwargs = _padded(model, [r.tokens for r in rows], padding_side)
+    by_point: dict[str, list[tuple[int, _Patch]]] = {}
+    for b, r in enumerate(rows):
+        for patch in r.patches:
+            by_point.setdefault(patch.name, []).append((b, patch))
+    seen: dict[str, Tensor] = {}
+
+    def reader(point: str) -> Callable[..., None]:
         def grab(act: Tensor, *, hook: Any) -> None:
-            seen["act"] = act.detach()
+            seen[point] = act.detach()  # keyed by the metric's name: hook.name is canonical (P6)
 
-        model.bridge.run_with_hooks(tokens, fwd_hooks=[*hooks, (point, grab)])
-        return torch.as_tensor(metric(seen["act"]))
+        return grab
+
+    # readers go last: at a patched hook point they see the patch
+    points = sorted({p for r in rows if (p := getattr(r.metric, "hook_point", None))})
+    hooks = [(n, _rows_hook(e, batch)) for n, e in by_point.items()]
+    with torch.no_grad():
+        logits = model.bridge.run_with_hooks(
+            tokens, fwd_hooks=[*hooks, *fwd_hooks, *[(p, reader(p)) for p in points]], **kwargs
+        )
+        out = []
+        for b, r in enumerate(rows):
+            point = getattr(r.metric, "hook_point", None)
+            x = _unpad(logits if point is None else seen[point], batch, b)
+            out.append(torch.as_tensor(r.metric(x)).detach().float().cpu())
+    return out
+
+
+def _run_rows(
+    model: SpeechLM,
+    rows: Sequence[_Row],
+    *,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
+    padding_side: str = "right",
+    fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+    progress: bool = False,
+    desc: str = "patch",
+) -> list[Tensor]:
+    """Metric values of ``rows`` in order, ``batch_size`` rows (an int, or ``"auto"``) per
+    forward; rows of similar length go together."""
+    batches = plan_batches(
+        model, [len(r.tokens) for r in rows], batch_size, memory_budget_gb=memory_budget_gb
+    )
+    values: dict[int, Tensor] = {}
+    with tqdm(total=len(rows), disable=not progress, desc=desc, leave=False) as bar:
+        for idx in batches:
+            got = _forward_rows(model, [rows[i] for i in idx], padding_side, fwd_hooks)
+            values.update(zip(idx, got, strict=True))
+            bar.update(len(idx))
+    return [values[i] for i in range(len(rows))]
 
 
 def metric_name(metric: Metric) -> str:
@@ -811,6 +985,144 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """A sweep laid out as rows: its cells in ``values`` order, then the unpatched target run
+    if its metric could not be read from a run already made."""
+
+    template: PatchResult
+    rows: tuple[_Row, ...]
+    baseline_row: bool
+
+    def finish(self, values: Sequence[Tensor]) -> PatchResult:
+        shape = self.template.values.shape
+        n = self.template.values.numel()
+        baseline = float(values[n]) if self.baseline_row else self.template.baseline
+        return replace(
+            self.template, values=torch.stack(list(values[:n])).reshape(shape), baseline=baseline
+        )
+
+
+def _run_plans(
+    model: SpeechLM,
+    plans: Sequence[_Plan],
+    *,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
+    padding_side: str = "right",
+    fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+    progress: bool = False,
+    desc: str = "patch",
+) -> list[PatchResult]:
+    """Run the rows of all ``plans`` together (rows of different plans share forwards)."""
+    rows = [r for p in plans for r in p.rows]
+    values = _run_rows(
+        model,
+        rows,
+        batch_size=batch_size,
+        memory_budget_gb=memory_budget_gb,
+        padding_side=padding_side,
+        fwd_hooks=fwd_hooks,
+        progress=progress,
+        desc=desc,
+    )
+    out, k = [], 0
+    for p in plans:
+        out.append(p.finish(values[k : k + len(p.rows)]))
+        k += len(p.rows)
+    return out
+
+
+def _head_cells(
+    model: SpeechLM, component: str, heads: str | Sequence[int] | None
+) -> tuple[list[tuple[int, ...] | None], tuple[int, ...] | None]:
+    """Head sets to patch one at a time, and the head labels of the result."""
+    if heads is not None and component != "z":
+        raise PatchingError(f"heads= applies to component 'z' only, not {component!r}")
+    if heads == "each":
+        n_heads = int(model.bridge.cfg.n_heads)
+        return [(h,) for h in range(n_heads)], tuple(range(n_heads))
+    if heads is None:
+        return [None], None
+    if isinstance(heads, str):
+        raise PatchingError(f"heads must be None, 'each' or a list of heads, not {heads!r}")
+    labels = tuple(int(h) for h in heads)
+    return [labels], labels
+
+
+def _source_names(
+    model: SpeechLM, component: str, layers: Sequence[tuple[int, ...]], metric: Metric | None
+) -> set[str]:
+    """Hook points a source run must cache: the patched ones and the one ``metric`` reads."""
+    names = {hook_name(component, x) for e in layers for x in e}
+    point = getattr(metric, "hook_point", None)
+    return names | ({point} if point else set())
+
+
+def _plan_sweep(
+    model: SpeechLM,
+    source: EncodedPrompt,
+    target: EncodedPrompt,
+    pmap: PositionMap,
+    metric: Metric,
+    *,
+    component: str,
+    layers: int | Iterable[int | Iterable[int]] | None,
+    positions: str,
+    heads: str | Sequence[int] | None,
+    source_metric: Metric | None,
+    source_run: SourceRun,
+    target_run: SourceRun | None,
+    extra: Mapping[str, str] | None = None,
+) -> _Plan:
+    """Check a sweep, read what runs already made can tell, and lay out its rows."""
+    _check_pair(model, source, target, pmap)
+    layer_sets = _layer_sets(model, layers)
+    head_cells, head_labels = _head_cells(model, component, heads)
+    cells = pmap.subsets(positions)
+    if source_metric is None and len(source) == len(target):
+        source_metric = metric
+    missing = sorted(_source_names(model, component, layer_sets, None) - set(source_run[1]))
+    if missing:
+        raise PatchingError(f"source_run has no cached {missing[0]!r}")
+    source_value = None
+    if source_metric is not None:
+        source_value = _known(source_metric, source_run)
+        if source_value is None:  # the source run did not cache the point the metric reads
+            source_value = float(_run_rows(model, [_Row(source.tokens, source_metric)])[0])
+    rows = [
+        _Row(target.tokens, metric, _row_patches(source_run[1], sub, component, layer_set, hs))
+        for layer_set in layer_sets
+        for _, sub in cells
+        for hs in head_cells
+    ]
+    baseline = _known(metric, target_run)
+    if baseline is None:
+        rows.append(_Row(target.tokens, metric))
+    shape = [len(layer_sets)] + ([len(cells)] if positions != "all" else [])
+    shape += [len(head_cells)] if heads == "each" else []
+    axes = ("layer",) + (("position",) if positions != "all" else ())
+    axes += ("head",) if heads == "each" else ()
+    template = PatchResult(
+        values=torch.zeros(shape),
+        axes=axes,
+        layers=tuple(layer_sets),
+        positions=tuple(label for label, _ in cells),
+        heads=head_labels,
+        component=component,
+        rule=pmap.rule,
+        metric=metric_name(metric),
+        baseline=float("nan") if baseline is None else baseline,
+        source_value=source_value,
+        source_id=pmap.source_id,
+        target_id=pmap.target_id,
+        position_mode=positions,
+        head_mode="each" if heads == "each" else ("all" if heads is None else "set"),
+        extra=dict(extra or {}),
+    )
+    return _Plan(template, tuple(rows), baseline is None)
+
+
 def patch_sweep(
     model: SpeechLM,
     source: EncodedPrompt,
@@ -826,6 +1138,8 @@ def patch_sweep(
     source_metric: Metric | None = None,
     source_run: tuple[Tensor, Mapping[str, Tensor]] | None = None,
     target_logits: Tensor | None = None,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
     progress: bool = False,
 ) -> PatchResult:
     """Patch ``component`` from ``source`` into ``target`` once per cell and record ``metric``.
@@ -834,81 +1148,58 @@ def patch_sweep(
     patched together. ``positions``: ``"group"`` (each map group, e.g. word, alone), ``"pair"``
     (each patched target position alone), or ``"all"`` (the whole map at once). ``heads`` (for
     component ``"z"``): None (all heads), ``"each"`` (one head at a time: a head axis), or a
-    list patched together. ``fwd_hooks`` are added to every patched forward. ``source_metric``
-    reads the same quantity on the unpatched source run (e.g. at the source's own position of
-    the word); by default ``metric`` itself when both prompts have the same length.
-    ``source_run`` (``cache_source`` output covering the needed hook points) and
-    ``target_logits`` (the unpatched target run) skip recomputing them across many sweeps.
+    list patched together. ``fwd_hooks`` are added to every patched forward (which holds
+    ``batch_size`` rows). ``source_metric`` reads the same quantity on the unpatched source run
+    (e.g. at the source's own position of the word); by default ``metric`` itself when both
+    prompts have the same length. ``source_run`` (``cache_source`` output covering the needed
+    hook points) and ``target_logits`` (the unpatched target run) skip recomputing them across
+    many sweeps.
+
+    ``batch_size``: cells measured per forward, an int or ``"auto"`` (from ``memory_budget_gb``,
+    default the free memory): the target repeated, each row patched with its own cell's hooks
+    and read on its own, so values equal the one-cell-at-a-time sweep (fp32: up to summation
+    order, <= 1e-6).
     """
-    model.require_eval()
-    check_prompt(model, source, "source")
-    check_prompt(model, target, "target")
-    pmap.check(source, target)
+    _check_pair(model, source, target, pmap)
     layer_sets = _layer_sets(model, layers)
-    n_heads = int(model.bridge.cfg.n_heads)
-    if heads is not None and component != "z":
-        raise PatchingError(f"heads= applies to component 'z' only, not {component!r}")
-    if heads == "each":
-        head_cells: list[tuple[int, ...] | None] = [(h,) for h in range(n_heads)]
-        head_labels: tuple[int, ...] | None = tuple(range(n_heads))
-    elif heads is None:
-        head_cells, head_labels = [None], None
-    elif isinstance(heads, str):
-        raise PatchingError(f"heads must be None, 'each' or a list of heads, not {heads!r}")
-    else:
-        head_labels = tuple(int(h) for h in heads)
-        head_cells = [head_labels]
-    cells = pmap.subsets(positions)
-
-    needed = {hook_name(component, x) for e in layer_sets for x in e}
     if source_run is None:
-        source_run = cache_source(model, source, needed)
-    source_logits, cache = source_run
-    missing = sorted(needed - set(cache))
-    if missing:
-        raise PatchingError(f"source_run has no cached {missing[0]!r}")
-    tokens = _batch(target.tokens, model.device)
-    baseline = float(_measure(model, tokens, metric, fwd_hooks, target_logits))
-    if source_metric is None and len(source) == len(target):
-        source_metric = metric
-    source_value = None
-    if source_metric is not None:
-        src_tokens = _batch(source.tokens, model.device)
-        source_value = float(_measure(model, src_tokens, source_metric, (), source_logits))
-
-    shape = [len(layer_sets)] + ([len(cells)] if positions != "all" else [])
-    shape += [n_heads] if heads == "each" else []
-    values = torch.zeros(shape)
-    total = len(layer_sets) * len(cells) * len(head_cells)
-    bar = tqdm(total=total, disable=not progress, desc=f"patch {component}", leave=False)
-    for li, layer_set in enumerate(layer_sets):
-        for pi, (_, sub) in enumerate(cells):
-            for hi, hs in enumerate(head_cells):
-                hooks = patching_hooks(cache, sub, component=component, layers=layer_set, heads=hs)
-                v = _measure(model, tokens, metric, [*hooks, *fwd_hooks])
-                idx: list[int] = [li] + ([pi] if positions != "all" else [])
-                idx += [hi] if heads == "each" else []
-                values[tuple(idx)] = torch.as_tensor(v).detach().float().cpu()
-                bar.update(1)
-    bar.close()
-    axes = ("layer",) + (("position",) if positions != "all" else ())
-    axes += ("head",) if heads == "each" else ()
-    return PatchResult(
-        values=values,
-        axes=axes,
-        layers=tuple(layer_sets),
-        positions=tuple(label for label, _ in cells),
-        heads=head_labels,
+        names = _source_names(model, component, layer_sets, source_metric or metric)
+        source_run = cache_source(model, source, names)
+    plan = _plan_sweep(
+        model,
+        source,
+        target,
+        pmap,
+        metric,
         component=component,
-        rule=pmap.rule,
-        metric=metric_name(metric),
-        baseline=baseline,
-        source_value=source_value,
-        source_id=pmap.source_id,
-        target_id=pmap.target_id,
-        position_mode=positions,
-        head_mode="each" if heads == "each" else ("all" if heads is None else "set"),
+        layers=layer_sets,
+        positions=positions,
+        heads=heads,
+        source_metric=source_metric,
+        source_run=(source_run[0], dict(source_run[1])),
+        target_run=None if target_logits is None else (target_logits, {}),
     )
+    (result,) = _run_plans(
+        model,
+        [plan],
+        batch_size=batch_size,
+        memory_budget_gb=_rows_budget(memory_budget_gb, [source_run]),
+        fwd_hooks=fwd_hooks,
+        progress=progress,
+        desc=f"patch {component}",
+    )
+    return result
+
+
+def _rows_budget(
+    memory_budget_gb: float | None, held: Iterable[tuple[Tensor, Mapping[str, Tensor]]]
+) -> float | None:
+    """What a stated budget leaves for patched forwards while the cached runs are held (free
+    memory, when measured, already counts them)."""
+    if memory_budget_gb is None:
+        return None
+    nbytes = sum(t.numel() * t.element_size() for lg, c in held for t in (lg, *c.values()))
+    return memory_budget_gb - nbytes / 2**30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -918,6 +1209,67 @@ def patch_sweep(
 
 def _spoken_word_ok(prompt: EncodedPrompt, i: int) -> bool:
     return any(s.index == i and s.end > s.start for s in prompt.spans)
+
+
+def _run_pairs(
+    model: SpeechLM,
+    pairs: Sequence[tuple[EncodedPrompt, EncodedPrompt]],
+    make_plans: Callable[[int, SourceRun, SourceRun], list[_Plan]],
+    *,
+    source_names: Collection[str],
+    target_names: Collection[str],
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
+    padding_side: str = "right",
+    progress: bool = False,
+    desc: str = "patch",
+) -> list[list[PatchResult]]:
+    """Sweeps over many (source, target) prompt pairs, ``batch_size`` pairs at a time: the
+    group's source and target runs go through padded forwards (caching ``source_names`` /
+    ``target_names``), then ``make_plans(pair index, source run, target run)`` lays out its
+    sweeps and the rows of all the group's sweeps share padded forwards, ``batch_size`` rows
+    each. Results per pair, in input order."""
+    for source, target in pairs:
+        check_prompt(model, source, "source")
+        check_prompt(model, target, "target")
+    kw: dict[str, Any] = {
+        "batch_size": batch_size,
+        "memory_budget_gb": memory_budget_gb,
+        "padding_side": padding_side,
+    }
+    # a group's cached runs stay in memory while its patched rows run
+    groups = plan_batches(
+        model,
+        [max(len(s), len(t)) for s, t in pairs],
+        batch_size,
+        memory_budget_gb=memory_budget_gb,
+        extra_bytes_per_token=_cache_bytes_per_token(model, [*source_names, *target_names]),
+    )
+    out: dict[int, list[PatchResult]] = {}
+    with tqdm(total=len(pairs), desc=desc, disable=not progress) as bar:
+        for idx in groups:
+            src_runs = cache_sources(model, [pairs[i][0] for i in idx], source_names, **kw)
+            tgt_runs = cache_sources(model, [pairs[i][1] for i in idx], target_names, **kw)
+            plans = [make_plans(i, s, t) for i, s, t in zip(idx, src_runs, tgt_runs, strict=True)]
+            kw_rows = {
+                **kw,
+                "memory_budget_gb": _rows_budget(memory_budget_gb, src_runs + tgt_runs),
+            }
+            done = _run_plans(model, [p for ps in plans for p in ps], **kw_rows)
+            k = 0
+            for i, ps in zip(idx, plans, strict=True):
+                out[i] = done[k : k + len(ps)]
+                k += len(ps)
+            bar.update(len(idx))
+    return [out[i] for i in range(len(pairs))]
+
+
+def _lens_point(model: SpeechLM, layer: int) -> str:
+    """Hook point the logit lens reads at row ``layer`` (``n_layers``: the last block's output)."""
+    n = model.n_layers
+    if not 0 <= layer <= n:
+        raise PatchingError(f"lens layer {layer} out of range 0..{n}")
+    return hook_name("resid_pre", layer) if layer < n else hook_name("resid_post", n - 1)
 
 
 def cross_modal(
@@ -930,6 +1282,8 @@ def cross_modal(
     rule: Rule | str = "last",
     layers: int | Iterable[int | Iterable[int]] | None = None,
     read_layer: int | None = None,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
     progress: bool = False,
 ) -> list[PatchResult]:
     """The same utterance as text and as speech; for each word w (that has a next word), patch
@@ -943,60 +1297,106 @@ def cross_modal(
     log-prob with the logit lens at that row (``resid_pre``; ``n_layers`` = output) of the
     patched run instead of from the output logits: a speech run's output must predict a unit
     or a marker next, while the paper's next-word signal lives in the middle layers.
+    ``batch_size`` (int or ``"auto"``): patched runs (word x layer) per forward.
     """
+    (res,) = _cross_modal_many(
+        model,
+        [utterance],
+        direction=direction,
+        words=words,
+        component=component,
+        rule=rule,
+        layers=layers,
+        read_layer=read_layer,
+        batch_size=batch_size,
+        memory_budget_gb=memory_budget_gb,
+        progress=progress,
+    )
+    return res
+
+
+def _cross_modal_many(
+    model: SpeechLM,
+    utterances: Sequence[Utterance],
+    *,
+    direction: str,
+    words: Iterable[int] | None,
+    component: str,
+    rule: Rule | str,
+    layers: int | Iterable[int | Iterable[int]] | None,
+    read_layer: int | None,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
+    padding_side: str = "right",
+    progress: bool = False,
+) -> list[list[PatchResult]]:
+    """:func:`cross_modal` for every utterance, ``batch_size`` utterances per padded forward."""
     from speech_lens.prompts import encode_prompt
 
     if direction not in ("text-to-speech", "speech-to-text"):
         raise PatchingError(
             f"direction must be text-to-speech or speech-to-text, not {direction!r}"
         )
-    text = encode_prompt(model, utterance, mode="text")
-    speech = encode_prompt(model, utterance, mode="speech")
-    source, target = (text, speech) if direction == "text-to-speech" else (speech, text)
-    n = len(utterance.words)
-    todo = list(range(n - 1)) if words is None else [int(w) for w in words]
-    check_prompt(model, source, "source")
-    check_prompt(model, target, "target")
-    # one source cache and one unpatched target run serve every word's sweep
-    layers = _layer_sets(model, layers)  # a list: iterators would be used up by the first word
-    needed = {hook_name(component, x) for e in layers for x in e}
-    source_run = cache_source(model, source, needed)
-    with torch.no_grad():
-        target_logits = model.bridge(_batch(target.tokens, model.device))
-    out = []
-    for w in todo:
-        if not 0 <= w < n - 1:
-            raise PatchingError(
-                f"utterance {utterance.id!r}: word {w} has no next word (words 0..{n - 2})"
+    layer_sets = _layer_sets(model, layers)  # a list: an iterator would be used up by one word
+    chosen = None if words is None else [int(w) for w in words]
+    pairs = []
+    for u in utterances:
+        text = encode_prompt(model, u, mode="text")
+        speech = encode_prompt(model, u, mode="speech")
+        pairs.append((text, speech) if direction == "text-to-speech" else (speech, text))
+    lens = set() if read_layer is None else {_lens_point(model, read_layer)}
+
+    def make_plans(i: int, source_run: SourceRun, target_run: SourceRun) -> list[_Plan]:
+        utt, (source, target) = utterances[i], pairs[i]
+        n = len(utt.words)
+        plans = []
+        for w in list(range(n - 1)) if chosen is None else chosen:
+            if not 0 <= w < n - 1:
+                raise PatchingError(
+                    f"utterance {utt.id!r}: word {w} has no next word (words 0..{n - 2})"
+                )
+            if not (_spoken_word_ok(source, w) and _spoken_word_ok(target, w)):
+                if chosen is None:
+                    continue  # a spoken word with no unit of its own: nothing to patch
+                _span(source, w, None), _span(target, w, None)  # raises with the reason
+            extra = {
+                "experiment": direction,
+                "utterance": utt.id,
+                "word_index": str(w),
+                "word": utt.words[w].text,
+                "next_word": utt.words[w + 1].text,
+            }
+            plans.append(
+                _plan_sweep(
+                    model,
+                    source,
+                    target,
+                    map_words(source, target, [w], rule=rule),
+                    _next_word_metric(model, target, w, read_layer),
+                    component=component,
+                    layers=layer_sets,
+                    positions="all",
+                    heads=None,
+                    source_metric=_next_word_metric(model, source, w, read_layer),
+                    source_run=source_run,
+                    target_run=target_run,
+                    extra=extra,
+                )
             )
-        if not (_spoken_word_ok(source, w) and _spoken_word_ok(target, w)):
-            if words is None:
-                continue  # a spoken word with no unit of its own: nothing to patch
-            _span(source, w, None), _span(target, w, None)  # raises with the reason
-        pm = map_words(source, target, [w], rule=rule)
-        res = patch_sweep(
-            model,
-            source,
-            target,
-            pm,
-            _next_word_metric(model, target, w, read_layer),
-            component=component,
-            layers=layers,
-            positions="all",
-            source_metric=_next_word_metric(model, source, w, read_layer),
-            source_run=source_run,
-            target_logits=target_logits,
-            progress=progress,
-        )
-        extra = {
-            "experiment": direction,
-            "utterance": utterance.id,
-            "word_index": str(w),
-            "word": utterance.words[w].text,
-            "next_word": utterance.words[w + 1].text,
-        }
-        out.append(replace(res, extra=extra))
-    return out
+        return plans
+
+    return _run_pairs(
+        model,
+        pairs,
+        make_plans,
+        source_names=_source_names(model, component, layer_sets, None) | lens,
+        target_names=lens,
+        batch_size=batch_size,
+        memory_budget_gb=memory_budget_gb,
+        padding_side=padding_side,
+        progress=progress,
+        desc=direction,
+    )
 
 
 def _next_word_metric(
@@ -1052,6 +1452,8 @@ def word_swap(
     component: str = "resid_pre",
     rule: Rule | str = "last",
     layers: int | Iterable[int | Iterable[int]] | None = None,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
     progress: bool = False,
 ) -> PatchResult:
     """Two spoken utterances that differ in word ``word`` (e.g. from :func:`splice_word`).
@@ -1059,46 +1461,113 @@ def word_swap(
     ``mode="denoise"`` patches the clean run into the corrupted one, ``"noise"`` the corrupted
     into the clean one; every word is patched on its own (layer x word sweep). The metric is
     logit(clean word) - logit(swapped word) (text tokens) at the swapped word's last position of
-    the patched run: which word does the model take itself to be hearing.
+    the patched run: which word does the model take itself to be hearing. ``batch_size`` (int
+    or ``"auto"``): patched runs (layer x word) per forward.
     """
-    from speech_lens.prompts import encode_prompt
-
-    if mode not in ("denoise", "noise"):
-        raise PatchingError(f"mode must be 'denoise' or 'noise', not {mode!r}")
-    pc = encode_prompt(model, clean, mode="speech")
-    px = encode_prompt(model, corrupt, mode="speech")
-    source, target = (pc, px) if mode == "denoise" else (px, pc)
-    good, bad = clean.words[word].text, corrupt.words[word].text
-    if good == bad:
-        raise PatchingError(f"word {word} is {good!r} in both utterances: nothing was swapped")
-    common = [
-        i
-        for i in range(min(len(clean.words), len(corrupt.words)))
-        if _spoken_word_ok(pc, i) and _spoken_word_ok(px, i)
-    ]
-    if word not in common:
-        _span(pc, word, None), _span(px, word, None)
-    pm = map_words(source, target, common, rule=rule)
-    res = patch_sweep(
+    (res,) = _word_swap_many(
         model,
-        source,
-        target,
-        pm,
-        word_logit_diff(model, target, word, good, bad),
+        [(clean, corrupt)],
+        word,
+        modes=(mode,),
         component=component,
+        rule=rule,
         layers=layers,
-        positions="group",
-        source_metric=word_logit_diff(model, source, word, good, bad),
+        batch_size=batch_size,
+        memory_budget_gb=memory_budget_gb,
         progress=progress,
     )
-    extra = {
-        "experiment": f"word-swap-{mode}",
-        "utterance": clean.id,
-        "word_index": str(word),
-        "word": good,
-        "swap": bad,
-    }
-    return replace(res, extra=extra)
+    return res[0]
+
+
+def _word_swap_many(
+    model: SpeechLM,
+    items: Sequence[tuple[Utterance, Utterance]],
+    word: int,
+    *,
+    modes: Sequence[str],
+    component: str,
+    rule: Rule | str,
+    layers: int | Iterable[int | Iterable[int]] | None,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
+    padding_side: str = "right",
+    progress: bool = False,
+) -> list[list[PatchResult]]:
+    """:func:`word_swap` in each of ``modes`` for every (clean, corrupt) pair, ``batch_size``
+    pairs per padded forward."""
+    from speech_lens.prompts import encode_prompt
+
+    for mode in modes:
+        if mode not in ("denoise", "noise"):
+            raise PatchingError(f"mode must be 'denoise' or 'noise', not {mode!r}")
+    for clean, corrupt in items:
+        if clean.words[word].text == corrupt.words[word].text:
+            raise PatchingError(
+                f"word {word} is {clean.words[word].text!r} in both utterances: nothing was swapped"
+            )
+    layer_sets = _layer_sets(model, layers)
+    pairs = [
+        (encode_prompt(model, c, mode="speech"), encode_prompt(model, x, mode="speech"))
+        for c, x in items
+    ]
+
+    def make_plans(i: int, clean_run: SourceRun, corrupt_run: SourceRun) -> list[_Plan]:
+        (clean, corrupt), (pc, px) = items[i], pairs[i]
+        good, bad = clean.words[word].text, corrupt.words[word].text
+        common = [
+            w
+            for w in range(min(len(clean.words), len(corrupt.words)))
+            if _spoken_word_ok(pc, w) and _spoken_word_ok(px, w)
+        ]
+        if word not in common:
+            _span(pc, word, None), _span(px, word, None)  # raises with the reason
+        plans = []
+        for mode in modes:
+            source, target, source_run, target_run = (
+                (pc, px, clean_run, corrupt_run)
+                if mode == "denoise"
+                else (px, pc, corrupt_run, clean_run)
+            )
+            extra = {
+                "experiment": f"word-swap-{mode}",
+                "utterance": clean.id,
+                "word_index": str(word),
+                "word": good,
+                "swap": bad,
+            }
+            plans.append(
+                _plan_sweep(
+                    model,
+                    source,
+                    target,
+                    map_words(source, target, common, rule=rule),
+                    word_logit_diff(model, target, word, good, bad),
+                    component=component,
+                    layers=layer_sets,
+                    positions="group",
+                    heads=None,
+                    source_metric=word_logit_diff(model, source, word, good, bad),
+                    source_run=source_run,
+                    target_run=target_run,
+                    extra=extra,
+                )
+            )
+        return plans
+
+    names = _source_names(model, component, layer_sets, None)
+    return _run_pairs(
+        model,
+        pairs,
+        make_plans,
+        # the clean run is the denoising source, the corrupted one the noising source
+        source_names=names if "denoise" in modes else set(),
+        target_names=names if "noise" in modes else set(),
+        batch_size=batch_size,
+        memory_budget_gb=memory_budget_gb,
+        padding_side=padding_side,
+        progress=progress,
+        desc="word-swap",
+    )
 
 
 def mean_curve(results: Sequence[PatchResult]) -> dict[str, Any]:
@@ -1169,6 +1638,10 @@ def run_experiment(
     layers: int | Iterable[int | Iterable[int]] | None = None,
     word: int = 1,
     read_layer: int | None = None,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
+    padding_side: str = "right",
+    data: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run one worked experiment over ``utterances`` and write its table and figures to ``out``.
@@ -1178,9 +1651,18 @@ def run_experiment(
     word heatmap of the first utterance. ``word-swap``: word ``word`` of each utterance is
     swapped for a word of another utterance (:func:`splice_word`) and patched both ways
     (:func:`word_swap`); writes ``word-swap.csv`` and layer x word heatmaps of the first
-    utterance, plus the mean per-layer value at the swapped word. Returns a summary dict.
+    utterance, plus the mean per-layer value at the swapped word. Both write
+    ``{experiment}.json``: the returned summary with a ``provenance`` key (checkpoint and
+    ``data`` digests, versions, settings).
+
+    ``batch_size`` (int or ``"auto"`` from ``memory_budget_gb``, default the free memory):
+    utterances per padded forward (``padding_side`` ``"right"`` or ``"left"``) for the source
+    and target runs, and patched runs per forward, across the utterances of a group; values
+    equal the one-by-one run (fp32: up to summation order).
     """
     from speech_lens.plots_patching import plot_layer_curves, plot_layer_position
+    from speech_lens.provenance import collect_provenance, stable
+    from speech_lens.report import atomic_write_text
 
     if experiment not in EXPERIMENTS:
         raise PatchingError(f"experiment must be one of {EXPERIMENTS}, not {experiment!r}")
@@ -1199,18 +1681,25 @@ def run_experiment(
         "utterances": len(utts),
         "readout": "output" if read_layer is None else f"logit lens row {read_layer}",
     }
+    batching: dict[str, Any] = {
+        "batch_size": batch_size,
+        "memory_budget_gb": memory_budget_gb,
+        "padding_side": padding_side,
+        "progress": progress,
+    }
     if experiment != "word-swap":
-        results: list[PatchResult] = []
-        for u in tqdm(utts, desc=experiment, disable=not progress):
-            results += cross_modal(
-                model,
-                u,
-                direction=experiment,
-                component=component,
-                rule=rule,
-                layers=layers,
-                read_layer=read_layer,
-            )
+        per_utt = _cross_modal_many(
+            model,
+            utts,
+            direction=experiment,
+            words=None,
+            component=component,
+            rule=rule,
+            layers=layers,
+            read_layer=read_layer,
+            **batching,
+        )
+        results = [r for rs in per_utt for r in rs]
         curve = mean_curve(results)
         rows = [row for r in results for row in r.to_table()]
         fig = plot_layer_curves(
@@ -1239,29 +1728,32 @@ def run_experiment(
     else:
         per_mode: dict[str, list[Tensor]] = {"denoise": [], "noise": []}
         baselines: dict[str, list[float]] = {"denoise": [], "noise": []}
-        for k, u in enumerate(tqdm(utts, desc=experiment, disable=not progress)):
+        items, firsts = [], []
+        for k, u in enumerate(utts):
             if not 0 <= word < len(u.words):
                 continue
             donor = _swap_donor(utts, k, word)
             if donor is None:
                 raise PatchingError(f"no donor word to swap into {u.id!r}: need another utterance")
-            corrupt = splice_word(u, word, *donor)
-            for mode in ("denoise", "noise"):
-                r = word_swap(
-                    model,
-                    u,
-                    corrupt,
-                    word,
-                    mode=mode,
-                    component=component,
-                    rule=rule,
-                    layers=layers,
-                )
+            items.append((u, splice_word(u, word, *donor)))
+            firsts.append(k == 0)
+        swapped = _word_swap_many(
+            model,
+            items,
+            word,
+            modes=("denoise", "noise"),
+            component=component,
+            rule=rule,
+            layers=layers,
+            **batching,
+        )
+        for is_first, (u, _), pair in zip(firsts, items, swapped, strict=True):
+            for mode, r in zip(("denoise", "noise"), pair, strict=True):
                 rows += r.to_table()
                 w = next(i for i, lab in enumerate(r.positions) if "->" in lab)
                 per_mode[mode].append(r.values[:, w])
                 baselines[mode].append(r.baseline)
-                if k == 0:
+                if is_first:
                     figures.append(out / f"word-swap_{mode}_{_safe(u.id)}.html")
                     plot_layer_position(r, title=f"word swap ({mode}): {r.metric}").write_html(
                         figures[-1], include_plotlyjs=True
@@ -1274,6 +1766,29 @@ def run_experiment(
         summary["words"] = len(per_mode["denoise"])
     summary["table"] = str(write_csv(rows, out / f"{experiment}.csv"))
     summary["figures"] = [str(f) for f in figures]
+    settings = {
+        "experiment": experiment,
+        "component": component,
+        "rule": rule,
+        "layers": [list(e) for e in layers],
+        "metric": (
+            "logit(clean word) - logit(swapped word), text tokens, at the swapped word's end"
+            if experiment == "word-swap"
+            else "log P(next word's first text sub-token) at the patched word's end"
+        ),
+        "readout": summary["readout"],
+        "positions": "each word alone" if experiment == "word-swap" else "the word's span",
+        "word": word if experiment == "word-swap" else None,
+        "utterance_ids": [u.id for u in utts],
+        "batch_size": batch_size,
+        "padding_side": padding_side,
+        "seed": None,  # nothing random: the same inputs give the same numbers
+    }
+    prov = collect_provenance(model, data=data, lens="logit", settings=settings)
+    # no timestamp: a rerun writes a byte-identical file
+    summary["provenance"] = stable(prov)
+    summary["metadata"] = str(out / f"{experiment}.json")
+    atomic_write_text(summary["metadata"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 
