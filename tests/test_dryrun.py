@@ -98,6 +98,9 @@ def test_lens_dry_run_counts_finished_utterances(tiny_checkpoint, tiny_model, tm
     text = capsys.readouterr().out
     assert "5 utterances, 2 already in" in text and "word lens: 3 utterance(s)" in text
     assert sorted(p.name for p in out.iterdir()) == before
+    argv = ["lens", str(path), str(data), "--out", str(out), "--batch-size", "2", "--dry-run"]
+    assert main(argv) == 0
+    assert "batches         2 (batch size 2: up to 2 utterances)" in capsys.readouterr().out
 
 
 def test_demo_dry_run(tmp_path, capsys):

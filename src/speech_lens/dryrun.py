@@ -128,11 +128,12 @@ def _print(plan: DryRunPlan, as_json: bool = False) -> int:
 
 def plan_lens(args: Any) -> DryRunPlan:
     from speech_lens.adapters import load_from_args
+    from speech_lens.batching import plan_batches
     from speech_lens.data import read_manifest
-    from speech_lens.lens.logit import word_lens
+    from speech_lens.lens.logit import word_lens_batch
     from speech_lens.lens.tuned import lens_from_spec
     from speech_lens.prompts import encode_prompt, word_targets
-    from speech_lens.run_lens import PARTIAL
+    from speech_lens.run_lens import PARTIAL, _batch_size
 
     model = load_from_args(args)
     utts = list(read_manifest(args.data, layout=model.layout))
@@ -142,24 +143,39 @@ def plan_lens(args: Any) -> DryRunPlan:
     todo = [u for u in utts if u.id not in done]
     prompts = [encode_prompt(model, u, mode=args.mode, seed=0) for u in todo]
     lens = lens_from_spec(args.lens, model)
+    size = _batch_size(getattr(args, "batch_size", 1))
+    budget = getattr(args, "memory_budget", None)
+    batches = plan_batches(model, [len(p) for p in prompts], size, memory_budget_gb=budget)
 
-    def one(i: int) -> None:
-        word_lens(model, prompts[i], word_targets(model, todo[i]), k=args.k, lens=lens)
+    def one(idx: list[int]) -> None:
+        word_lens_batch(
+            model,
+            [prompts[i] for i in idx],
+            [word_targets(model, todo[i]) for i in idx],
+            k=args.k,
+            lens=lens,
+            positions="speech",
+            padding_side=getattr(args, "padding_side", "right"),
+        )
 
-    per, n = calibrate(one, range(len(todo)))
+    # the longest batches come first, so the estimate errs on the slow side
+    per_batch, n = calibrate(one, batches)
+    per = per_batch / max(1, len(batches[0])) if batches else 0.0
     longest = max((len(p.tokens) for p in prompts), default=0)
+    widest = max((len(b) for b in batches), default=1)
     facts = (
         ("model", f"{model.path} ({model.spec.name}, {model.n_layers} layers)"),
         ("data", f"{args.data}: {len(utts)} utterances, {len(done)} already in {args.out}"),
         ("lens", f"{args.lens}, {args.mode} prompts, k={args.k}, match {args.match}"),
+        ("batches", f"{len(batches)} (batch size {size}: up to {widest} utterances)"),
         ("longest prompt", f"{longest} tokens"),
     )
     return DryRunPlan(
         "lens",
         facts,
-        memory_for(model, max(longest, 1)),
+        memory_for(model, max(longest, 1), batch=widest),
         _available_gb(model.device),
-        (Stage("word lens", len(todo), "utterance", per, n),),
+        (Stage("word lens", len(todo), "utterance", per, n * widest),),
     )
 
 
