@@ -243,8 +243,12 @@ def _add_patch(sub: Any) -> None:
                 layers=layers,
                 word=args.word,
                 read_layer=args.read_layer,
+                batch_size=args.batch_size,
+                memory_budget_gb=args.memory_budget,
+                padding_side=args.padding_side,
+                data=args.data,
             )
-        except PatchingError as e:
+        except (PatchingError, ValueError) as e:  # ValueError: a memory budget that cannot fit
             print(f"speech-lens patch: error: {e}", file=sys.stderr)
             return 2
         print(json.dumps(summary, indent=2))
@@ -266,8 +270,27 @@ def _add_patch(sub: Any) -> None:
         "--read-layer", type=int, help="read the next word with the logit lens at this row"
     )
     p.add_argument("--max-utterances", type=int, default=50)
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=1,
+        help="utterances and patched runs per forward pass, or 'auto' (from memory)",
+    )
+    p.add_argument(
+        "--memory-budget", type=float, help="GiB for --batch-size auto (default: free memory)"
+    )
+    p.add_argument("--padding-side", choices=("right", "left"), default="right")
     _add_dry_run(p)
     p.set_defaults(func=go)
+
+
+def _batch_size(text: str) -> int | str:
+    """``--batch-size``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive integer or 'auto'")
+    return int(text)
 
 
 def _add_lens(sub: Any) -> None:
