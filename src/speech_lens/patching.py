@@ -24,6 +24,15 @@ Three layers, each usable on its own:
    :func:`kl_to_clean`, or any ``logits -> scalar`` callable). Results are a frozen
    :class:`PatchResult` that records the component, layers, rule and metric.
 
+4. **Batching** (``batch_size=N | "auto"``): a sweep's cells run N at a time as one forward of
+   the target repeated N times, every row patched by its own cell (one hook per hook point
+   writes each row's values at that row's positions) and read on its own. Across utterance
+   pairs (:func:`cross_modal`, :func:`word_swap`, :func:`run_experiment`), N pairs' source and
+   target runs go through one padded forward (``padding_side``; position maps stay in unpadded
+   positions: cached rows are cut back to their own columns and patches are shifted by a row's
+   pad offset), and the patched rows of those pairs share padded forwards too. Values equal the
+   one-by-one runs (fp32: up to summation order; tests/test_batched_patching.py).
+
 Where both can express an experiment (same-length prompts, identity map, ``"each"`` rule) the
 numbers equal ``transformer_lens.patching`` exactly (tests/test_patching.py).
 """
@@ -1123,6 +1132,17 @@ def _plan_sweep(
     return _Plan(template, tuple(rows), baseline is None)
 
 
+def _rows_budget(
+    memory_budget_gb: float | None, held: Iterable[tuple[Tensor, Mapping[str, Tensor]]]
+) -> float | None:
+    """What a stated budget leaves for patched forwards while the cached runs are held (free
+    memory, when measured, already counts them)."""
+    if memory_budget_gb is None:
+        return None
+    nbytes = sum(t.numel() * t.element_size() for lg, c in held for t in (lg, *c.values()))
+    return memory_budget_gb - nbytes / 2**30
+
+
 def patch_sweep(
     model: SpeechLM,
     source: EncodedPrompt,
@@ -1163,8 +1183,9 @@ def patch_sweep(
     _check_pair(model, source, target, pmap)
     layer_sets = _layer_sets(model, layers)
     if source_run is None:
-        names = _source_names(model, component, layer_sets, source_metric or metric)
-        source_run = cache_source(model, source, names)
+        # cache the point a lens source metric reads too: its source value needs no extra run
+        reads = source_metric if source_metric is not None or len(source) != len(target) else metric
+        source_run = cache_source(model, source, _source_names(model, component, layer_sets, reads))
     plan = _plan_sweep(
         model,
         source,
@@ -1189,17 +1210,6 @@ def patch_sweep(
         desc=f"patch {component}",
     )
     return result
-
-
-def _rows_budget(
-    memory_budget_gb: float | None, held: Iterable[tuple[Tensor, Mapping[str, Tensor]]]
-) -> float | None:
-    """What a stated budget leaves for patched forwards while the cached runs are held (free
-    memory, when measured, already counts them)."""
-    if memory_budget_gb is None:
-        return None
-    nbytes = sum(t.numel() * t.element_size() for lg, c in held for t in (lg, *c.values()))
-    return memory_budget_gb - nbytes / 2**30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1809,6 +1819,7 @@ __all__ = [
     "PatchingError",
     "PositionMap",
     "cache_source",
+    "cache_sources",
     "check_prompt",
     "cross_modal",
     "hook_name",
