@@ -47,7 +47,7 @@ import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from jaxtyping import Float, Int
@@ -74,6 +74,7 @@ COMPONENTS: dict[str, str] = {
     "z": "z",  # per-head attention output before W_O: [batch, pos, head, d_head]
 }
 HookFn = Callable[..., Tensor]
+T = TypeVar("T")
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
 # an unpatched run: logits [1, pos, vocab] and the activations cached by hook name
 SourceRun = tuple[Tensor, dict[str, Tensor]]
@@ -1035,10 +1036,16 @@ def _run_plans(
         progress=progress,
         desc=desc,
     )
+    parts = _split(values, [len(p.rows) for p in plans])
+    return [p.finish(v) for p, v in zip(plans, parts, strict=True)]
+
+
+def _split(items: Sequence[T], sizes: Iterable[int]) -> list[Sequence[T]]:
+    """``items`` cut into consecutive runs of ``sizes``."""
     out, k = [], 0
-    for p in plans:
-        out.append(p.finish(values[k : k + len(p.rows)]))
-        k += len(p.rows)
+    for n in sizes:
+        out.append(items[k : k + n])
+        k += n
     return out
 
 
@@ -1255,7 +1262,7 @@ def _run_pairs(
         memory_budget_gb=memory_budget_gb,
         extra_bytes_per_token=_cache_bytes_per_token(model, [*source_names, *target_names]),
     )
-    out: dict[int, list[PatchResult]] = {}
+    out: dict[int, Sequence[PatchResult]] = {}
     with tqdm(total=len(pairs), desc=desc, disable=not progress) as bar:
         for idx in groups:
             src_runs = cache_sources(model, [pairs[i][0] for i in idx], source_names, **kw)
@@ -1266,12 +1273,9 @@ def _run_pairs(
                 "memory_budget_gb": _rows_budget(memory_budget_gb, src_runs + tgt_runs),
             }
             done = _run_plans(model, [p for ps in plans for p in ps], **kw_rows)
-            k = 0
-            for i, ps in zip(idx, plans, strict=True):
-                out[i] = done[k : k + len(ps)]
-                k += len(ps)
+            out.update(zip(idx, _split(done, [len(ps) for ps in plans]), strict=True))
             bar.update(len(idx))
-    return [out[i] for i in range(len(pairs))]
+    return [list(out[i]) for i in range(len(pairs))]
 
 
 def _lens_point(model: SpeechLM, layer: int) -> str:
