@@ -204,13 +204,18 @@ def plan_patch(args: Any, layers: Any) -> DryRunPlan:
         itertools.islice(read_manifest(args.data, layout=model.layout), args.max_utterances)
     )
 
+    # calibrate on groups of utterances, as many as one batch (word-swap needs a donor: >= 2)
+    size = getattr(args, "batch_size", 1)
+    group = max(2, size) if isinstance(size, int) else 4
+    groups = [utts[i : i + group] for i in range(0, len(utts), group)]
+    groups = [g for g in groups if len(g) == group] or groups[:1]  # no short tail group
     with tempfile.TemporaryDirectory() as tmp:
 
-        def one(i: int) -> None:
+        def one(part: list[Any]) -> None:
             run_experiment(
                 model,
-                [utts[i]],
-                Path(tmp) / str(i),
+                part,
+                Path(tmp) / part[0].id,
                 experiment=args.experiment,
                 component=args.component,
                 rule=args.rule,
@@ -218,30 +223,13 @@ def plan_patch(args: Any, layers: Any) -> DryRunPlan:
                 word=args.word,
                 read_layer=args.read_layer,
                 progress=False,
+                batch_size=size,
+                memory_budget_gb=getattr(args, "memory_budget", None),
+                padding_side=getattr(args, "padding_side", "right"),
             )
 
-        # word-swap needs a donor utterance: calibrate on pairs of the data set instead
-        if args.experiment == "word-swap":
-            pairs = [utts[i : i + 2] for i in range(0, max(len(utts) - 1, 0), 2)][:3]
-
-            def one_pair(pair: Any) -> None:
-                run_experiment(
-                    model,
-                    pair,
-                    Path(tmp) / pair[0].id,
-                    experiment=args.experiment,
-                    component=args.component,
-                    rule=args.rule,
-                    layers=layers,
-                    word=args.word,
-                    read_layer=args.read_layer,
-                    progress=False,
-                )
-
-            per, n = calibrate(one_pair, pairs)
-            per, n = per / 2, n * 2
-        else:
-            per, n = calibrate(one, range(len(utts)))
+        per_group, n = calibrate(one, groups)
+    per = per_group / len(groups[0]) if groups else 0.0
     longest = max((len(encode_prompt(model, u, mode="speech").tokens) for u in utts), default=1)
     facts = (
         ("model", f"{model.path} ({model.spec.name}, {model.n_layers} layers)"),
@@ -254,7 +242,7 @@ def plan_patch(args: Any, layers: Any) -> DryRunPlan:
         facts,
         memory_for(model, 2 * longest),
         _available_gb(model.device),
-        (Stage("patching", len(utts), "utterance", per, n),),
+        (Stage("patching", len(utts), "utterance", per, n * group),),
     )
 
 
