@@ -328,6 +328,9 @@ def test_run_dataset_batch_sizes_write_the_same_records(model64, tmp_path):
         runs[bs] = _records(out / PARTIAL)
         assert (out / "metrics.json").exists()
     assert set(runs[1]) == {u.id for u in utts}
+    prompts = [encode_prompt(model, u, mode="speech") for u in utts[:2]]
+    with pytest.raises(ValueError, match="float64"):  # HF eager attention NaNs there
+        word_lens_batch(model, prompts, padding_side="left")
     assert runs[3] == runs[1] and runs["auto"] == runs[1]
 
     # a crash in the middle of a batch: the finished records stay, the rest is recomputed

@@ -9,6 +9,12 @@ is made, so nothing of size ``[layers, pos, vocab]`` (or even ``[pos, vocab]``) 
 
 Rows: row ``i < n_layers`` reads ``blocks.i.hook_resid_pre`` (row 0 = the embeddings); row
 ``n_layers`` reads the model's own logits at ``hook_unembed``, so it equals the model's output.
+A buffer may hold a subset of the rows (``LensBuffer.layers``); hooks go only there.
+
+Batches: :func:`batch_lens_hooks` fills one buffer per sequence of a padded batch. Each row's
+hook gathers every sequence's positions from the batch activation at once (``BatchIndex``) and
+streams them, laid end to end, through :func:`stream_rows`: a chunk of positions may span
+several sequences, and each buffer reduces its own slice.
 """
 
 from __future__ import annotations

@@ -280,6 +280,15 @@ def _run_batch(
         tokens, kwargs, offsets = seqs[0].unsqueeze(0), {}, [0]
     else:
         batch = pad_batch(seqs, side=padding_side)
+        if padding_side == "left" and len(set(batch.lengths)) > 1:
+            dtype = next(model.bridge.parameters()).dtype
+            if dtype == torch.float64:
+                # HF eager attention takes the softmax in fp32: the fp64 mask minimum becomes
+                # -inf, a fully masked pad row turns NaN and the NaN reaches the real tokens
+                raise ValueError(
+                    "left padding gives NaN logits on a float64 model (HF eager attention); "
+                    "use padding_side='right'"
+                )
         tokens, kwargs = batch.tokens, batch.forward_kwargs(model.device)
         offsets = list(batch.offsets)
     hooks = batch_lens_hooks(buffers, offsets, readout, lens, stop_early=stop_early)
