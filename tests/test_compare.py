@@ -12,8 +12,7 @@ import pytest
 from speech_lens import load_model, write_manifest
 from speech_lens.compare import CompareError, compare_runs, load_run
 from speech_lens.run_lens import LensRunConfig, run_dataset
-from speech_lens.testing import build_family
-from test_provenance import utterances
+from speech_lens.testing import build_family, random_utterances
 
 
 def _run(model, data: Path, out: Path, k: int = 5) -> Path:
@@ -25,7 +24,7 @@ def _run(model, data: Path, out: Path, k: int = 5) -> Path:
         ks=tuple(sorted({1, k})),
         n_boot=20,
     )
-    run_dataset(model, utterances(3), out, cfg, progress=False)
+    run_dataset(model, random_utterances(3), out, cfg, progress=False)
     return out
 
 
@@ -34,7 +33,7 @@ def runs(tiny_model, tiny_checkpoint, tmp_path_factory):
     """spiritlm (2 layers) and a 3-layer SIMS-Qwen on the same manifest; one more at k=3."""
     root = tmp_path_factory.mktemp("cmp")
     data = root / "data.jsonl"
-    write_manifest(data, utterances(3))
+    write_manifest(data, random_utterances(3))
     spirit = tiny_model("spiritlm")
     tiny_checkpoint("sims-qwen")  # the shared base tokenizer is built there
     path, kw = build_family("sims-qwen", root / "deep", num_hidden_layers=3)

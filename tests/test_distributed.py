@@ -30,23 +30,10 @@ from speech_lens.distributed import (
 from speech_lens.guards import NumericError, guarded_hook_names
 from speech_lens.lens.logit import logit_lens
 from speech_lens.run_lens import PARTIAL, LensRunConfig, RunError, run_dataset
+from speech_lens.testing import random_utterances
 
 OUTPUTS = ("metrics.json", "layers.csv", "words.csv", PARTIAL)
 N_UTT = 5
-
-
-def _utterances(n: int, rate: float = 25.0, prefix: str = "u") -> list[Utterance]:
-    g = torch.Generator().manual_seed(1)
-    words = ["the", "cat", "sat", "on", "a", "mat"]
-    out = []
-    for i in range(n):
-        ws = tuple(Word(words[(i + j) % 6], 0.3 * j, 0.3 * j + 0.25) for j in range(3 + i % 2))
-        nf = int(ws[-1].end * rate) + 2
-        units = tuple(int(u) for u in torch.randint(0, 500, (nf,), generator=g))
-        out.append(
-            Utterance(id=f"{prefix}{i}", words=ws, units=units, durations=None, frame_rate=rate)
-        )
-    return out
 
 
 def _cfg(path: Path, data: Path, **kw: object) -> LensRunConfig:
@@ -69,9 +56,11 @@ def reference(tmp_path_factory, tiny_checkpoint, tiny_model):
     assert kw == {}
     root = tmp_path_factory.mktemp("dist")
     data = root / "data.jsonl"
-    write_manifest(data, _utterances(N_UTT))
+    write_manifest(data, random_utterances(N_UTT))
     ref = root / "ref"
-    run_dataset(tiny_model("spiritlm"), _utterances(N_UTT), ref, _cfg(path, data), progress=False)
+    run_dataset(
+        tiny_model("spiritlm"), random_utterances(N_UTT), ref, _cfg(path, data), progress=False
+    )
     return path, data, ref
 
 
@@ -172,7 +161,7 @@ def test_killed_rank_resumes_without_duplicates_or_losses(reference, tmp_path):
 def test_in_process_shards_resume_across_world_sizes_and_merge(reference, tiny_model, tmp_path):
     path, data, ref = reference
     model = tiny_model("spiritlm")
-    utts, cfg, out = _utterances(N_UTT), _cfg(path, data), tmp_path / "out"
+    utts, cfg, out = random_utterances(N_UTT), _cfg(path, data), tmp_path / "out"
     assert shard_of(list(range(7)), 1, 3) == [1, 4]
     # rank 1 of a 2-rank job (no process group: barriers are no-ops) does its share only
     assert run_distributed(model, utts, out, cfg, DistContext(1, 2), progress=False) is None
@@ -204,15 +193,17 @@ def test_in_process_shards_resume_across_world_sizes_and_merge(reference, tiny_m
 def test_input_limits_are_refused_naming_the_utterance(tiny_model, tmp_path):
     model = tiny_model("spiritlm")
     cfg = _cfg(Path("ck"), Path("data.jsonl"))
-    utts = _utterances(3)
+    utts = random_utterances(3)
     with pytest.raises(InputError, match="empty data set"):
         run_distributed(model, [], tmp_path / "a", cfg, progress=False)
     with pytest.raises(InputError, match="'u1' appears twice"):
         check_inputs(model, [*utts, utts[1]], cfg)
-    mixed = [*utts, *_utterances(1, rate=50.0, prefix="sgpt")]
+    mixed = [*utts, *random_utterances(1, rate=50.0, prefix="sgpt")]
     with pytest.raises(InputError, match="'sgpt0' has units at 50 Hz but 'u0' at 25 Hz"):
         check_inputs(model, mixed, cfg)
-    check_inputs(model, [*utts, *_utterances(1, rate=24.99, prefix="x")], cfg)  # same tokenizer
+    check_inputs(
+        model, [*utts, *random_utterances(1, rate=24.99, prefix="x")], cfg
+    )  # same tokenizer
     n_ctx = int(model.bridge.cfg.n_ctx)
     # alternating units never deduplicate: about one token per frame, past the context
     frames = n_ctx + 40
@@ -234,7 +225,7 @@ def test_nan_guard_names_layer_and_utterance(tiny_checkpoint, tmp_path):
     model = load_model(path, **kw)  # a private copy: we poison it
     names = guarded_hook_names(model.n_layers)
     assert names[0] == "hook_embed" and names[-1] == "hook_unembed" and len(names) == 2 * 2 + 2
-    utts = _utterances(2)
+    utts = random_utterances(2)
     cfg = _cfg(path, tmp_path / "d.jsonl")
     down = model.hf_model.model.layers[1].mlp.down_proj.weight
     with torch.no_grad():

@@ -10,29 +10,17 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-import torch
 
-from speech_lens import Utterance, Word, write_manifest
 from speech_lens import provenance as pv
+from speech_lens import write_manifest
 from speech_lens.adapters import SPEC_DIR
 from speech_lens.lens.tuned import TunedLens
 from speech_lens.run_lens import LensRunConfig, run_dataset
+from speech_lens.testing import random_utterances
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def utterances(n: int, rate: float = 25.0) -> list[Utterance]:
-    g = torch.Generator().manual_seed(1)
-    words = ["the", "cat", "sat", "on", "a", "mat"]
-    out = []
-    for i in range(n):
-        ws = tuple(Word(words[(i + j) % 6], 0.3 * j, 0.3 * j + 0.25) for j in range(3 + i % 2))
-        nf = int(ws[-1].end * rate) + 2
-        units = tuple(int(u) for u in torch.randint(0, 500, (nf,), generator=g))
-        out.append(Utterance(id=f"u{i}", words=ws, units=units, durations=None, frame_rate=rate))
-    return out
 
 
 @pytest.fixture
@@ -59,7 +47,7 @@ def counted(monkeypatch):
 def test_collect_provenance_matches_independent_hashes(tiny_model, tmp_path, fresh_cache):
     model = tiny_model("spiritlm")
     data = tmp_path / "data.jsonl"
-    write_manifest(data, utterances(2))
+    write_manifest(data, random_utterances(2))
     settings = {"k": 5, "ks": (1, 5), "match": "first", "out": tmp_path}
     prov = pv.collect_provenance(model, data=data, settings=settings)
     json.dumps(prov)  # plain JSON
@@ -155,12 +143,12 @@ def test_tuned_lens_provenance(tiny_model, tmp_path, fresh_cache):
 def test_lens_run_outputs_carry_provenance(tiny_model, tmp_path, fresh_cache):
     model = tiny_model("spiritlm")
     data = tmp_path / "data.jsonl"
-    write_manifest(data, utterances(3))
+    write_manifest(data, random_utterances(3))
     cfg = LensRunConfig(
         checkpoint=str(model.path), data=str(data), family="spiritlm", k=5, ks=(1, 5), n_boot=20
     )
     out = tmp_path / "run"
-    run_dataset(model, utterances(3), out, cfg, progress=False)
+    run_dataset(model, random_utterances(3), out, cfg, progress=False)
     text = (out / "metrics.json").read_text()
     prov = json.loads(text)["provenance"]
     assert prov["model"]["sha256"] == pv.model_provenance(model)["sha256"]
@@ -172,7 +160,7 @@ def test_lens_run_outputs_carry_provenance(tiny_model, tmp_path, fresh_cache):
     html = (out / "report.html").read_text()
     assert "Provenance" in html and prov["model"]["sha256"] in html and "created_utc" in html
     # a rerun (nothing recomputed) writes the same bytes: no timestamp in metrics.json
-    run_dataset(model, utterances(3), out, cfg, progress=False)
+    run_dataset(model, random_utterances(3), out, cfg, progress=False)
     assert (out / "metrics.json").read_text() == text
 
 
@@ -181,7 +169,7 @@ def test_tuned_lens_training_writes_provenance(tiny_checkpoint, tmp_path, fresh_
 
     path, _ = tiny_checkpoint("spiritlm")
     data = tmp_path / "utts.jsonl"
-    write_manifest(data, utterances(8))
+    write_manifest(data, random_utterances(8))
     out = tmp_path / "lens"
     argv = ["tuned-lens", "train", str(path), str(data), "--out", str(out), "--steps", "2"]
     argv += ["--tokens-per-step", "64", "--heldout", "0.25", "--no-progress"]

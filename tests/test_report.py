@@ -8,11 +8,11 @@ import re
 
 import plotly.graph_objects as go
 import pytest
-import torch
 
-from speech_lens import Utterance, Word, write_manifest
+from speech_lens import write_manifest
 from speech_lens.report import Report, Table
 from speech_lens.run_lens import PARTIAL, LensRunConfig, RunError, run_dataset
+from speech_lens.testing import random_utterances
 
 SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=", re.IGNORECASE)
 REMOTE = re.compile(r"""(src|href)\s*=\s*["']?(https?:)?//""", re.IGNORECASE)
@@ -42,21 +42,9 @@ def test_report_is_self_contained_and_escaped(tmp_path):
         rep.add_section("bad", figures=["not a figure"])  # type: ignore[list-item]
 
 
-def _utterances(n: int, rate: float = 25.0) -> list[Utterance]:
-    g = torch.Generator().manual_seed(1)
-    words = ["the", "cat", "sat", "on", "a", "mat"]
-    out = []
-    for i in range(n):
-        ws = tuple(Word(words[(i + j) % 6], 0.3 * j, 0.3 * j + 0.25) for j in range(3 + i % 2))
-        nf = int(ws[-1].end * rate) + 2
-        units = tuple(int(u) for u in torch.randint(0, 500, (nf,), generator=g))
-        out.append(Utterance(id=f"u{i}", words=ws, units=units, durations=None, frame_rate=rate))
-    return out
-
-
 def test_runner_outputs_and_resume(tmp_path, tiny_model):
     model = tiny_model("spiritlm")
-    utts = _utterances(3)
+    utts = random_utterances(3)
     cfg = LensRunConfig(checkpoint="tiny", data="mem", family="spiritlm", k=5, ks=(1, 5), n_boot=50)
     out = tmp_path / "run"
     computed: list[str] = []
@@ -103,7 +91,7 @@ def test_cli_lens_end_to_end(tmp_path, tiny_checkpoint, capsys):
 
     path, kw = tiny_checkpoint("speechgpt")
     data = tmp_path / "data.jsonl"
-    write_manifest(data, _utterances(2, rate=50.0))  # SpeechGPT's mHuBERT rate
+    write_manifest(data, random_utterances(2, rate=50.0))  # SpeechGPT's mHuBERT rate
     out = tmp_path / "out"
     assert kw == {}  # the family is detected
     head = ["lens", str(path), str(data), "--out", str(out), "--no-progress", "--n-boot", "20"]

@@ -679,16 +679,7 @@ def _read_weight_file(f: Path) -> dict[str, torch.Tensor]:
             return load_file(str(f))
         except Exception as e:
             raise WeightFileError(f"weight file {f} is corrupt or not safetensors: {e}") from e
-    try:
-        sd = torch.load(str(f), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightFileError(
-            f"weight file {f} could not be loaded safely (weights_only=True refuses pickled code): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
-    if not isinstance(sd, dict):
-        raise WeightFileError(f"weight file {f} holds a {type(sd).__name__}, not a state dict")
-    return sd
+    return _load_pickle(f)
 
 
 def _base_config_dict(config: dict[str, Any], spec: AdapterSpec, path: Path) -> dict[str, Any]:
@@ -1435,13 +1426,14 @@ def _checkpoint_keys(path: Path) -> dict[str, tuple[int, ...]]:
             except Exception as e:
                 raise WeightFileError(f"weight file {f} is corrupt or not safetensors: {e}") from e
         else:
-            out.update({k: tuple(v.shape) for k, v in _mapped_pickle(f).items()})
+            out.update({k: tuple(v.shape) for k, v in _load_pickle(f, mmap=True).items()})
     return out
 
 
-def _mapped_pickle(f: Path) -> dict[str, torch.Tensor]:
+def _load_pickle(f: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict, read with ``weights_only=True``: pickled code is refused, never run."""
     try:
-        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise WeightFileError(
             f"weight file {f} could not be loaded safely (weights_only=True refuses pickled code): "
@@ -1467,7 +1459,7 @@ def iter_state_dict(path: Path) -> Any:
             except Exception as e:
                 raise WeightFileError(f"weight file {f} is corrupt or not safetensors: {e}") from e
         else:
-            yield from _mapped_pickle(f).items()
+            yield from _load_pickle(f, mmap=True).items()
 
 
 def _plan_dispatch(

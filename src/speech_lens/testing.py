@@ -587,3 +587,23 @@ def build_family(family: str, root: str | Path, **dims: Any) -> tuple[Path, dict
         path = build_sims(root / family, tok_dir, base=base, sharded=base == "qwen2", **dims)
         return path, {"base_tokenizer": tok_dir}
     raise ValueError(f"unknown test family {family!r}; one of {FAMILIES}")
+
+
+def random_utterances(
+    n: int, rate: float = 25.0, prefix: str = "u", *, seed: int = 1, n_units: int = 500
+) -> list[Any]:
+    """``n`` short utterances (3-4 words of "the cat sat on a mat", 0.3 s apart) with random
+    units: data for tests that need a manifest but no particular words."""
+    from speech_lens.data import Utterance, Word
+
+    g = torch.Generator().manual_seed(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat"]
+    out = []
+    for i in range(n):
+        ws = tuple(Word(words[(i + j) % 6], 0.3 * j, 0.3 * j + 0.25) for j in range(3 + i % 2))
+        nf = int(ws[-1].end * rate) + 2
+        units = tuple(int(u) for u in torch.randint(0, n_units, (nf,), generator=g))
+        out.append(
+            Utterance(id=f"{prefix}{i}", words=ws, units=units, durations=None, frame_rate=rate)
+        )
+    return out
