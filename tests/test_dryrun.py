@@ -113,3 +113,19 @@ def test_demo_dry_run(tmp_path, capsys):
     assert "dry run: speech-lens demo" in text and "organisms" in text
     assert "lens: " in text and "patching: " in text and "estimated time:" in text
     assert not out.exists()
+
+
+def test_distributed_dry_runs_plan_one_rank(tiny_checkpoint, tiny_model, tmp_path, capsys):
+    from speech_lens.distributed import main as dist_main
+
+    path, _ = tiny_checkpoint("spiritlm")
+    data = _manifest(tiny_model("spiritlm"), tmp_path / "utts.jsonl")
+    base = [str(path), str(data), "--out", str(tmp_path / "d"), "--dry-run", "--world", "2"]
+    assert dist_main(["lens", *base]) == 0
+    text = capsys.readouterr().out
+    assert "dry run: speech-lens distributed lens" in text and "ranks           2" in text
+    assert "word lens per rank: 3 utterance(s)" in text  # 5 utterances over 2 ranks
+    assert dist_main(["tuned-lens", *base, "--steps", "7"]) == 0
+    text = capsys.readouterr().out
+    assert "distributed tuned-lens" in text and "training: 7 step(s)" in text
+    assert not (tmp_path / "d").exists()

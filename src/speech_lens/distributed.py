@@ -459,6 +459,18 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--no-progress", action="store_true")
         if name != "merge":
             s.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl on GPU")
+        if name != "merge":
+            s.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="print one rank's plan, memory and calibrated time, then exit",
+            )
+            s.add_argument(
+                "--world",
+                type=int,
+                default=int(os.environ.get("WORLD_SIZE", "1")),
+                help="ranks to plan for with --dry-run (default: $WORLD_SIZE or 1)",
+            )
         if name == "lens":
             s.add_argument("--restart", action="store_true", help="discard finished shards")
             s.add_argument("--no-guard", action="store_true", help="skip the NaN/inf checks")
@@ -475,28 +487,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def lens_config(args: argparse.Namespace, model: Any) -> LensRunConfig:
+    return LensRunConfig(
+        checkpoint=str(args.checkpoint.resolve()),
+        data=str(args.data.resolve()),
+        family=model.spec.name,
+        mode=args.mode,
+        k=args.k,
+        match=args.match,
+        ks=tuple(sorted({1, 5, args.k})),
+        limit=args.limit,
+        n_boot=args.n_boot,
+        seed=args.seed,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from speech_lens.adapters import AdapterError, load_from_args
     from speech_lens.data import DataError, read_manifest
 
     args = _parser().parse_args(argv)
+    if getattr(args, "dry_run", False):
+        from speech_lens import dryrun
+
+        return dryrun.run("distributed", args)
     ctx = init_distributed(args.backend) if args.command != "merge" else DistContext()
     if args.command == "tuned-lens":
         return _cli_tuned(args, ctx)
     try:
         model = load_from_args(args, device=ctx.device, dtype=DTYPES[args.dtype])
-        cfg = LensRunConfig(
-            checkpoint=str(args.checkpoint.resolve()),
-            data=str(args.data.resolve()),
-            family=model.spec.name,
-            mode=args.mode,
-            k=args.k,
-            match=args.match,
-            ks=tuple(sorted({1, 5, args.k})),
-            limit=args.limit,
-            n_boot=args.n_boot,
-            seed=args.seed,
-        )
+        cfg = lens_config(args, model)
         utts = list(read_manifest(args.data, layout=model.layout))
         if args.command == "merge":
             m: DatasetMetrics | None = merge_shards(model, utts, args.out, cfg)

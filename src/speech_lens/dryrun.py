@@ -126,7 +126,7 @@ def _print(plan: DryRunPlan, as_json: bool = False) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def plan_lens(args: Any) -> DryRunPlan:
+def plan_lens(args: Any, model: Any = None, done: set[str] | None = None) -> DryRunPlan:
     from speech_lens.adapters import load_from_args
     from speech_lens.batching import plan_batches
     from speech_lens.data import read_manifest
@@ -135,11 +135,12 @@ def plan_lens(args: Any) -> DryRunPlan:
     from speech_lens.prompts import encode_prompt, word_targets
     from speech_lens.run_lens import PARTIAL, _batch_size
 
-    model = load_from_args(args)
+    model = model if model is not None else load_from_args(args)
     utts = list(read_manifest(args.data, layout=model.layout))
     if args.limit is not None:
         utts = utts[: args.limit]
-    done = _finished_ids(Path(args.out) / PARTIAL) if not args.restart else set()
+    if done is None:
+        done = _finished_ids(Path(args.out) / PARTIAL) if not args.restart else set()
     todo = [u for u in utts if u.id not in done]
     prompts = [encode_prompt(model, u, mode=args.mode, seed=0) for u in todo]
     lens = lens_from_spec(args.lens, model)
@@ -246,7 +247,7 @@ def plan_patch(args: Any, layers: Any) -> DryRunPlan:
     )
 
 
-def plan_tuned_train(args: Any) -> DryRunPlan:
+def plan_tuned_train(args: Any, model: Any = None) -> DryRunPlan:
     import dataclasses
 
     from speech_lens.tuned_train import (
@@ -257,7 +258,14 @@ def plan_tuned_train(args: Any) -> DryRunPlan:
         train_tuned_lens,
     )
 
-    model, utts = cli_load(args)
+    if model is None:
+        model, utts = cli_load(args)
+    else:
+        from speech_lens.data import read_manifest
+
+        utts = list(read_manifest(args.data, layout=model.layout))
+    if getattr(args, "limit", None) is not None:
+        utts = utts[: args.limit]
     train_u, held_u = split_heldout(utts, args.heldout)
     seed = args.seed if args.seed is not None else TrainConfig.seed
     seqs, _ = encode_training_data(model, train_u, args.data_mode, seed=seed)
@@ -344,6 +352,39 @@ def plan_demo(args: Any) -> DryRunPlan:
     )
 
 
+def plan_distributed(args: Any) -> DryRunPlan:
+    """``python -m speech_lens.distributed lens|tuned-lens --dry-run --world N``: the plan of
+    one rank (no process group is started). Lens: each rank takes every N-th unfinished
+    utterance; tuned lens: each rank runs 1/N of every step's micro-batches (the gradient
+    all-reduce is not timed)."""
+    import argparse
+    import dataclasses
+
+    from speech_lens.adapters import load_from_args
+    from speech_lens.distributed import DTYPES, lens_config, read_finished
+
+    model = load_from_args(args, dtype=DTYPES[args.dtype])
+    world = max(1, int(args.world))
+    if args.command == "lens":
+        done = set() if args.restart else set(read_finished(args.out, lens_config(args, model)))
+        extra = {"lens": "logit", "batch_size": 1, "padding_side": "right", "memory_budget": None}
+        plan = plan_lens(argparse.Namespace(**{**vars(args), **extra}), model=model, done=done)
+        stages = tuple(
+            dataclasses.replace(st, name=f"{st.name} per rank", count=-(-st.count // world))
+            for st in plan.stages
+        )
+    else:
+        plan = plan_tuned_train(argparse.Namespace(**vars(args), heldout=0.0), model=model)
+        stages = tuple(
+            dataclasses.replace(st, seconds_per_item=st.seconds_per_item / world)
+            for st in plan.stages
+        )
+    facts = (*plan.facts, ("ranks", f"{world} (torchrun --nproc_per_node {world})"))
+    return dataclasses.replace(
+        plan, command=f"distributed {args.command}", facts=facts, stages=stages
+    )
+
+
 def run(command: str, args: Any, *extra: Any) -> int:
     """Print the plan of ``command`` (``lens``, ``patch``, ``tuned-lens train``, ``demo``)."""
     planners: dict[str, Callable[..., DryRunPlan]] = {
@@ -351,6 +392,7 @@ def run(command: str, args: Any, *extra: Any) -> int:
         "patch": plan_patch,
         "tuned-lens train": plan_tuned_train,
         "demo": plan_demo,
+        "distributed": plan_distributed,
     }
     torch.manual_seed(0)
     return _print(planners[command](args, *extra), as_json=bool(getattr(args, "json", False)))
