@@ -143,35 +143,39 @@ def _random_tuned(model) -> TunedLens:
 # ------------------------------------------------------------------------------------------------
 
 
-def _compare_logit(model, seqs, single, batched, lens=None, hooks=(), layers=None) -> Ties:
+def _compare_logit(model, seqs, single, batcheds, lens=None, hooks=()) -> Ties:
+    """``batcheds``: batched runs (e.g. both padding sides) each checked against ``single``."""
     ties = Ties()
     for b, s in enumerate(seqs):
-        ref = _reference(model, s, lens, hooks)
-        if layers is not None:
-            ref = ref[list(layers)]
-        lp = ref.log_softmax(-1)
-        one, bat = single[b], batched[b]
-        assert bat.positions.tolist() == one.positions.tolist() == list(range(len(s)))
-        _check_topk(lp, one.topk_ids_all, bat.topk_ids_all, ties)
-        text = lp.masked_fill(~model.layout.text_mask, float("-inf"))
-        _check_topk(text, one.topk_ids, bat.topk_ids, ties)
-        assert one.target_ranks is not None and bat.target_ranks is not None
-        _check_ranks(lp, one.target_ids[:, 0].expand(len(lp), -1), one.target_ranks[..., 0],
-                     bat.target_ranks[..., 0], ties)  # fmt: skip
-        for name in ("topk_logprobs_all", "topk_logprobs", "mass", "target_logprobs"):
-            x, y = getattr(one, name), getattr(bat, name)
-            torch.testing.assert_close(y, x, **CLOSE, equal_nan=True)
-            torch.testing.assert_close(x, y, **CLOSE, equal_nan=True)
+        lp = _reference(model, s, lens, hooks).log_softmax(-1)  # one reference for every run
+        for batched in batcheds:
+            _compare_logit_one(model, s, lp, single[b], batched[b], ties)
     return ties
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_logit_lens_batch_equals_single(family, tiny_model, side):
+def _compare_logit_one(model, s, lp, one, bat, ties: Ties) -> None:
+    assert bat.positions.tolist() == one.positions.tolist() == list(range(len(s)))
+    _check_topk(lp, one.topk_ids_all, bat.topk_ids_all, ties)
+    text = lp.masked_fill(~model.layout.text_mask, float("-inf"))
+    _check_topk(text, one.topk_ids, bat.topk_ids, ties)
+    assert one.target_ranks is not None and bat.target_ranks is not None
+    _check_ranks(lp, one.target_ids[:, 0].expand(len(lp), -1), one.target_ranks[..., 0],
+                 bat.target_ranks[..., 0], ties)  # fmt: skip
+    for name in ("topk_logprobs_all", "topk_logprobs", "mass", "target_logprobs"):
+        x, y = getattr(one, name), getattr(bat, name)
+        torch.testing.assert_close(y, x, **CLOSE, equal_nan=True)
+        torch.testing.assert_close(x, y, **CLOSE, equal_nan=True)
+
+
+def test_logit_lens_batch_equals_single(family, tiny_model):
     model = tiny_model(family)
     seqs = _seqs(model)
     single = [logit_lens(model, s, k=5, targets="next") for s in seqs]
-    batched = logit_lens_batch(model, seqs, k=5, targets="next", padding_side=side)
-    _compare_logit(model, seqs, single, batched).check(f"{family} logit lens, {side} padding")
+    runs = [
+        logit_lens_batch(model, seqs, k=5, targets="next", padding_side=side)
+        for side in ("right", "left")
+    ]
+    _compare_logit(model, seqs, single, runs).check(f"{family} logit lens, both paddings")
 
 
 def test_tuned_lens_layers_and_user_hook_batched(tiny_model):
@@ -188,7 +192,7 @@ def test_tuned_lens_layers_and_user_hook_batched(tiny_model):
     kw = dict(k=5, targets="next", lens=lens, fwd_hooks=hooks)
     single = [logit_lens(model, s, **kw) for s in seqs]
     batched = logit_lens_batch(model, seqs, padding_side="left", **kw)
-    _compare_logit(model, seqs, single, batched, lens, hooks).check("tuned + ablation, left")
+    _compare_logit(model, seqs, single, [batched], lens, hooks).check("tuned + ablation, left")
     plain = logit_lens(model, seqs[0], k=5, lens=lens)
     assert not torch.equal(plain.topk_logprobs_all[1:], single[0].topk_logprobs_all[1:])
     assert torch.equal(plain.topk_ids_all[0], single[0].topk_ids_all[0])  # before the ablation
@@ -245,34 +249,41 @@ def _pooled_reference(model, prompt, lens=None) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_word_lens_batch_equals_single(family, tiny_model, side):
+def test_word_lens_batch_equals_single(family, tiny_model):
     model = tiny_model(family)
     lens = _random_tuned(model) if family == "spiritlm" else None
-    utts = _utterances(model, 4)
+    utts = _utterances(model, 3)
     prompts = [encode_prompt(model, u, mode="speech") for u in utts]
     assert len({len(p) for p in prompts}) == len(prompts)  # mixed lengths
     targets = [word_targets(model, u) for u in utts]
     single = [word_lens(model, p, t, k=5, lens=lens) for p, t in zip(prompts, targets, strict=True)]
-    batched = word_lens_batch(model, prompts, targets, k=5, lens=lens, padding_side=side)
+    runs = [
+        word_lens_batch(model, prompts, targets, k=5, lens=lens, padding_side=side)
+        for side in ("right", "left")
+    ]
     text_mask = model.layout.text_mask
     ties = Ties()
-    for p, one, bat in zip(prompts, single, batched, strict=True):
-        wo, wb = one.words, bat.words
-        assert wo is not None and wb is not None and len(wb) == len(wo) == len(p.speech_spans())
-        assert torch.equal(wb.cand_ids, wo.cand_ids) and torch.equal(wb.cand_word, wo.cand_word)
+    for b, p in enumerate(prompts):
         pooled = torch.stack(_pooled_reference(model, p, lens), 1)  # [rows, word, V]
-        text = pooled.masked_fill(~text_mask, float("-inf"))
-        _check_topk(text, wo.topk_ids, wb.topk_ids, ties)
-        # candidate ranks among text ids, per row
-        vals = text[:, wo.cand_word]  # [rows, cand, V]
-        ids = wo.cand_ids.expand(vals.shape[0], -1)
-        _check_ranks(vals, ids, wo.cand_ranks, wb.cand_ranks, ties, text_mask[ids])
-        for x, y in ((wo.topk_logits, wb.topk_logits), (wo.cand_logits, wb.cand_logits),
-                     (one.mass, bat.mass), (one.topk_logprobs, bat.topk_logprobs)):  # fmt: skip
-            torch.testing.assert_close(y, x, **CLOSE)
-            torch.testing.assert_close(x, y, **CLOSE)
-    ties.check(f"{family} word lens, {side} padding{' (tuned)' if lens else ''}")
+        for batched in runs:
+            _compare_word(p, single[b], batched[b], pooled, text_mask, ties)
+    ties.check(f"{family} word lens, both paddings{' (tuned)' if lens else ''}")
+
+
+def _compare_word(p, one, bat, pooled, text_mask, ties: Ties) -> None:
+    wo, wb = one.words, bat.words
+    assert wo is not None and wb is not None and len(wb) == len(wo) == len(p.speech_spans())
+    assert torch.equal(wb.cand_ids, wo.cand_ids) and torch.equal(wb.cand_word, wo.cand_word)
+    text = pooled.masked_fill(~text_mask, float("-inf"))
+    _check_topk(text, wo.topk_ids, wb.topk_ids, ties)
+    # candidate ranks among text ids, per row
+    vals = text[:, wo.cand_word]  # [rows, cand, V]
+    ids = wo.cand_ids.expand(vals.shape[0], -1)
+    _check_ranks(vals, ids, wo.cand_ranks, wb.cand_ranks, ties, text_mask[ids])
+    for x, y in ((wo.topk_logits, wb.topk_logits), (wo.cand_logits, wb.cand_logits),
+                 (one.mass, bat.mass), (one.topk_logprobs, bat.topk_logprobs)):  # fmt: skip
+        torch.testing.assert_close(y, x, **CLOSE)
+        torch.testing.assert_close(x, y, **CLOSE)
 
 
 @pytest.mark.parametrize("mode", ["speech", "interleaved"])
@@ -319,7 +330,7 @@ def _records(path: Path) -> dict[str, dict]:
 
 def test_run_dataset_batch_sizes_write_the_same_records(model64, tmp_path):
     path, model = model64
-    utts = _utterances(model, 7, seed=9)
+    utts = _utterances(model, 5, seed=9)
     cfg = LensRunConfig(checkpoint=str(path), data="mem", family="spiritlm", k=5, n_boot=10)
     runs = {}
     for bs in (1, 3, "auto"):
@@ -339,7 +350,7 @@ def test_run_dataset_batch_sizes_write_the_same_records(model64, tmp_path):
 
     def crash(rec):
         seen.append(rec.utterance_id)
-        if len(seen) == 4:  # the first record of the second batch of 3
+        if len(seen) == 4:  # the first record of the second batch of 3 (5 = 3 + 2)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
