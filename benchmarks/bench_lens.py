@@ -291,6 +291,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", type=Path, help="where the random checkpoints go (default: temp)")
     ap.add_argument("--smoke", action="store_true", help="tiny widths, to check the script runs")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--batched", action="store_true", help="also the batched throughput rows")
     ap.add_argument("--only-batched", action="store_true", help="only the batched rows")
     ap.add_argument("--organism-utts", type=int, default=96)
@@ -316,6 +317,8 @@ def main() -> None:
     layers = {"llama2-7b": args.llama_layers, "qwen2.5-3b": args.qwen_layers}
     rows = []
     for shape, cfg in SHAPES.items():
+        if shape not in args.shapes:
+            continue
         t0 = time.perf_counter()
         dims = dict(cfg["dims"])
         if args.smoke:
