@@ -357,7 +357,10 @@ def run_distributed(
             os._exit(17)  # a rank dying with no cleanup at all (tests only)
         prompt = _encode(model, u, cfg)
         hooks = finite_guard_hooks(model, u.id) if guard else []
-        res = word_lens(model, prompt, word_targets(model, u), k=cfg.k, fwd_hooks=hooks)
+        # unit positions only: the records read nothing else (as run_lens.run_dataset)
+        res = word_lens(
+            model, prompt, word_targets(model, u), k=cfg.k, positions="speech", fwd_hooks=hooks
+        )
         store.append(utterance_record(res, prompt, model.layout))
         bar.update(1)
     bar.close()
