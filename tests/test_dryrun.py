@@ -129,3 +129,17 @@ def test_distributed_dry_runs_plan_one_rank(tiny_checkpoint, tiny_model, tmp_pat
     text = capsys.readouterr().out
     assert "distributed tuned-lens" in text and "training: 7 step(s)" in text
     assert not (tmp_path / "d").exists()
+
+
+def test_lens_dry_run_refuses_a_run_dir_with_other_settings(
+    tiny_checkpoint, tiny_model, tmp_path, capsys
+):
+    path, _ = tiny_checkpoint("spiritlm")
+    data = _manifest(tiny_model("spiritlm"), tmp_path / "utts.jsonl")
+    out = tmp_path / "run"
+    argv = ["lens", str(path), str(data), "--out", str(out)]
+    assert main([*argv, "--limit", "1", "--n-boot", "10", "--no-progress"]) == 0
+    before = (out / "partial.jsonl").read_bytes()
+    assert main([*argv, "--k", "5", "--dry-run"]) == 2  # the run itself would refuse too
+    assert "other settings" in capsys.readouterr().err
+    assert (out / "partial.jsonl").read_bytes() == before

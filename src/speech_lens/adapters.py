@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1417,17 +1418,23 @@ def _checkpoint_keys(path: Path) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     for f in _weight_files(path):
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(f), framework="pt") as sf:
-                    for k in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                        out[k] = tuple(sf.get_slice(k).get_shape())
-            except Exception as e:
-                raise WeightFileError(f"weight file {f} is corrupt or not safetensors: {e}") from e
+            out.update(_safetensors_items(f, lambda sf, k: tuple(sf.get_slice(k).get_shape())))
         else:
             out.update({k: tuple(v.shape) for k, v in _load_pickle(f, mmap=True).items()})
     return out
+
+
+def _safetensors_items(f: Path, read: Callable[[Any, str], Any]) -> Iterator[tuple[str, Any]]:
+    """``(name, read(handle, name))`` for each tensor of a safetensors file, opened lazily (one
+    tensor or header at a time); a file that cannot be read is a ``WeightFileError`` naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                yield k, read(sf, k)
+    except Exception as e:
+        raise WeightFileError(f"weight file {f} is corrupt or not safetensors: {e}") from e
 
 
 def _load_pickle(f: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -1448,16 +1455,7 @@ def iter_state_dict(path: Path) -> Any:
     """``(name, tensor)`` one at a time, file by file: at most one tensor is in memory."""
     for f in _weight_files(path):
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(f), framework="pt") as sf:
-                    for k in sf.keys():  # noqa: SIM118
-                        yield k, sf.get_tensor(k)
-            except WeightFileError:
-                raise
-            except Exception as e:
-                raise WeightFileError(f"weight file {f} is corrupt or not safetensors: {e}") from e
+            yield from _safetensors_items(f, lambda sf, k: sf.get_tensor(k))
         else:
             yield from _load_pickle(f, mmap=True).items()
 

@@ -227,27 +227,25 @@ def _add_patch(sub: Any) -> None:
             for part in args.layers.split(","):
                 a, _, b = part.partition("-")
                 layers.append(int(a) if not b else tuple(range(int(a), int(b) + 1)))
+        # run_experiment's options, shared with the dry run so it times the same work
+        options = dict(
+            experiment=args.experiment,
+            component=args.component,
+            rule=args.rule,
+            layers=layers,
+            word=args.word,
+            read_layer=args.read_layer,
+            batch_size=args.batch_size,
+            memory_budget_gb=args.memory_budget,
+            padding_side=args.padding_side,
+        )
         if args.dry_run:
-            return _dry_run("patch", args, layers)
+            return _dry_run("patch", args, options)
         model = load_from_args(args)
         reader = read_manifest(args.data, layout=model.layout)
         utts = list(itertools.islice(reader, args.max_utterances))
         try:
-            summary = run_experiment(
-                model,
-                utts,
-                args.out,
-                experiment=args.experiment,
-                component=args.component,
-                rule=args.rule,
-                layers=layers,
-                word=args.word,
-                read_layer=args.read_layer,
-                batch_size=args.batch_size,
-                memory_budget_gb=args.memory_budget,
-                padding_side=args.padding_side,
-                data=args.data,
-            )
+            summary = run_experiment(model, utts, args.out, **options, data=args.data)
         except (PatchingError, ValueError) as e:  # ValueError: a memory budget that cannot fit
             print(f"speech-lens patch: error: {e}", file=sys.stderr)
             return 2

@@ -42,7 +42,7 @@ from speech_lens.guards import NumericError, finite_guard_hooks
 from speech_lens.lens.logit import word_lens
 from speech_lens.metrics import DatasetMetrics, UtteranceRecord, utterance_record
 from speech_lens.report import atomic_write_text
-from speech_lens.run_lens import PARTIAL, LensRunConfig, RunError, run_dataset
+from speech_lens.run_lens import PARTIAL, LensRunConfig, RunError, lens_config, run_dataset
 
 __all__ = [
     "DistContext",
@@ -490,21 +490,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def lens_config(args: argparse.Namespace, model: Any) -> LensRunConfig:
-    return LensRunConfig(
-        checkpoint=str(args.checkpoint.resolve()),
-        data=str(args.data.resolve()),
-        family=model.spec.name,
-        mode=args.mode,
-        k=args.k,
-        match=args.match,
-        ks=tuple(sorted({1, 5, args.k})),
-        limit=args.limit,
-        n_boot=args.n_boot,
-        seed=args.seed,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     from speech_lens.adapters import AdapterError, load_from_args
     from speech_lens.data import DataError, read_manifest
@@ -553,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
 def _cli_tuned(args: argparse.Namespace, ctx: DistContext) -> int:
     from speech_lens.adapters import AdapterError, load_from_args
     from speech_lens.data import DataError, read_manifest
-    from speech_lens.tuned_train import TrainConfig, TrainError, encode_training_data
+    from speech_lens.tuned_train import TrainError, config_from_args, encode_training_data
 
     try:
         model = load_from_args(args, device=ctx.device, dtype=DTYPES[args.dtype])
@@ -561,9 +546,7 @@ def _cli_tuned(args: argparse.Namespace, ctx: DistContext) -> int:
         if args.limit is not None:
             utts = utts[: args.limit]
         seqs, _ = encode_training_data(model, utts, args.data_mode, seed=args.seed)
-        names = ("steps", "tokens_per_step", "batch_size", "max_seq_len", "checkpoint_every")
-        given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-        cfg = TrainConfig(**given, seed=args.seed, data_mode=args.data_mode)
+        cfg = config_from_args(args)
         res = train_tuned_lens_distributed(
             model,
             seqs,

@@ -9,6 +9,7 @@ command's output directory.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -130,34 +131,35 @@ def plan_lens(args: Any, model: Any = None, done: set[str] | None = None) -> Dry
     from speech_lens.adapters import load_from_args
     from speech_lens.batching import plan_batches
     from speech_lens.data import read_manifest
-    from speech_lens.lens.logit import word_lens_batch
     from speech_lens.lens.tuned import lens_from_spec
-    from speech_lens.prompts import encode_prompt, word_targets
-    from speech_lens.run_lens import PARTIAL, _batch_size
+    from speech_lens.run_lens import (
+        PARTIAL,
+        _batch_size,
+        _encode,
+        _read_partial,
+        lens_batch,
+        lens_config,
+    )
 
     model = model if model is not None else load_from_args(args)
+    cfg = lens_config(args, model)
     utts = list(read_manifest(args.data, layout=model.layout))
     if args.limit is not None:
         utts = utts[: args.limit]
     if done is None:
-        done = _finished_ids(Path(args.out) / PARTIAL) if not args.restart else set()
+        # the run's own reader (it refuses a run directory with other settings), without repairs
+        partial = Path(args.out) / PARTIAL
+        done = set() if args.restart else set(_read_partial(partial, cfg, repair=False))
     todo = [u for u in utts if u.id not in done]
-    prompts = [encode_prompt(model, u, mode=args.mode, seed=0) for u in todo]
-    lens = lens_from_spec(args.lens, model)
+    prompts = [_encode(model, u, cfg) for u in todo]
+    lens = lens_from_spec(cfg.lens, model)
     size = _batch_size(getattr(args, "batch_size", 1))
     budget = getattr(args, "memory_budget", None)
     batches = plan_batches(model, [len(p) for p in prompts], size, memory_budget_gb=budget)
+    side = getattr(args, "padding_side", "right")
 
     def one(idx: list[int]) -> None:
-        word_lens_batch(
-            model,
-            [prompts[i] for i in idx],
-            [word_targets(model, todo[i]) for i in idx],
-            k=args.k,
-            lens=lens,
-            positions="speech",
-            padding_side=getattr(args, "padding_side", "right"),
-        )
+        lens_batch(model, [prompts[i] for i in idx], [todo[i] for i in idx], cfg, lens, side)
 
     # the longest batches come first, so the estimate errs on the slow side
     per_batch, n = calibrate(one, batches)
@@ -180,19 +182,8 @@ def plan_lens(args: Any, model: Any = None, done: set[str] | None = None) -> Dry
     )
 
 
-def _finished_ids(partial: Path) -> set[str]:
-    if not partial.exists():
-        return set()
-    ids = set()
-    for line in partial.read_text(encoding="utf-8").splitlines()[1:]:
-        try:
-            ids.add(str(json.loads(line)["utterance_id"]))
-        except (json.JSONDecodeError, KeyError):
-            continue  # a torn last line: the run itself drops it
-    return ids
-
-
-def plan_patch(args: Any, layers: Any) -> DryRunPlan:
+def plan_patch(args: Any, options: dict[str, Any]) -> DryRunPlan:
+    """``options``: the keyword arguments ``speech-lens patch`` passes to ``run_experiment``."""
     import itertools
 
     from speech_lens.adapters import load_from_args
@@ -206,28 +197,14 @@ def plan_patch(args: Any, layers: Any) -> DryRunPlan:
     )
 
     # calibrate on groups of utterances, as many as one batch (word-swap needs a donor: >= 2)
-    size = getattr(args, "batch_size", 1)
+    size = options.get("batch_size", 1)
     group = max(2, size) if isinstance(size, int) else 4
     groups = [utts[i : i + group] for i in range(0, len(utts), group)]
     groups = [g for g in groups if len(g) == group] or groups[:1]  # no short tail group
     with tempfile.TemporaryDirectory() as tmp:
 
         def one(part: list[Any]) -> None:
-            run_experiment(
-                model,
-                part,
-                Path(tmp) / part[0].id,
-                experiment=args.experiment,
-                component=args.component,
-                rule=args.rule,
-                layers=layers,
-                word=args.word,
-                read_layer=args.read_layer,
-                progress=False,
-                batch_size=size,
-                memory_budget_gb=getattr(args, "memory_budget", None),
-                padding_side=getattr(args, "padding_side", "right"),
-            )
+            run_experiment(model, part, Path(tmp) / part[0].id, **options, progress=False)
 
         per_group, n = calibrate(one, groups)
     per = per_group / len(groups[0]) if groups else 0.0
@@ -236,7 +213,7 @@ def plan_patch(args: Any, layers: Any) -> DryRunPlan:
         ("model", f"{model.path} ({model.spec.name}, {model.n_layers} layers)"),
         ("data", f"{args.data}: {len(utts)} utterances (--max-utterances {args.max_utterances})"),
         ("experiment", f"{args.experiment}, component {args.component}, rule {args.rule}"),
-        ("layers", str(layers if layers is not None else f"each of {model.n_layers}")),
+        ("layers", str(options["layers"] or f"each of {model.n_layers}")),
     )
     return DryRunPlan(
         "patch",
@@ -253,6 +230,7 @@ def plan_tuned_train(args: Any, model: Any = None) -> DryRunPlan:
     from speech_lens.tuned_train import (
         TrainConfig,
         cli_load,
+        config_from_args,
         encode_training_data,
         split_heldout,
         train_tuned_lens,
@@ -269,8 +247,7 @@ def plan_tuned_train(args: Any, model: Any = None) -> DryRunPlan:
     train_u, held_u = split_heldout(utts, args.heldout)
     seed = args.seed if args.seed is not None else TrainConfig.seed
     seqs, _ = encode_training_data(model, train_u, args.data_mode, seed=seed)
-    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    cfg = config_from_args(args)
     # a step costs a fixed part (optimizer, one readout per layer) plus a part per token: time
     # steps of one and of two micro-batches' worth of tokens and extrapolate the line
     one_batch = sum(len(s) for s in seqs[: cfg.batch_size])
@@ -361,7 +338,8 @@ def plan_distributed(args: Any) -> DryRunPlan:
     import dataclasses
 
     from speech_lens.adapters import load_from_args
-    from speech_lens.distributed import DTYPES, lens_config, read_finished
+    from speech_lens.distributed import DTYPES, read_finished
+    from speech_lens.run_lens import lens_config
 
     model = load_from_args(args, dtype=DTYPES[args.dtype])
     world = max(1, int(args.world))
@@ -394,5 +372,12 @@ def run(command: str, args: Any, *extra: Any) -> int:
         "demo": plan_demo,
         "distributed": plan_distributed,
     }
+    from speech_lens.run_lens import RunError
+
     torch.manual_seed(0)
-    return _print(planners[command](args, *extra), as_json=bool(getattr(args, "json", False)))
+    try:
+        plan = planners[command](args, *extra)
+    except (ValueError, RunError, FileNotFoundError) as e:  # as the commands themselves report
+        print(f"speech-lens {command} --dry-run: error: {e}", file=sys.stderr)
+        return 2
+    return _print(plan, as_json=bool(getattr(args, "json", False)))

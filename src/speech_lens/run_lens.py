@@ -78,8 +78,11 @@ class LensRunConfig:
         }
 
 
-def _read_partial(path: Path, cfg: LensRunConfig) -> dict[str, UtteranceRecord]:
-    """Records already finished in ``path``; drops a torn last line, refuses other settings."""
+def _read_partial(
+    path: Path, cfg: LensRunConfig, *, repair: bool = True
+) -> dict[str, UtteranceRecord]:
+    """Records already finished in ``path``; refuses other settings. A torn last line is
+    skipped, and with ``repair`` also dropped from the file (a dry run reads without writing)."""
     if not path.exists():
         return {}
     lines = path.read_text(encoding="utf-8").split("\n")
@@ -106,7 +109,7 @@ def _read_partial(path: Path, cfg: LensRunConfig) -> dict[str, UtteranceRecord]:
             rec = UtteranceRecord.from_json(obj)
             done[rec.utterance_id] = rec
         good.append(line)
-    if len(good) != sum(1 for ln in lines if ln.strip()):
+    if repair and len(good) != sum(1 for ln in lines if ln.strip()):
         atomic_write_text(path, "".join(g + "\n" for g in good))
     return done
 
@@ -131,6 +134,29 @@ def _encode(model: Any, utt: Any, cfg: LensRunConfig) -> Any:
     return encode_prompt(model, utt, mode="speech")
 
 
+def lens_batch(
+    model: Any,
+    prompts: Sequence[Any],
+    utts: Sequence[Any],
+    cfg: LensRunConfig,
+    lens: Any,
+    padding_side: str = "right",
+) -> list[Any]:
+    """The word lens of one batch, as a run computes it (``run_dataset`` and its dry run)."""
+    from speech_lens.prompts import word_targets
+
+    # positions="speech": the records read unit positions only (same records, fewer unembeds)
+    return word_lens_batch(
+        model,
+        list(prompts),
+        [word_targets(model, u) for u in utts],
+        k=cfg.k,
+        lens=lens,
+        positions="speech",
+        padding_side=padding_side,
+    )
+
+
 def run_dataset(
     model: Any,
     utterances: Iterable[Any],
@@ -153,7 +179,6 @@ def run_dataset(
     float summation order), so it is not part of the resume key.
     """
     from speech_lens.batching import plan_batches
-    from speech_lens.prompts import word_targets
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,15 +213,8 @@ def run_dataset(
             model, [len(p) for p in prompts], batch_size, memory_budget_gb=memory_budget_gb
         )
     for idx in plan:
-        # positions="speech": the records read unit positions only (same records, fewer unembeds)
-        results = word_lens_batch(
-            model,
-            [prompts[i] for i in idx],
-            [word_targets(model, todo[i]) for i in idx],
-            k=cfg.k,
-            lens=lens,
-            positions="speech",
-            padding_side=padding_side,
+        results = lens_batch(
+            model, [prompts[i] for i in idx], [todo[i] for i in idx], cfg, lens, padding_side
         )
         for i, res in zip(idx, results, strict=True):
             rec = utterance_record(res, prompts[i], model.layout)
@@ -350,6 +368,23 @@ def _batch_size(value: Any) -> int | str:
     return n
 
 
+def lens_config(args: Any, model: Any) -> LensRunConfig:
+    """The run settings of ``speech-lens lens`` (and of the torchrun lens) from its arguments."""
+    return LensRunConfig(
+        checkpoint=str(Path(args.checkpoint).resolve()),
+        data=str(Path(args.data).resolve()),
+        family=model.spec.name,
+        mode=args.mode,
+        k=int(args.k),
+        match=args.match,
+        ks=tuple(sorted({1, 5, int(args.k)})),
+        limit=args.limit,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        lens=getattr(args, "lens", "logit"),
+    )
+
+
 def cli_lens(args: Any) -> int:
     """``speech-lens lens CHECKPOINT DATA --out DIR``."""
     import sys
@@ -358,21 +393,8 @@ def cli_lens(args: Any) -> int:
     from speech_lens.data import read_manifest
 
     model = load_from_args(args)
-    ks = tuple(sorted({1, 5, int(args.k)}))
     try:
-        cfg = LensRunConfig(
-            checkpoint=str(Path(args.checkpoint).resolve()),
-            data=str(Path(args.data).resolve()),
-            family=model.spec.name,
-            mode=args.mode,
-            k=int(args.k),
-            match=args.match,
-            ks=ks,
-            limit=args.limit,
-            n_boot=args.n_boot,
-            seed=args.seed,
-            lens=args.lens,
-        )
+        cfg = lens_config(args, model)
         reader = read_manifest(args.data, layout=model.layout)
         utts = list(reader)
         m = run_dataset(

@@ -587,6 +587,12 @@ def cli_load(args: Any) -> tuple[SpeechLM, list[Utterance]]:
     return model, utts
 
 
+def config_from_args(args: Any) -> TrainConfig:
+    """``TrainConfig`` from parsed arguments: the options given, defaults for the rest."""
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+
+
 def cli_train(args: Any) -> int:
     from speech_lens.lens.tuned import LensError
 
@@ -595,8 +601,7 @@ def cli_train(args: Any) -> int:
         train_u, held_u = split_heldout(utts, args.heldout)
         seeds = args.seed if args.seed is not None else TrainConfig.seed
         seqs, modes = encode_training_data(model, train_u, args.data_mode, seed=seeds)
-        given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+        cfg = config_from_args(args)
         info = {
             "data": str(args.data),
             "n_utterances": len(train_u),
