@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import speech_lens.patching as patching
+import speech_lens.batching as batching
 from speech_lens.batching import auto_batch_size
 from speech_lens.patching import (
     _forward_rows,
@@ -201,14 +201,14 @@ def test_cache_sources_and_experiment_across_pairs(tiny_model, family, side, tmp
             assert_close(cache[n], ref_cache[n], **TOL)
 
     padded: list[tuple[str, tuple[int, ...]]] = []
-    real_pad = patching.pad_batch
+    real_pad = batching.pad_batch  # padded_inputs pads through it
 
     def spy(seqs, *, side="right", pad_id=0):
         batch = real_pad(seqs, side=side, pad_id=pad_id)
         padded.append((batch.side, batch.lengths))
         return batch
 
-    monkeypatch.setattr(patching, "pad_batch", spy)
+    monkeypatch.setattr(batching, "pad_batch", spy)
     summary = run_experiment(
         model,
         utts,

@@ -75,3 +75,20 @@ def test_plan_batches_cover_every_index_once(tiny_model):
             assert sorted(plan[0]) == [1, 3, 5]  # the longest go together
     with pytest.raises(ValueError, match="positive integer"):
         plan_batches(model, lengths, 0)
+
+
+def test_padded_inputs_mask_only_mixed_lengths_and_refuse_fp64_left(tiny_model, tiny_checkpoint):
+    from speech_lens import load_model
+    from speech_lens.batching import padded_inputs
+
+    model = tiny_model("spiritlm")
+    same = [torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10])]
+    mixed = [torch.tensor([5, 6, 7]), torch.tensor([8])]
+    assert padded_inputs(model, same, "left")[2] == {}  # equal lengths: the plain forward
+    batch, tokens, kwargs = padded_inputs(model, mixed, "left")
+    assert torch.equal(tokens, batch.tokens) and set(kwargs) == {"attention_mask", "position_ids"}
+    path, kw = tiny_checkpoint("spiritlm")
+    fp64 = load_model(path, dtype=torch.float64, **kw)
+    with pytest.raises(ValueError, match="float64"):
+        padded_inputs(fp64, mixed, "left")
+    assert set(padded_inputs(fp64, mixed, "right")[2]) == {"attention_mask", "position_ids"}

@@ -18,7 +18,14 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["PADDING_SIDES", "PaddedBatch", "auto_batch_size", "pad_batch", "plan_batches"]
+__all__ = [
+    "PADDING_SIDES",
+    "PaddedBatch",
+    "auto_batch_size",
+    "pad_batch",
+    "padded_inputs",
+    "plan_batches",
+]
 
 PADDING_SIDES = ("right", "left")
 
@@ -73,6 +80,25 @@ def pad_batch(seqs: Sequence[Tensor], *, side: str = "right", pad_id: int = 0) -
     # positions count real tokens only; pad columns get 0 (they are masked anyway)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return PaddedBatch(tokens, mask, position_ids, lengths, offsets, side)
+
+
+def padded_inputs(
+    model: Any, seqs: Sequence[Tensor], side: str = "right"
+) -> tuple[PaddedBatch, Tensor, dict[str, Any]]:
+    """What one padded forward pass of ``model`` takes: the batch, its tokens on the model's
+    device and the keyword arguments (mask and position ids). Sequences of one length need no
+    mask: they get the plain forward pass, as a one-by-one run makes it."""
+    batch = pad_batch(seqs, side=side)
+    if len(set(batch.lengths)) == 1:
+        return batch, batch.tokens.to(model.device), {}
+    if side == "left" and _dtype(model) == torch.float64:
+        # HF eager attention takes the softmax in fp32: the fp64 mask minimum becomes -inf, a
+        # fully masked pad row turns NaN and the NaN reaches the real tokens
+        raise ValueError(
+            "left padding gives NaN logits on a float64 model (HF eager attention); "
+            "use padding_side='right'"
+        )
+    return batch, batch.tokens.to(model.device), batch.forward_kwargs(model.device)
 
 
 def _dtype(model: Any) -> torch.dtype:

@@ -55,7 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from speech_lens._tl import get_act_name
-from speech_lens.batching import PaddedBatch, pad_batch, plan_batches
+from speech_lens.batching import PaddedBatch, padded_inputs, plan_batches
 from speech_lens.prompts import BOS, MARKER, PROSODY, SPEECH, TEXT, EncodedPrompt
 
 if TYPE_CHECKING:
@@ -543,19 +543,6 @@ def _layer_sets(
     return entries
 
 
-def _padded(
-    model: SpeechLM, seqs: Sequence[Tensor], side: str
-) -> tuple[PaddedBatch, Tensor, dict[str, Any]]:
-    """Pad ``seqs`` into one batch: the batch, its tokens on the model's device, and the
-    forward's keyword arguments."""
-    batch = pad_batch(seqs, side=side)
-    # equal lengths need no mask: the plain forward, as a one-by-one run makes it
-    kwargs: dict[str, Any] = {}
-    if len(set(batch.lengths)) > 1:
-        kwargs.update(batch.forward_kwargs(model.device))
-    return batch, batch.tokens.to(model.device), kwargs
-
-
 def _unpad(x: Tensor, batch: PaddedBatch, b: int) -> Tensor:
     """Row ``b`` of a batched activation at its real columns, as ``[1, own length, ...]``."""
     if len(batch) == 1:
@@ -594,7 +581,7 @@ def cache_sources(
     )
     runs: dict[int, SourceRun] = {}
     for idx in batches:
-        batch, tokens, kwargs = _padded(model, [seqs[i] for i in idx], padding_side)
+        batch, tokens, kwargs = padded_inputs(model, [seqs[i] for i in idx], padding_side)
         with torch.no_grad():
             logits, cache = model.bridge.run_with_cache(tokens, names_filter=wanted, **kwargs)
         for b, i in enumerate(idx):
@@ -843,7 +830,7 @@ def _forward_rows(
 ) -> list[Tensor]:
     """One padded forward of ``rows``, each patched by its own patches only; every metric reads
     its own row at its real columns (logits, or the activation at its ``hook_point``)."""
-    batch, tokens, kwargs = _padded(model, [r.tokens for r in rows], padding_side)
+    batch, tokens, kwargs = padded_inputs(model, [r.tokens for r in rows], padding_side)
     by_point: dict[str, list[tuple[int, _Patch]]] = {}
     for b, r in enumerate(rows):
         for patch in r.patches:

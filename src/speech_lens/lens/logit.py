@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from speech_lens.batching import PADDING_SIDES, pad_batch
+from speech_lens.batching import PADDING_SIDES, padded_inputs
 from speech_lens.hooks import (
     MASS_GROUPS,
     HiddenTransform,
@@ -275,29 +275,13 @@ def _run_batch(
     """One forward pass over the padded batch; the lens hooks fill one buffer per sequence."""
     model.require_eval()
     readout = Readout.of(model)
-    if len(seqs) == 1:
-        # a batch of one needs no mask: the same call as a plain forward pass (bit-equal logits)
-        tokens, kwargs, offsets = seqs[0].unsqueeze(0), {}, [0]
-    else:
-        batch = pad_batch(seqs, side=padding_side)
-        if padding_side == "left" and len(set(batch.lengths)) > 1:
-            dtype = next(model.bridge.parameters()).dtype
-            if dtype == torch.float64:
-                # HF eager attention takes the softmax in fp32: the fp64 mask minimum becomes
-                # -inf, a fully masked pad row turns NaN and the NaN reaches the real tokens
-                raise ValueError(
-                    "left padding gives NaN logits on a float64 model (HF eager attention); "
-                    "use padding_side='right'"
-                )
-        tokens, kwargs = batch.tokens, batch.forward_kwargs(model.device)
-        offsets = list(batch.offsets)
-    hooks = batch_lens_hooks(buffers, offsets, readout, lens, stop_early=stop_early)
+    # a batch of one (or of equal lengths) gets no mask: a plain forward pass (bit-equal logits)
+    batch, tokens, kwargs = padded_inputs(model, seqs, padding_side)
+    hooks = batch_lens_hooks(buffers, batch.offsets, readout, lens, stop_early=stop_early)
     # LensComplete: every requested row is filled and later blocks are not needed
     with torch.no_grad(), contextlib.suppress(LensComplete):
         # the user's hooks go first so that ours read what they wrote
-        model.bridge.run_with_hooks(
-            tokens.to(model.device), fwd_hooks=[*fwd_hooks, *hooks], **kwargs
-        )
+        model.bridge.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, *hooks], **kwargs)
     for b in buffers:
         if not bool(b.filled.all()):
             missing = [b.layers[i] for i in (~b.filled).nonzero().squeeze(-1).tolist()]
