@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from speech_lens._tl import TransformerBridge, boot_bridge
+from speech_lens.prompts import SPAN_SAMPLERS
 from speech_lens.vocab import UnitBlock, VocabLayout
 
 SPEC_DIR = Path(__file__).parent / "model_adapters"
@@ -80,6 +81,8 @@ class PromptSpec:
     speech_close: str = ""
     marker_on_change_only: bool = True
     speech_only_marker: bool = True
+    # how interleaved prompts choose their spoken words by default (prompts.SPAN_SAMPLERS)
+    span_sampler: str = "poisson"
 
 
 @dataclass(frozen=True)
@@ -161,12 +164,18 @@ class AdapterSpec:
         source_kind = tok.get("source", "checkpoint")
         if source_kind not in ("checkpoint", "base"):
             raise AdapterError(f"spec {source}: tokenizer.source must be 'checkpoint' or 'base'")
+        prompt = raw.get("prompt", {})
+        if prompt.get("span_sampler", "poisson") not in SPAN_SAMPLERS:
+            raise AdapterError(
+                f"spec {source}: prompt.span_sampler {prompt['span_sampler']!r} is not one of "
+                f"{', '.join(SPAN_SAMPLERS)}"
+            )
         return cls(
             name=need(raw, "name", ""),
             description=raw.get("description", ""),
             architectures=tuple(raw.get("architectures", ())),
             units=unit_spec(need(raw, "units", ""), "units."),
-            prompt=PromptSpec(**raw.get("prompt", {})),
+            prompt=PromptSpec(**prompt),
             detect=DetectSpec(
                 config_model_type=det.get("config_model_type"),
                 tokens_present=tuple(det.get("tokens_present", ())),

@@ -308,6 +308,11 @@ def _add_lens(sub: Any) -> None:
     p.add_argument("--k", type=int, default=10, help="Recall@k headline k (1 and 5 come too)")
     p.add_argument("--match", default="first", help="first | first-spaced | first-bare | any")
     p.add_argument("--mode", choices=("speech", "interleaved"), default="speech")
+    p.add_argument(
+        "--span-sampler",
+        help="poisson | spiritlm | alternate: which words an interleaved prompt speaks "
+        "(default: the family's own, from its spec)",
+    )
     p.add_argument("--lens", default="logit", help="logit | tuned:PATH (a tuned-lens directory)")
     p.add_argument("--limit", type=int, help="first N utterances only")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")

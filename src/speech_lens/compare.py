@@ -8,6 +8,13 @@ limit, seed, n_boot, ...) and the package versions. Differences that are intende
 refused with the differing values per run. The model identity (checkpoint hash, family,
 geometry) is expected to differ and is not compared.
 
+Across tokenizer kinds the match rule must be ``first-spaced`` (``CROSS_FAMILY_MATCH``): under
+SentencePiece's dummy prefix (SpiritLM, SpeechGPT) a bare word is tokenized as its spaced form,
+so ``first`` offers one candidate token per word there and two on byte-level BPE (SIMS), and
+``first-bare`` / ``any`` compare different forms. Runs whose tokenizers differ so (the
+``bare_form_is_spaced`` a lens run records; the family for older runs) are refused under any
+other rule unless ``--allow match``.
+
 Writes ``compare.html`` (a :class:`~speech_lens.report.Report`), ``compare.csv`` (one row per
 model and layer, with relative depth ``layer / n_layers``) and ``compare.json`` (every run's
 provenance and the differences that were allowed).
@@ -29,6 +36,8 @@ from speech_lens.metrics import DatasetMetrics
 from speech_lens.plots_compare import QUANTITIES, depth_figure
 from speech_lens.provenance import FORMAT, provenance_table
 from speech_lens.report import Report, Table, atomic_write_text
+
+CROSS_FAMILY_MATCH = "first-spaced"
 
 
 class CompareError(ValueError):
@@ -141,6 +150,42 @@ def _check(
     return fields, {n: v for n, v in differ.items() if allowed(n)}
 
 
+def _check_match_across_tokenizers(
+    runs: Sequence[Run],
+    fields: dict[str, list[Any]],
+    allowed: dict[str, list[Any]],
+    allow: Iterable[str],
+) -> dict[str, list[Any]]:
+    """Refuse a match rule other than ``first-spaced`` across tokenizer kinds (module doc);
+    with ``--allow match`` the rule is returned as an allowed difference."""
+    kinds = [
+        r.provenance["model"].get(
+            "bare_form_is_spaced", f"family {r.provenance['model'].get('family')}"
+        )
+        for r in runs
+    ]
+    rules = fields.get("match", [])
+    if len(set(map(repr, kinds))) <= 1 or set(rules) == {CROSS_FAMILY_MATCH} or "match" in allowed:
+        return {}
+    if "match" in [a.strip() for a in allow]:
+        return {"match": rules}
+    form = {"True": "bare form = spaced form", "False": "bare form separate"}
+    lines = [
+        f"  {r.dir}: match {rule!r}, {form.get(str(k), f'bare form unknown ({k})')}"
+        for r, rule, k in zip(runs, rules, kinds, strict=True)
+    ]
+    raise CompareError(
+        "the runs' tokenizers differ in how they write a bare word, so their word targets "
+        "differ under the match rule used:\n"
+        + "\n".join(lines)
+        + f"\nunder 'first' a word has one candidate token where the bare form = the spaced form "
+        f"(SentencePiece dummy prefix: SpiritLM, SpeechGPT) and two on byte-level BPE (SIMS). "
+        f"Compare across these with --match {CROSS_FAMILY_MATCH}: rerun `speech-lens lens "
+        f"CHECKPOINT DATA --out RUN --match {CROSS_FAMILY_MATCH}` on each run directory "
+        "(finished utterances are reused, only the scores are recomputed), or pass --allow match"
+    )
+
+
 def table_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per model and layer: relative depth, Recall@k with bands, masses."""
     rows = []
@@ -182,6 +227,7 @@ def compare_runs(
     labels = _labels([p for p, _ in loaded], dirs)
     runs = [Run(d, lab, p, m) for d, lab, (p, m) in zip(dirs, labels, loaded, strict=True)]
     fields, allowed = _check(runs, allow)
+    allowed.update(_check_match_across_tokenizers(runs, fields, allowed, allow))
     rows = table_rows(runs)
     figures = {q: depth_figure([(r.label, r.metrics, r.k) for r in runs], q) for q in QUANTITIES}
     cmp = Comparison(runs, fields, allowed, rows, figures)

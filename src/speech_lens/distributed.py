@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from speech_lens.guards import NumericError, finite_guard_hooks
 from speech_lens.lens.logit import word_lens
 from speech_lens.metrics import DatasetMetrics, UtteranceRecord, utterance_record
+from speech_lens.prompts import SPAN_SAMPLERS
 from speech_lens.report import atomic_write_text
 from speech_lens.run_lens import PARTIAL, LensRunConfig, RunError, lens_config, run_dataset
 
@@ -453,6 +454,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--spec", type=Path)
         s.add_argument("--base-tokenizer", type=Path)
         s.add_argument("--mode", default="speech", choices=["speech", "interleaved"])
+        s.add_argument("--span-sampler", choices=SPAN_SAMPLERS, help="default: the family's")
         s.add_argument("--k", type=int, default=10)
         s.add_argument("--match", default="first")
         s.add_argument("--limit", type=int)

@@ -56,7 +56,15 @@ from tqdm.auto import tqdm
 
 from speech_lens._tl import get_act_name
 from speech_lens.batching import PaddedBatch, padded_inputs, plan_batches
-from speech_lens.prompts import BOS, MARKER, PROSODY, SPEECH, TEXT, EncodedPrompt
+from speech_lens.prompts import (
+    BOS,
+    MARKER,
+    PROSODY,
+    SPEECH,
+    TEXT,
+    EncodedPrompt,
+    word_piece_ids,
+)
 
 if TYPE_CHECKING:
     from speech_lens.adapters import SpeechLM
@@ -721,13 +729,10 @@ def kl_to_clean(
 def word_token_ids(model: SpeechLM, word: str) -> tuple[int, ...]:
     """First text sub-token of ``word`` with and without the leading-space marker (the DESIGN §4
     default matching rule), deduplicated; refuses words the tokenizer cannot write as text."""
-    tok = model.tokenizer
     out: list[int] = []
     for form in (" " + word, word):
-        ids = tok.encode(form, add_special_tokens=False)
-        # SentencePiece may emit a lone "▁" before a piece it has no spaced form of: skip it
-        while len(ids) > 1 and not tok.decode(ids[:1]).strip():
-            ids = ids[1:]
+        # the lens's word targets' rule: a lone "▁" / "Ġ" before the word's pieces is skipped
+        ids = word_piece_ids(model.tokenizer, form)
         if ids and bool(model.layout.is_text(ids[0])) and ids[0] not in out:
             out.append(int(ids[0]))
     if not out:

@@ -118,7 +118,8 @@ class WordTarget:
     """A word's text tokens in the model's tokenizer, in both leading-space forms.
 
     ``spaced`` is the tokenization of ``" " + word`` (the form inside a sentence: ``▁cat`` /
-    ``Ġcat``), ``bare`` of ``word`` alone. Each is a tuple of ids (several for multi-token words).
+    ``Ġcat``), ``bare`` of ``word`` alone, each as :func:`word_piece_ids` gives it (a lone
+    leading word-boundary piece dropped). Each is a tuple of ids (several for multi-token words).
     """
 
     word: str
@@ -132,6 +133,13 @@ class WordTarget:
 
 Mode = Literal["speech", "text", "interleaved"]
 SpanSampler = Literal["poisson", "spiritlm", "alternate"]
+SPAN_SAMPLERS: tuple[str, ...] = ("poisson", "spiritlm", "alternate")
+# each sampler's parameters and their defaults (see sample_speech_words); None: not used
+SPAN_DEFAULTS: dict[str, dict[str, float | None]] = {
+    "poisson": {"span_mean": 10.0, "speech_fraction": 0.3},
+    "spiritlm": {"span_mean": 5.0, "speech_fraction": None},
+    "alternate": {"span_mean": 1.0, "speech_fraction": None},
+}
 
 
 class PromptError(ValueError):
@@ -156,10 +164,10 @@ def encode_prompt(
     mode: Mode = "speech",
     speech_words: set[int] | None = None,
     seed: int | None = None,
-    span_sampler: SpanSampler = "poisson",
+    span_sampler: SpanSampler | None = None,
     unit_rule: UnitRule = "end",
     span_mean: float | None = None,
-    speech_fraction: float = 0.3,
+    speech_fraction: float | None = None,
 ) -> EncodedPrompt:
     """Encode an utterance in the model family's exact prompt format, with its position table.
 
@@ -171,7 +179,8 @@ def encode_prompt(
       unless the family scores bare units (``speech_only_marker = false``, SIMS).
     * ``mode="text"``: the words as text after the text marker.
     * ``mode="interleaved"``: each word in one modality, switching at word boundaries; the speech
-      words are ``speech_words`` (word indices) or sampled with ``span_sampler`` and ``seed``.
+      words are ``speech_words`` (word indices) or sampled with ``span_sampler`` (default: the
+      family's own, ``spec.prompt.span_sampler``) and ``seed``.
       A speech run of words ``a..b`` takes the units whose reference time (``unit_rule``) lies in
       ``(words[a].start, words[b].end]`` (slamkit's ``bisect`` recipe, see
       :func:`~speech_lens.data.assign_words`); units in silence before or after the run are
@@ -230,9 +239,9 @@ def encode_prompt(
     elif mode == "interleaved":
         if speech_words is None:
             rng = np.random.default_rng(seed)
-            speech_words = sample_speech_words(
-                n_words, span_sampler, rng, span_mean=span_mean, speech_fraction=speech_fraction
-            )
+            sampler = span_sampler or spec.prompt.span_sampler
+            params = span_settings(sampler, span_mean, speech_fraction)
+            speech_words = sample_speech_words(n_words, sampler, rng, **params)
         speech_words = {int(i) for i in speech_words}
         bad = sorted(i for i in speech_words if not 0 <= i < n_words)
         if bad:
@@ -504,13 +513,30 @@ def _word_spans(
 # --------------------------------------------------------------------------------------------
 
 
+def span_settings(
+    sampler: str, span_mean: float | None = None, speech_fraction: float | None = None
+) -> dict[str, float | None]:
+    """``sampler``'s parameters with its defaults filled in (``SPAN_DEFAULTS``), as a run
+    records them; refuses an unknown sampler and a parameter the sampler does not use."""
+    if sampler not in SPAN_DEFAULTS:
+        raise ValueError(f"span_sampler must be one of {SPAN_SAMPLERS}, got {sampler!r}")
+    out = dict(SPAN_DEFAULTS[sampler])
+    if span_mean is not None:
+        out["span_mean"] = float(span_mean)
+    if speech_fraction is not None:
+        if out["speech_fraction"] is None:
+            raise ValueError(f"span_sampler {sampler!r} takes no speech_fraction (poisson does)")
+        out["speech_fraction"] = float(speech_fraction)
+    return out
+
+
 def sample_speech_words(
     n_words: int,
-    sampler: SpanSampler,
+    sampler: SpanSampler | str,
     rng: np.random.Generator,
     *,
     span_mean: float | None = None,
-    speech_fraction: float = 0.3,
+    speech_fraction: float | None = None,
 ) -> set[int]:
     """Which words are spoken in an interleaved prompt.
 
@@ -526,7 +552,7 @@ def sample_speech_words(
         return set()
     if sampler == "poisson":
         lam = 10.0 if span_mean is None else span_mean
-        total = math.ceil(n_words * speech_fraction)
+        total = math.ceil(n_words * (0.3 if speech_fraction is None else speech_fraction))
         mask = [False] * n_words
         eligible = set(range(n_words))
         chosen = 0
@@ -567,10 +593,38 @@ def sample_speech_words(
 # --------------------------------------------------------------------------------------------
 
 
+# recorded in run settings: how a word's sub-tokens are chosen (see word_piece_ids)
+WORD_PIECE_RULE = "skip-lone-boundary-piece"
+
+
+def word_piece_ids(tok: Any, text: str) -> tuple[int, ...]:
+    """The ids of ``text`` (no special tokens) without a lone leading word-boundary piece.
+
+    A word with no ``▁word`` / ``Ġword`` piece is written as the boundary piece alone followed by
+    the word's pieces: SentencePiece Llama-2 writes every number and most rare words so
+    (``" 1990"`` -> ``▁ 1 9 9 0``), byte-level BPE (Qwen2) writes numbers so (``Ġ 1 9 9 0``).
+    That piece (it decodes to whitespace only) is among the most frequent ids of the vocabulary
+    and says nothing about the word, so it is never a word's first sub-token
+    (``WORD_PIECE_RULE``); a word that is nothing else keeps it.
+    """
+    ids = _ids(tok, text)
+    while len(ids) > 1 and not tok.decode(ids[:1]).strip():
+        ids = ids[1:]
+    return tuple(int(i) for i in ids)
+
+
+def bare_form_is_spaced(tok: Any) -> bool:
+    """Whether the tokenizer writes a bare word as its spaced form (SentencePiece's dummy prefix:
+    Llama-2 families), so that ``first`` offers one candidate per word there and two on
+    byte-level BPE (SIMS). Probed on ``"the"``."""
+    return word_piece_ids(tok, "the") == word_piece_ids(tok, " the")
+
+
 def word_targets(model: Any, words: Iterable[str | Word] | Utterance) -> list[WordTarget]:
     """Each word's text tokens: ``spaced`` = tokens of ``" " + word``, ``bare`` = tokens of
-    ``word`` (no special tokens). SentencePiece tokenizers (Llama-2: SpiritLM, SpeechGPT) add a
-    ``▁`` dummy prefix, so there both forms are usually the same ids."""
+    ``word`` (no special tokens), both by :func:`word_piece_ids`. SentencePiece tokenizers
+    (Llama-2: SpiritLM, SpeechGPT) add a ``▁`` dummy prefix, so there both forms are usually the
+    same ids."""
     tok = getattr(model, "tokenizer", model)
     seq = words.words if isinstance(words, Utterance) else words
     out = []
@@ -578,5 +632,5 @@ def word_targets(model: Any, words: Iterable[str | Word] | Utterance) -> list[Wo
         text = (w.text if isinstance(w, Word) else str(w)).strip()
         if not text:
             raise ValueError("word_targets: empty word")
-        out.append(WordTarget(text, tuple(_ids(tok, " " + text)), tuple(_ids(tok, text))))
+        out.append(WordTarget(text, word_piece_ids(tok, " " + text), word_piece_ids(tok, text)))
     return out

@@ -34,10 +34,12 @@ from speech_lens.metrics import (
     word_table,
 )
 from speech_lens.plots import lens_heatmap, modality_figure, recall_figure
+from speech_lens.prompts import WORD_PIECE_RULE, bare_form_is_spaced, span_settings
 from speech_lens.report import Report, Table, atomic_write_text
 
 PARTIAL = "partial.jsonl"
 MODES = ("speech", "interleaved")
+SPAN_SEED = "crc32(utterance id) xor seed"  # each interleaved prompt's sampler seed (_prompt_seed)
 
 
 class RunError(RuntimeError):
@@ -57,12 +59,42 @@ class LensRunConfig:
     n_boot: int = 1000
     seed: int = 0
     lens: str = "logit"  # or "tuned:PATH" (a tuned lens in the tuned-lens format)
+    # interleaved runs only (None otherwise): which words are spoken, with the sampler's
+    # parameters as prompts.span_settings fills them in (lens_config: the family's sampler)
+    span_sampler: str | None = None
+    span_mean: float | None = None
+    speech_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: one of {MODES}")
         if self.match not in MATCH_RULES:
             raise ValueError(f"match rule {self.match!r}: one of {MATCH_RULES}")
+        spans = (self.span_sampler, self.span_mean, self.speech_fraction)
+        if self.mode != "interleaved":
+            if spans != (None, None, None):
+                raise ValueError(
+                    f"span_sampler and its parameters are for interleaved runs, "
+                    f"not {self.mode!r} ones"
+                )
+            return
+        if self.span_sampler is None:
+            raise ValueError(
+                "an interleaved run needs span_sampler (lens_config takes the family's own)"
+            )
+        # the sampler's defaults filled in, so settings and resume key hold the values used
+        filled = span_settings(self.span_sampler, self.span_mean, self.speech_fraction)
+        for name, v in filled.items():
+            object.__setattr__(self, name, v)
+
+    def span_settings(self) -> dict[str, Any]:
+        """How interleaved prompts chose their spoken words (all None in speech mode)."""
+        return {
+            "span_sampler": self.span_sampler,
+            "span_mean": self.span_mean,
+            "speech_fraction": self.speech_fraction,
+            "span_seed": SPAN_SEED if self.mode == "interleaved" else None,
+        }
 
     def resume_key(self) -> dict[str, Any]:
         """Settings that change per-utterance records (match, ks, limit do not: they are
@@ -75,6 +107,8 @@ class LensRunConfig:
             "k": self.k,
             "seed": self.seed,
             "lens": self.lens,
+            "word_pieces": WORD_PIECE_RULE,
+            **self.span_settings(),
         }
 
 
@@ -122,7 +156,7 @@ def _append(path: Path, obj: dict[str, Any]) -> None:
 
 
 def _prompt_seed(cfg: LensRunConfig, uid: str) -> int:
-    # deterministic per utterance, so a resumed interleaved run samples the same spans
+    # deterministic per utterance, so a resumed interleaved run samples the same spans (SPAN_SEED)
     return (zlib.crc32(uid.encode()) ^ cfg.seed) & 0x7FFFFFFF
 
 
@@ -130,7 +164,15 @@ def _encode(model: Any, utt: Any, cfg: LensRunConfig) -> Any:
     from speech_lens.prompts import encode_prompt
 
     if cfg.mode == "interleaved":
-        return encode_prompt(model, utt, mode="interleaved", seed=_prompt_seed(cfg, utt.id))
+        return encode_prompt(
+            model,
+            utt,
+            mode="interleaved",
+            seed=_prompt_seed(cfg, utt.id),
+            span_sampler=cfg.span_sampler,  # type: ignore[arg-type]  # checked by the config
+            span_mean=cfg.span_mean,
+            speech_fraction=cfg.speech_fraction,
+        )
     return encode_prompt(model, utt, mode="speech")
 
 
@@ -266,6 +308,7 @@ def write_outputs(
         "k": cfg.k,
         "ks": list(metrics.ks),
         "match": metrics.match,
+        "word_pieces": WORD_PIECE_RULE,
         "pooling": POOLING,
         "ranking": "text ids",
         "limit": cfg.limit,
@@ -273,8 +316,12 @@ def write_outputs(
         "seed": metrics.seed,
         "ci": metrics.ci,
         "bootstrap_unit": metrics.bootstrap_unit,
+        **cfg.span_settings(),
     }
     prov = collect_provenance(model, data=cfg.data, lens=cfg.lens, settings=settings)
+    # a property of the model, not a setting: `compare` reads it to tell which match rules
+    # compare across tokenizer kinds (bare = spaced under SentencePiece's dummy prefix)
+    prov["model"]["bare_form_is_spaced"] = bare_form_is_spaced(model.tokenizer)
     info = {
         "config": asdict(cfg),
         "model": model.describe(),
@@ -382,7 +429,18 @@ def lens_config(args: Any, model: Any) -> LensRunConfig:
         n_boot=args.n_boot,
         seed=args.seed,
         lens=getattr(args, "lens", "logit"),
+        span_sampler=_span_sampler(args, model),
     )
+
+
+def _span_sampler(args: Any, model: Any) -> str | None:
+    """``--span-sampler`` of an interleaved run, else the family's own (its spec's)."""
+    chosen = getattr(args, "span_sampler", None)
+    if args.mode != "interleaved":
+        if chosen is not None:
+            raise ValueError(f"--span-sampler {chosen}: only with --mode interleaved")
+        return None
+    return str(chosen or model.spec.prompt.span_sampler)
 
 
 def cli_lens(args: Any) -> int:
