@@ -616,8 +616,8 @@ def word_piece_ids(tok: Any, text: str) -> tuple[int, ...]:
 def bare_form_is_spaced(tok: Any) -> bool:
     """Whether the tokenizer writes a bare word as its spaced form (SentencePiece's dummy prefix:
     Llama-2 families), so that ``first`` offers one candidate per word there and two on
-    byte-level BPE (SIMS). Probed on ``"the"``."""
-    return word_piece_ids(tok, "the") == word_piece_ids(tok, " the")
+    byte-level BPE (SIMS). Probed on ``"the"`` and ``"a"``: equal forms for both."""
+    return all(word_piece_ids(tok, w) == word_piece_ids(tok, " " + w) for w in ("the", "a"))
 
 
 def word_targets(model: Any, words: Iterable[str | Word] | Utterance) -> list[WordTarget]:
