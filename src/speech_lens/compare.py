@@ -12,7 +12,7 @@ Across tokenizer kinds the match rule must be ``first-spaced`` (``CROSS_FAMILY_M
 SentencePiece's dummy prefix (SpiritLM, SpeechGPT) a bare word is tokenized as its spaced form,
 so ``first`` offers one candidate token per word there and two on byte-level BPE (SIMS), and
 ``first-bare`` / ``any`` compare different forms. Runs whose tokenizers differ so (the
-``bare_form_is_spaced`` a lens run records; the family for older runs) are refused under any
+``bare_form_is_spaced`` a lens run records; the family when a run predates it) are refused under any
 other rule unless ``--allow match``.
 
 Writes ``compare.html`` (a :class:`~speech_lens.report.Report`), ``compare.csv`` (one row per
@@ -158,20 +158,19 @@ def _check_match_across_tokenizers(
 ) -> dict[str, list[Any]]:
     """Refuse a match rule other than ``first-spaced`` across tokenizer kinds (module doc);
     with ``--allow match`` the rule is returned as an allowed difference."""
-    kinds = [
-        r.provenance["model"].get(
-            "bare_form_is_spaced", f"family {r.provenance['model'].get('family')}"
-        )
-        for r in runs
-    ]
+    models = [r.provenance["model"] for r in runs]
+    if all("bare_form_is_spaced" in m for m in models):
+        kinds = [str(m["bare_form_is_spaced"]) for m in models]
+    else:  # a run of an older speech_lens: one tokenizer kind per family, conservatively
+        kinds = [f"family {m.get('family')}" for m in models]
     rules = fields.get("match", [])
-    if len(set(map(repr, kinds))) <= 1 or set(rules) == {CROSS_FAMILY_MATCH} or "match" in allowed:
+    if len(set(kinds)) <= 1 or set(rules) == {CROSS_FAMILY_MATCH} or "match" in allowed:
         return {}
     if "match" in [a.strip() for a in allow]:
         return {"match": rules}
     form = {"True": "bare form = spaced form", "False": "bare form separate"}
     lines = [
-        f"  {r.dir}: match {rule!r}, {form.get(str(k), f'bare form unknown ({k})')}"
+        f"  {r.dir}: match {rule!r}, {form.get(k, k)}"
         for r, rule, k in zip(runs, rules, kinds, strict=True)
     ]
     raise CompareError(
