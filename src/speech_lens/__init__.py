@@ -43,6 +43,7 @@ from speech_lens.prompts import (
     WordSpan,
     WordTarget,
     encode_prompt,
+    word_piece_ids,
     word_targets,
 )
 from speech_lens.provenance import collect_provenance
@@ -104,6 +105,7 @@ __all__ = [
     "train_tuned_lens",
     "word_lens",
     "word_lens_batch",
+    "word_piece_ids",
     "word_targets",
     "write_manifest",
 ]
