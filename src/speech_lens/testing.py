@@ -337,6 +337,22 @@ def _byte_bpe(
     fast.save_pretrained(str(directory))
 
 
+def small_base_tokenizer(directory: Path, size: int = 1000, *, bos: bool = False) -> Path:
+    """A byte-level BPE base tokenizer of ``size`` ids (not a released length): the test words,
+    fillers, then ``<|endoftext|>`` (and ``<|begin_of_text|>`` as BOS when ``bos``) at the end."""
+    names = (["<|begin_of_text|>"] if bos else []) + ["<|endoftext|>"]
+    n_regular = size - len(names)
+    _byte_bpe(
+        directory,
+        n_regular,
+        {n_regular + j: n for j, n in enumerate(names)},
+        "<|begin_of_text|>" if bos else None,
+        "<|endoftext|>",
+        size,
+    )
+    return directory
+
+
 def qwen_base_tokenizer(directory: Path) -> Path:
     """Qwen2.5's tokenizer shape: 151643 regular ids, 22 specials up to 151664, no BOS (len 151665)."""
     names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{j}|>" for j in range(19)]
@@ -468,6 +484,7 @@ def build_sims(
     base_tokenizer_dir: str | Path,
     *,
     base: str = "qwen2",
+    base_name: str | None = None,
     seed: int = 0,
     sharded: bool = True,
     **dims: Any,
@@ -475,7 +492,9 @@ def build_sims(
     """slamkit ``UnitLM``: ``config.json`` with model_type ``speech_language_model`` and the base
     config nested under ``base_config``; weights prefixed ``lm.``; no tokenizer files. Units
     ``<Un0..499>`` start at len(base tokenizer): 151665 on Qwen2.5, 128256 on Llama-3.2; then
-    ``<speech>``, ``<text>``. Qwen2.5 (0.5B-3B) and Llama-3.2 bases are tied."""
+    ``<speech>``, ``<text>``. Qwen2.5 (0.5B-3B) and Llama-3.2 bases are tied. ``base_name``
+    (default: the released base of that architecture) is what the config says the base is; a
+    base of another name gets an embedding of len(base tokenizer) rows before the resize."""
     from transformers import (
         AutoTokenizer,
         LlamaConfig,
@@ -487,50 +506,65 @@ def build_sims(
     d = Path(directory)
     n_text = len(AutoTokenizer.from_pretrained(str(base_tokenizer_dir)))
     vocab = n_text + 502
+    released = {
+        "qwen2": ("Qwen/Qwen2.5-0.5B", 151936),
+        "llama": ("meta-llama/Llama-3.2-1B", 128256),
+    }
+    name, base_vocab = released[base] if base_name is None else (base_name, n_text)
     base_cfg: Any
     if base == "qwen2":
         base_cfg = Qwen2Config(
-            vocab_size=151936,
+            vocab_size=base_vocab,
             tie_word_embeddings=True,
             bos_token_id=151643,
             eos_token_id=151643,
             **_tiny_dims(**dims),
         )
         cls: Callable[..., Any] = Qwen2ForCausalLM
-        name = "Qwen/Qwen2.5-0.5B"
     else:
         base_cfg = LlamaConfig(
-            vocab_size=128256,
+            vocab_size=base_vocab,
             tie_word_embeddings=True,
             bos_token_id=128000,
             eos_token_id=128001,
             **_tiny_dims(**dims),
         )
         cls = LlamaForCausalLM
-        name = "meta-llama/Llama-3.2-1B"
     torch.manual_seed(seed)
     lm = cls(base_cfg)
     lm.resize_token_embeddings(vocab)
     _randomize(lm, seed)
+    return save_unit_lm(lm, d, name, base_vocab=base_vocab, sharded=sharded)
+
+
+def save_unit_lm(
+    lm: Any, directory: str | Path, base_name: str, *, base_vocab: int, sharded: bool = False
+) -> Path:
+    """Write any HF causal LM whose embedding was already resized to len(base tokenizer) + added
+    tokens in slamkit's ``UnitLM`` layout: ``config.json`` (``base_model_name``, the base config
+    as saved before the resize under ``base_config``, ``vocab_size`` = rows) and ``lm.``-prefixed
+    safetensors (one file, or two shards with an index); the tied ``lm_head`` is not stored."""
+    d = Path(directory)
+    rows = int(lm.get_input_embeddings().weight.shape[0])
     base_dict = lm.config.to_dict()
-    base_dict["vocab_size"] = (
-        base_cfg.vocab_size if base == "qwen2" else 128256
-    )  # as saved before resize
+    base_dict["vocab_size"] = base_vocab
+    base_dict["_name_or_path"] = base_name
+    tied = bool(lm.config.tie_word_embeddings)
     config = {
         "architectures": ["UnitLM"],
         "model_type": "speech_language_model",
-        "base_model_name": name,
+        "base_model_name": base_name,
         "base_config": base_dict,
-        "vocab_size": vocab,
+        "vocab_size": rows,
         "twist_init": True,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tied,
         "torch_dtype": "float32",
     }
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(config, indent=2))
     (d / "generation_config.json").write_text(json.dumps({"_from_model_config": True}, indent=2))
     state = {f"lm.{k}": v.contiguous() for k, v in lm.state_dict().items()}
-    if base_cfg.tie_word_embeddings:
+    if tied:
         state.pop("lm.lm_head.weight", None)
     _write_safetensors(state, d, shards=2 if sharded else 1)
     return d
