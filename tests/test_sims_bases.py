@@ -1,6 +1,6 @@
 """SIMS on any base text LM: unit ids from len(base tokenizer), embedding rows checked against it,
 the released bases' numbers only a warning; parity with a plain HF forward on tiny Qwen2 / Llama
-bases of a non-released tokenizer length and on the real SmolLM2-135M weights."""
+/ Qwen3 bases of a non-released tokenizer length and on the real SmolLM2-135M weights."""
 
 import importlib.util
 import json
@@ -48,10 +48,11 @@ def small_bases(tmp_path_factory):
     return {
         "qwen2": small_base_tokenizer(root / "tok-qwen2", 1000),
         "llama": small_base_tokenizer(root / "tok-llama", 1000, bos=True),
+        "qwen3": small_base_tokenizer(root / "tok-qwen3", 1000),
     }
 
 
-@pytest.mark.parametrize("base", ["qwen2", "llama"])
+@pytest.mark.parametrize("base", ["qwen2", "llama", "qwen3"])
 def test_sims_on_a_base_of_another_length(base, small_bases, tmp_path):
     tok_dir = small_bases[base]
     path = build_sims(

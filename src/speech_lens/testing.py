@@ -10,7 +10,6 @@ numerical checks exercise them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -479,6 +478,14 @@ def _dims_from(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
+# base -> (transformers model_type, BOS, EOS, released base name and its pre-resize vocabulary)
+SIMS_BASES: dict[str, tuple[str, int, int, str | None, int | None]] = {
+    "qwen2": ("qwen2", 151643, 151643, "Qwen/Qwen2.5-0.5B", 151936),
+    "llama": ("llama", 128000, 128001, "meta-llama/Llama-3.2-1B", 128256),
+    "qwen3": ("qwen3", 151643, 151645, None, None),  # no released SIMS: pass base_name
+}
+
+
 def build_sims(
     directory: str | Path,
     base_tokenizer_dir: str | Path,
@@ -492,48 +499,32 @@ def build_sims(
     """slamkit ``UnitLM``: ``config.json`` with model_type ``speech_language_model`` and the base
     config nested under ``base_config``; weights prefixed ``lm.``; no tokenizer files. Units
     ``<Un0..499>`` start at len(base tokenizer): 151665 on Qwen2.5, 128256 on Llama-3.2; then
-    ``<speech>``, ``<text>``. Qwen2.5 (0.5B-3B) and Llama-3.2 bases are tied. ``base_name``
-    (default: the released base of that architecture) is what the config says the base is; a
-    base of another name gets an embedding of len(base tokenizer) rows before the resize."""
-    from transformers import (
-        AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    ``<speech>``, ``<text>``. Qwen2.5 (0.5B-3B) and Llama-3.2 bases are tied. ``base`` is one of
+    ``SIMS_BASES``; ``base_name`` (default: the released base of that architecture) is what the
+    config says the base is; a base of another name has len(base tokenizer) rows before the resize."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    model_type, bos, eos, released_name, released_vocab = SIMS_BASES[base]
+    if base_name is None and released_name is None:
+        raise ValueError(f"no released SIMS on a {base} base: pass base_name=")
     d = Path(directory)
     n_text = len(AutoTokenizer.from_pretrained(str(base_tokenizer_dir)))
-    vocab = n_text + 502
-    released = {
-        "qwen2": ("Qwen/Qwen2.5-0.5B", 151936),
-        "llama": ("meta-llama/Llama-3.2-1B", 128256),
-    }
-    name, base_vocab = released[base] if base_name is None else (base_name, n_text)
-    base_cfg: Any
-    if base == "qwen2":
-        base_cfg = Qwen2Config(
-            vocab_size=base_vocab,
-            tie_word_embeddings=True,
-            bos_token_id=151643,
-            eos_token_id=151643,
-            **_tiny_dims(**dims),
-        )
-        cls: Callable[..., Any] = Qwen2ForCausalLM
-    else:
-        base_cfg = LlamaConfig(
-            vocab_size=base_vocab,
-            tie_word_embeddings=True,
-            bos_token_id=128000,
-            eos_token_id=128001,
-            **_tiny_dims(**dims),
-        )
-        cls = LlamaForCausalLM
+    name = base_name or released_name
+    base_vocab = released_vocab if base_name is None and released_vocab else n_text
+    extra = {"head_dim": 8} if base == "qwen3" else {}  # Qwen3's default head_dim is 128
+    base_cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=base_vocab,
+        tie_word_embeddings=True,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        **_tiny_dims(**{**extra, **dims}),
+    )
     torch.manual_seed(seed)
-    lm = cls(base_cfg)
-    lm.resize_token_embeddings(vocab)
+    lm = AutoModelForCausalLM.from_config(base_cfg)
+    lm.resize_token_embeddings(n_text + 502)
     _randomize(lm, seed)
+    assert name is not None
     return save_unit_lm(lm, d, name, base_vocab=base_vocab, sharded=sharded)
 
 
