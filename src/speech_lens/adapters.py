@@ -7,10 +7,10 @@ added unit tokens (TL pitfall P1), checks every documented id, and boots a ``Tra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tomllib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 
 from speech_lens._tl import TransformerBridge, boot_bridge
 from speech_lens.prompts import SPAN_SAMPLERS
+from speech_lens.tokenizer_cache import atomic_cache_dir, cache_root, tokenizer_content_key
 from speech_lens.vocab import UnitBlock, VocabLayout
 
 SPEC_DIR = Path(__file__).parent / "model_adapters"
@@ -67,7 +68,9 @@ class UnitSpec:
     first_id: int | None  # None: right after the text tokenizer (SIMS)
     frame_rate: float
     dedup: bool
-    first_id_by_model_type: dict[str, int] = field(default_factory=dict)
+    # "after_text" families: first unit id of each released base (documentation; a base named
+    # here whose tokenizer length differs gets a warning, not a refusal)
+    released_first_ids: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,11 @@ class AdapterSpec:
             if "{k}" not in pattern:
                 raise AdapterError(f"spec {source}: {where}pattern {pattern!r} must contain {{k}}")
             first = need(d, "first_id", where)
+            if "first_id_by_model_type" in d:
+                raise AdapterError(
+                    f"spec {source}: {where}first_id_by_model_type is no longer read (unit ids "
+                    f"follow len(base tokenizer)); name released bases in {where}released_first_ids"
+                )
             if first != "after_text" and not isinstance(first, int):
                 raise AdapterError(f"spec {source}: {where}first_id must be an int or 'after_text'")
             return UnitSpec(
@@ -142,7 +150,7 @@ class AdapterSpec:
                 first_id=None if first == "after_text" else first,
                 frame_rate=float(need(d, "frame_rate", where)),
                 dedup=bool(d.get("dedup", True)),
-                first_id_by_model_type=dict(d.get("first_id_by_model_type", {})),
+                released_first_ids=dict(d.get("released_first_ids", {})),
             )
 
         def tokens(d: dict[str, Any], where: str) -> dict[str, TokenSpec]:
@@ -374,12 +382,12 @@ def load_model(
         tied = _is_tied(hf)
     hf.eval()
 
-    model_type = _base_config_dict(config, the_spec, weights_dir).get("model_type", "")
     tokenizer, n_text = _load_tokenizer(tok_dir, the_spec, base_tokenizer)
     rows = int(hf.get_input_embeddings().weight.shape[0])
-    layout = build_layout(
-        the_spec, tokenizer, rows, n_text=n_text, model_type=model_type, where=str(path)
-    )
+    if the_spec.tokenizer_source == "base":
+        check_rebuilt_vocab(the_spec, config, weights_dir, rows, n_text, len(tokenizer))
+        warn_if_unlike_release(the_spec, config, weights_dir, n_text, base_tokenizer)
+    layout = build_layout(the_spec, tokenizer, rows, n_text=n_text, where=str(path))
     bridge = boot_bridge(
         str(path), hf, tokenizer, device=device if device_map is None else None, dtype=dtype
     )
@@ -836,18 +844,62 @@ def _rebuilt_tokenizer(base_dir: Path, spec: AdapterSpec) -> tuple[Any, int]:
             )
         added.append(spec.markers[name].token)
     tok.add_tokens(added)
-    key = hashlib.sha256(
-        (str(base_dir.resolve()) + json.dumps(added) + str(n_text)).encode()
-    ).hexdigest()[:16]
-    cache = (
-        Path(os.environ.get("SPEECH_LENS_CACHE", Path.home() / ".cache" / "speech_lens"))
-        / "tokenizers"
-        / key
+    # keyed by the base tokenizer's content; written whole then renamed (torchrun ranks race here)
+    key = tokenizer_content_key(base_dir, added)
+    cache = atomic_cache_dir(
+        cache_root() / "tokenizers" / key, lambda d: tok.save_pretrained(str(d))
     )
-    if not (cache / "tokenizer_config.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(cache))
     return _auto_tokenizer(cache), n_text
+
+
+def check_rebuilt_vocab(
+    spec: AdapterSpec, config: dict[str, Any], path: Path, rows: int, n_text: int, n_tok: int
+) -> None:
+    """A rebuilt tokenizer (base + added tokens) must fill the embedding exactly: slamkit resizes
+    the base LM to ``vocab_size = len(text tokenizer)`` after ``add_tokens``. Any other row count
+    means the base tokenizer is not the one the checkpoint was trained with."""
+    if rows == n_tok:
+        return
+    key = f"{spec.weights_prefix}model.embed_tokens.weight"
+    raise AdapterError(
+        f"{path}: {key} has {rows} rows (config.json field vocab_size: {config.get('vocab_size')}), "
+        f"but the base tokenizer has {n_text} tokens + {n_tok - n_text} added = {n_tok}; "
+        f"{spec.name} sizes the embedding to len(base tokenizer) + added tokens, so the unit ids "
+        f"would not be the trained ones: pass the base tokenizer the checkpoint was trained on"
+    )
+
+
+def base_model_names(spec: AdapterSpec, config: dict[str, Any], path: Path) -> list[str]:
+    """What the checkpoint says its base is: slamkit's ``base_model_name`` and the nested base
+    config's ``_name_or_path``."""
+    base = _base_config_dict(config, spec, path)
+    names = [config.get("base_model_name"), base.get("_name_or_path")]
+    return [n for n in names if isinstance(n, str) and n]
+
+
+def warn_if_unlike_release(
+    spec: AdapterSpec,
+    config: dict[str, Any],
+    path: Path,
+    n_text: int,
+    base_dir: str | Path | None,
+) -> None:
+    """Warn when the checkpoint names a released base but the base tokenizer's length is not the
+    released one (a different tokenizer version, or the wrong directory)."""
+    # matched by last path component: "Qwen/Qwen2.5-7B" and a local "/models/Qwen2.5-7B" alike
+    released = {Path(k).name: v for k, v in spec.units.released_first_ids.items()}
+    for name in base_model_names(spec, config, path):
+        if Path(name).name not in released:
+            continue
+        first = released[Path(name).name]
+        if n_text != first:
+            warnings.warn(
+                f"{path / 'config.json'} names the base {name!r}, whose released tokenizer has "
+                f"{first} tokens ({spec.name} units from id {first}), but base tokenizer "
+                f"{base_dir} has {n_text}: units are read from id {n_text}",
+                stacklevel=3,
+            )
+        return
 
 
 def build_layout(
@@ -856,7 +908,6 @@ def build_layout(
     rows: int,
     *,
     n_text: int,
-    model_type: str = "",
     where: str = "",
 ) -> VocabLayout:
     """Check every spec'd id against the tokenizer and embedding, and describe the partition."""
@@ -870,13 +921,6 @@ def build_layout(
             raise AdapterError(f"unit token {first_tok!r} is missing from the tokenizer{at}")
         first = vocab[first_tok]
         expected = u.first_id if u.first_id is not None else default_first
-        if u.first_id is None and model_type in u.first_id_by_model_type:
-            documented = u.first_id_by_model_type[model_type]
-            if first != documented:
-                raise AdapterError(
-                    f"unit token {first_tok!r} has id {first}{at}, but {spec.name} on a {model_type} base "
-                    f"documents {documented} (is the base tokenizer the right one?)"
-                )
         if expected is not None and first != expected:
             raise AdapterError(
                 f"unit token {first_tok!r} has id {first}{at}; the {spec.name} spec says {expected}"
