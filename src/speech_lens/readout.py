@@ -1,0 +1,119 @@
+"""The lens readout (final norm + unembedding) in float32, and the rank rule: one place for both.
+
+Every lens path reads residuals out through :func:`readout_logits` (or its two halves,
+:func:`norm_float32` and :func:`unembed_float32`): the streaming logit lens and tuned lens
+(``hooks.Readout``), ``TunedLens.forward`` and tuned-lens training (``tuned_train``).
+
+Why float32: a bf16 / fp16 model's own ``lm_head(norm(h))`` rounds logits to a grid of 2^-7
+(bf16) relative steps, so many ids share a logit and ranks depend on tie handling. The readout
+here upcasts the residual and the norm and unembedding weights (their exact values) and computes
+in float32, whatever the model's dtype. For a float32 model this is the model's own modules,
+unchanged. The unembedding is upcast a block of vocabulary rows at a time, so the extra memory
+is one block, not a float32 copy of the whole matrix.
+
+Ranks (:func:`rank_against`): ``TIE_RULE = "pessimistic"``: the rank of a target is the number
+of *other* ids whose value is >= the target's (0 = strictly first), so a tie counts against the
+target and a flat readout cannot score hits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+READOUT_DTYPE = "float32"
+TIE_RULE = "pessimistic"
+# rows of a low-precision unembedding upcast at once (8192 x 4096 fp32 = 128 MiB)
+UNEMBED_BLOCK_ROWS = 8192
+
+__all__ = [
+    "READOUT_DTYPE",
+    "TIE_RULE",
+    "is_float32",
+    "norm_float32",
+    "rank_against",
+    "readout_logits",
+    "readout_settings",
+    "unembed_float32",
+]
+
+
+def readout_settings() -> dict[str, str]:
+    """What runs record (run settings, ``metrics.json``, resume keys)."""
+    return {"readout_dtype": READOUT_DTYPE, "tie_rule": TIE_RULE}
+
+
+def is_float32(*modules: nn.Module) -> bool:
+    """Every parameter of ``modules`` is float32 (then the modules run as they are)."""
+    return all(p.dtype == torch.float32 for m in modules for p in m.parameters())
+
+
+@contextlib.contextmanager
+def _materialised(module: nn.Module) -> Iterator[None]:
+    """Offloaded weights (meta placeholders under a device map) loaded for the block."""
+    if any(p.is_meta for p in module.parameters()):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            yield
+    else:
+        yield
+
+
+def norm_float32(norm: nn.Module, h: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
+    """The final norm of ``h`` computed in float32 (weights upcast, not the model's dtype)."""
+    if is_float32(norm):
+        return norm(h.float())
+    with _materialised(norm):
+        params = {n: p.detach().float() for n, p in norm.named_parameters()}
+        first = next(iter(params.values()), None)
+        x = h.float() if first is None else h.to(first.device, torch.float32)
+        out = torch.func.functional_call(norm, params, (x,))
+    if out.dtype != torch.float32:
+        raise TypeError(f"final norm {type(norm).__name__} returned {out.dtype} on float32 input")
+    return out
+
+
+def unembed_float32(unembed: nn.Module, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
+    """The unembedding of ``x`` in float32; a low-precision ``nn.Linear`` is upcast in row blocks."""
+    if is_float32(unembed):
+        return unembed(x.float())
+    with _materialised(unembed):
+        if isinstance(unembed, nn.Linear):
+            w, b = unembed.weight.detach(), unembed.bias
+            xf = x.to(w.device, torch.float32)
+            out = xf.new_empty(xf.shape[0], w.shape[0])
+            for r0 in range(0, w.shape[0], UNEMBED_BLOCK_ROWS):
+                r1 = min(w.shape[0], r0 + UNEMBED_BLOCK_ROWS)
+                bias = None if b is None else b.detach()[r0:r1].float()
+                out[:, r0:r1] = nn.functional.linear(xf, w[r0:r1].float(), bias)
+            return out
+        params = {n: p.detach().float() for n, p in unembed.named_parameters()}
+        out = torch.func.functional_call(unembed, params, (x.float(),))
+    if out.dtype != torch.float32:
+        raise TypeError(f"unembedding {type(unembed).__name__} returned {out.dtype}")
+    return out
+
+
+def readout_logits(
+    norm: nn.Module, unembed: nn.Module, h: Float[Tensor, "n d_model"]
+) -> Float[Tensor, "n vocab"]:
+    """``unembed(norm(h))`` in float32 whatever the model's dtype: the lens readout."""
+    return unembed_float32(unembed, norm_float32(norm, h))
+
+
+def rank_against(
+    values: Float[Tensor, "n vocab"],
+    target_values: Float[Tensor, " n"],
+    target_in_values: Bool[Tensor, " n"] | bool = True,
+) -> Int[Tensor, " n"]:
+    """Pessimistic ranks: how many entries of each row of ``values`` are >= that row's target
+    value, not counting the target itself (``target_in_values``: whether the target is one of
+    the row's entries, e.g. False for a non-text id ranked among text ids). Ties count against
+    the target: rank 0 means strictly above every other id."""
+    ge = (values >= target_values.unsqueeze(-1)).sum(-1)
+    return ge - torch.as_tensor(target_in_values, device=ge.device).long()
