@@ -151,8 +151,11 @@ def test_run_dataset_and_sharded_runner_count_words_without_units(tiny_model, tm
     assert info["metrics"]["n_words_without_units"] == 1
     settings = info["provenance"]["settings"]
     assert settings["zero_unit_words"] == "skip"
+    # the readout precision and tie rule are recorded next to it (speech_lens.readout)
+    assert (settings["readout_dtype"], settings["tie_rule"]) == ("float32", "pessimistic")
     recs = [json.loads(x) for x in (out / PARTIAL).read_text().splitlines()]
-    assert recs[0]["header"]["zero_unit_words"] == "skip"
+    header = recs[0]["header"]
+    assert header["zero_unit_words"] == "skip" and header["tie_rule"] == "pessimistic"
     by_id = {r["utterance_id"]: r for r in recs[1:]}
     assert (
         by_id["gap"]["words_without_units"] == [1] and by_id["plain"]["words_without_units"] == []
