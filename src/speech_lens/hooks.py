@@ -32,11 +32,12 @@ from torch import Tensor
 
 from speech_lens._tl import final_norm_and_unembed, resid_post_name, resid_pre_name, unembed_name
 from speech_lens.readout import (
-    is_float32,
-    norm_float32,
+    at_least_float32,
+    is_full_precision,
     rank_against,
     readout_logits,
-    unembed_float32,
+    readout_norm,
+    readout_unembed,
 )
 from speech_lens.vocab import VocabLayout
 
@@ -63,8 +64,9 @@ class Readout:
 
     ``norm`` and ``unembed`` are the wrapped HF modules (not the bridge components), so calling
     them inside a hook does not fire ``ln_final.*`` / ``unembed.*`` hooks a second time. They
-    always run in float32 (:func:`speech_lens.readout.readout_logits`); ``native_float32``: the
-    model's own final norm and unembedding are float32 already, so its logits are that readout.
+    always run in float32 (:func:`speech_lens.readout.readout_logits`; float64 on a float64
+    model); ``native_float32``: the model's own final norm and unembedding are float32 (or
+    float64) already, so its logits are that readout.
     """
 
     norm: torch.nn.Module
@@ -105,7 +107,7 @@ class Readout:
         n_layers: int,
         device: torch.device | str = "cpu",
     ) -> Readout:
-        native = is_float32(norm, unembed)
+        native = is_full_precision(norm, unembed)
         marker = torch.zeros(layout.vocab_size, dtype=torch.bool)
         for i in layout.marker_ids.values():
             marker[i] = True
@@ -410,15 +412,15 @@ def resid_hook(
     def hook(act: Tensor, *, hook: Any) -> None:
         with torch.no_grad():
             # the batch's activation is read once, for every row; float32 from here on
-            h = index.gather(act).float()
+            h = at_least_float32(index.gather(act))
             if lens is not None:
                 h = lens.transform_hidden(h, layer)
-            normed = norm_float32(readout.norm, h)
+            normed = readout_norm(readout.norm, h)
             del h
             stream_rows(
                 buffers,
                 row,
-                lambda ix: unembed_float32(readout.unembed, normed[ix.to(normed.device)]),
+                lambda ix: readout_unembed(readout.unembed, normed[ix.to(normed.device)]),
                 readout,
                 chunk,
             )

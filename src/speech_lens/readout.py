@@ -1,14 +1,14 @@
 """The lens readout (final norm + unembedding) in float32, and the rank rule: one place for both.
 
 Every lens path reads residuals out through :func:`readout_logits` (or its two halves,
-:func:`norm_float32` and :func:`unembed_float32`): the streaming logit lens and tuned lens
+:func:`readout_norm` and :func:`readout_unembed`): the streaming logit lens and tuned lens
 (``hooks.Readout``), ``TunedLens.forward`` and tuned-lens training (``tuned_train``).
 
 Why float32: a bf16 / fp16 model's own ``lm_head(norm(h))`` rounds logits to a grid of 2^-7
 (bf16) relative steps, so many ids share a logit and ranks depend on tie handling. The readout
 here upcasts the residual and the norm and unembedding weights (their exact values) and computes
 in float32, whatever the model's dtype. For a float32 model this is the model's own modules,
-unchanged. The unembedding is upcast a block of vocabulary rows at a time, so the extra memory
+unchanged; a float64 model keeps its float64 readout (never downcast). The unembedding is upcast a block of vocabulary rows at a time, so the extra memory
 is one block, not a float32 copy of the whole matrix.
 
 Ranks (:func:`rank_against`): ``TIE_RULE = "pessimistic"``: the rank of a target is the number
@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-READOUT_DTYPE = "float32"
+READOUT_DTYPE = "float32"  # at least: a float64 model reads out in float64
 TIE_RULE = "pessimistic"
 # rows of a low-precision unembedding upcast at once (8192 x 4096 fp32 = 128 MiB)
 UNEMBED_BLOCK_ROWS = 8192
@@ -33,12 +33,13 @@ UNEMBED_BLOCK_ROWS = 8192
 __all__ = [
     "READOUT_DTYPE",
     "TIE_RULE",
-    "is_float32",
-    "norm_float32",
+    "at_least_float32",
+    "is_full_precision",
     "rank_against",
     "readout_logits",
+    "readout_norm",
     "readout_settings",
-    "unembed_float32",
+    "readout_unembed",
 ]
 
 
@@ -47,9 +48,17 @@ def readout_settings() -> dict[str, str]:
     return {"readout_dtype": READOUT_DTYPE, "tie_rule": TIE_RULE}
 
 
-def is_float32(*modules: nn.Module) -> bool:
-    """Every parameter of ``modules`` is float32 (then the modules run as they are)."""
-    return all(p.dtype == torch.float32 for m in modules for p in m.parameters())
+FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def is_full_precision(*modules: nn.Module) -> bool:
+    """Every parameter of ``modules`` is float32 or float64: the modules run as they are."""
+    return all(p.dtype in FULL_PRECISION for m in modules for p in m.parameters())
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` upcast to float32 if it is of a lower precision (bf16, fp16); float64 stays."""
+    return x if x.dtype in FULL_PRECISION else x.float()
 
 
 @contextlib.contextmanager
@@ -64,10 +73,10 @@ def _materialised(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def norm_float32(norm: nn.Module, h: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
-    """The final norm of ``h`` computed in float32 (weights upcast, not the model's dtype)."""
-    if is_float32(norm):
-        return norm(h.float())
+def readout_norm(norm: nn.Module, h: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
+    """The final norm of ``h`` in float32 (bf16 / fp16 weights upcast; float64 stays)."""
+    if is_full_precision(norm):
+        return norm(at_least_float32(h))
     with _materialised(norm):
         params = {n: p.detach().float() for n, p in norm.named_parameters()}
         first = next(iter(params.values()), None)
@@ -78,10 +87,10 @@ def norm_float32(norm: nn.Module, h: Float[Tensor, "n d_model"]) -> Float[Tensor
     return out
 
 
-def unembed_float32(unembed: nn.Module, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
+def readout_unembed(unembed: nn.Module, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
     """The unembedding of ``x`` in float32; a low-precision ``nn.Linear`` is upcast in row blocks."""
-    if is_float32(unembed):
-        return unembed(x.float())
+    if is_full_precision(unembed):
+        return unembed(at_least_float32(x))
     with _materialised(unembed):
         if isinstance(unembed, nn.Linear):
             w, b = unembed.weight.detach(), unembed.bias
@@ -103,7 +112,7 @@ def readout_logits(
     norm: nn.Module, unembed: nn.Module, h: Float[Tensor, "n d_model"]
 ) -> Float[Tensor, "n vocab"]:
     """``unembed(norm(h))`` in float32 whatever the model's dtype: the lens readout."""
-    return unembed_float32(unembed, norm_float32(norm, h))
+    return readout_unembed(unembed, readout_norm(norm, h))
 
 
 def rank_against(
