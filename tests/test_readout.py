@@ -174,3 +174,22 @@ def test_ties_count_against_the_target():
     vals = torch.tensor([[1.0, 1.0, 0.5], [1.0, 1.0, 0.5]])
     got = rank_against(vals, torch.tensor([1.0, 1.0]), torch.tensor([True, False]))
     assert got.tolist() == [1, 2]
+
+
+def test_bf16_readout_of_a_disk_offloaded_model_equals_the_plain_load(
+    bf16, tiny_checkpoint, tmp_path
+):
+    """The float32 readout reads offloaded weights (meta placeholders) through their hooks."""
+    path, kw = tiny_checkpoint("spiritlm")
+    off = load_model(
+        path, dtype=torch.bfloat16, device_map={"": "disk"}, offload_folder=tmp_path / "o", **kw
+    )
+    head = off.hf_model.lm_head.weight
+    assert head.is_meta and head.dtype == torch.bfloat16
+    toks = _tokens(bf16, 30, seed=2)
+    a = logit_lens(bf16, toks, k=5, targets="next")
+    b = logit_lens(off, toks, k=5, targets="next")
+    assert torch.equal(a.topk_ids_all, b.topk_ids_all) and torch.equal(
+        a.target_ranks, b.target_ranks
+    )
+    torch.testing.assert_close(b.topk_logprobs_all, a.topk_logprobs_all, atol=1e-6, rtol=0)

@@ -74,14 +74,27 @@ def _materialised(module: nn.Module) -> Iterator[None]:
 
 
 def readout_norm(norm: nn.Module, h: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
-    """The final norm of ``h`` in float32 (bf16 / fp16 weights upcast; float64 stays)."""
+    """The final norm of ``h`` in float32 (bf16 / fp16 weights upcast; float64 stays).
+
+    HF's RMSNorms compute in float32 and multiply by the weight last, so on a float32 input they
+    return float32 (the weight promoted, its values exact): the module runs as it is, through
+    its device-map hooks. A norm that returns its own dtype, or refuses a float32 input, runs
+    on upcast copies of its parameters instead."""
+    x = at_least_float32(h)
     if is_full_precision(norm):
-        return norm(at_least_float32(h))
-    with _materialised(norm):
-        params = {n: p.detach().float() for n, p in norm.named_parameters()}
-        first = next(iter(params.values()), None)
-        x = h.float() if first is None else h.to(first.device, torch.float32)
-        out = torch.func.functional_call(norm, params, (x,))
+        return norm(x)
+    out = None
+    with contextlib.suppress(RuntimeError):  # e.g. layer_norm refuses mixed dtypes
+        out = norm(x)
+    if out is not None and out.dtype in FULL_PRECISION:
+        return out
+    if hasattr(norm, "_hf_hook"):
+        raise TypeError(
+            f"final norm {type(norm).__name__} under a device map does not compute in float32 on "
+            "a float32 input; load the model without a device map or in float32"
+        )
+    params = {n: p.detach().float() for n, p in norm.named_parameters()}
+    out = torch.func.functional_call(norm, params, (x,))
     if out.dtype != torch.float32:
         raise TypeError(f"final norm {type(norm).__name__} returned {out.dtype} on float32 input")
     return out
