@@ -360,7 +360,13 @@ def run_distributed(
         hooks = finite_guard_hooks(model, u.id) if guard else []
         # unit positions only: the records read nothing else (as run_lens.run_dataset)
         res = word_lens(
-            model, prompt, word_targets(model, u), k=cfg.k, positions="speech", fwd_hooks=hooks
+            model,
+            prompt,
+            word_targets(model, u),
+            k=cfg.k,
+            positions="speech",
+            fwd_hooks=hooks,
+            zero_unit_words=cfg.zero_unit_words,
         )
         store.append(utterance_record(res, prompt, model.layout))
         bar.update(1)
@@ -475,6 +481,13 @@ def _parser() -> argparse.ArgumentParser:
                 type=int,
                 default=int(os.environ.get("WORLD_SIZE", "1")),
                 help="ranks to plan for with --dry-run (default: $WORLD_SIZE or 1)",
+            )
+        if name != "tuned-lens":
+            s.add_argument(
+                "--zero-unit-words",
+                default="skip",
+                choices=["skip", "miss", "error"],
+                help="spoken words with no unit position (as speech-lens lens)",
             )
         if name == "lens":
             s.add_argument("--restart", action="store_true", help="discard finished shards")

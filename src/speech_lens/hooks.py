@@ -8,7 +8,10 @@ and unembedding in position chunks and reduces each ``[chunk, vocab]`` block bef
 is made, so nothing of size ``[layers, pos, vocab]`` (or even ``[pos, vocab]``) is ever held.
 
 Rows: row ``i < n_layers`` reads ``blocks.i.hook_resid_pre`` (row 0 = the embeddings); row
-``n_layers`` reads the model's own logits at ``hook_unembed``, so it equals the model's output.
+``n_layers`` is the model's output: its own logits at ``hook_unembed`` for a float32 model; for a
+bf16 / fp16 model the last block's ``hook_resid_post`` read out in float32 like every other row
+(the readout is always float32: :mod:`speech_lens.readout`). Ranks count ties against the
+target (``readout.TIE_RULE``).
 A buffer may hold a subset of the rows (``LensBuffer.layers``); hooks go only there.
 
 Batches: :func:`batch_lens_hooks` fills one buffer per sequence of a padded batch. Each row's
@@ -27,7 +30,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from speech_lens._tl import final_norm_and_unembed, resid_pre_name, unembed_name
+from speech_lens._tl import final_norm_and_unembed, resid_post_name, resid_pre_name, unembed_name
+from speech_lens.readout import (
+    at_least_float32,
+    is_full_precision,
+    rank_against,
+    readout_logits,
+    readout_norm,
+    readout_unembed,
+)
 from speech_lens.vocab import VocabLayout
 
 HookFn = Callable[..., Tensor | None]
@@ -52,7 +63,10 @@ class Readout:
     """The model's own final norm and unembedding, plus the vocabulary partitions.
 
     ``norm`` and ``unembed`` are the wrapped HF modules (not the bridge components), so calling
-    them inside a hook does not fire ``ln_final.*`` / ``unembed.*`` hooks a second time.
+    them inside a hook does not fire ``ln_final.*`` / ``unembed.*`` hooks a second time. They
+    always run in float32 (:func:`speech_lens.readout.readout_logits`; float64 on a float64
+    model); ``native_float32``: the model's own final norm and unembedding are float32 (or
+    float64) already, so its logits are that readout.
     """
 
     norm: torch.nn.Module
@@ -69,6 +83,7 @@ class Readout:
     text_end: int  # one past the last text id
     text_holes: Int[Tensor, " n"]  # non-text ids below text_end
     n_text: int
+    native_float32: bool = True
 
     @classmethod
     def of(cls, model: Any) -> Readout:
@@ -92,6 +107,7 @@ class Readout:
         n_layers: int,
         device: torch.device | str = "cpu",
     ) -> Readout:
+        native = is_full_precision(norm, unembed)
         marker = torch.zeros(layout.vocab_size, dtype=torch.bool)
         for i in layout.marker_ids.values():
             marker[i] = True
@@ -118,6 +134,7 @@ class Readout:
             text_end=end,
             text_holes=idx(~text[:end]),
             n_text=int(text_ids.numel()),
+            native_float32=native,
         )
 
     def masses(self, logprobs: Float[Tensor, "c vocab"]) -> Float[Tensor, "c group"]:
@@ -136,7 +153,8 @@ class Readout:
         return torch.stack([text, unit, speech, marker, other], dim=-1)
 
     def logits(self, h: Float[Tensor, "pos d_model"]) -> Float[Tensor, "pos vocab"]:
-        return self.unembed(self.norm(h))
+        """Final norm + unembedding of ``h`` in float32."""
+        return readout_logits(self.norm, self.unembed, h)
 
 
 @dataclass(eq=False)
@@ -270,8 +288,10 @@ class LensBuffer:
             assert self.cand_ids is not None
             cid = self.cand_ids[cands].to(pooled.device)
             v = pooled[a].index_select(0, cid)
-            # rank among text ids: how many text ids have a strictly higher pooled logit
-            rank = (text[a].unsqueeze(0) > v.unsqueeze(1)).sum(-1)
+            # rank among text ids: how many other text ids have a pooled logit >= (ties count
+            # against the candidate); a non-text candidate is not among the text ids
+            row_vals = text[a].unsqueeze(0).expand(v.shape[0], -1)
+            rank = rank_against(row_vals, v, readout.text_mask[cid])
             self.cand_ranks[row, cands] = rank.cpu()
             self.cand_logits[row, cands] = v.cpu()
 
@@ -286,7 +306,7 @@ class LensBuffer:
             valid = t >= 0
             lp = logprobs.gather(1, t.clamp(min=0))
             for j in range(t.shape[1]):
-                rank = (logprobs > lp[:, j : j + 1]).sum(-1)
+                rank = rank_against(logprobs, lp[:, j])  # ties count against the target
                 self.target_ranks[row, c0:c1, j] = torch.where(valid[:, j], rank, -1).cpu()
             self.target_logprobs[row, c0:c1] = lp.masked_fill(~valid, float("nan")).cpu()
         # text top-k: text ids all sit below text_end; blank the few non-text ids among them
@@ -384,21 +404,23 @@ def resid_hook(
     chunk: int,
     last: bool = False,
 ) -> HookFn:
-    """Hook for ``blocks.{layer}.hook_resid_pre``: lens -> final norm -> unembed -> reduce, for
-    every sequence of the batch at once. ``last``: stop the forward pass afterwards."""
+    """Hook for ``blocks.{layer}.hook_resid_pre`` (or the last block's ``hook_resid_post`` for
+    the output row): lens -> final norm -> unembed, in float32, -> reduce, for every sequence of
+    the batch at once. ``last``: stop the forward pass afterwards."""
     row = buffers[0].row_of(layer)
 
     def hook(act: Tensor, *, hook: Any) -> None:
         with torch.no_grad():
-            h = index.gather(act)  # the batch's activation is read once, for every row
+            # the batch's activation is read once, for every row; float32 from here on
+            h = at_least_float32(index.gather(act))
             if lens is not None:
                 h = lens.transform_hidden(h, layer)
-            normed = readout.norm(h)
+            normed = readout_norm(readout.norm, h)
             del h
             stream_rows(
                 buffers,
                 row,
-                lambda ix: readout.unembed(normed[ix.to(normed.device)]),
+                lambda ix: readout_unembed(readout.unembed, normed[ix.to(normed.device)]),
                 readout,
                 chunk,
             )
@@ -456,8 +478,11 @@ def batch_lens_hooks(
         for i in layers
         if i < n
     ]
-    if n in layers:
+    if n in layers and readout.native_float32:
         hooks.append((unembed_name(), logits_hook(buffers, index, readout, chunk=chunk)))
+    elif n in layers:  # a low-precision model's logits: read its final residual in float32
+        out = resid_hook(buffers, index, readout, n, None, chunk=chunk)
+        hooks.append((resid_post_name(n - 1), out))
     return hooks
 
 

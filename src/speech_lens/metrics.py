@@ -12,6 +12,10 @@ if either is in the top k [default]; ``first-spaced`` / ``first-bare``: only tha
 (``prompts.word_piece_ids``). SentencePiece families write the bare form with the dummy prefix,
 so ``first`` has one candidate there and two on byte-level BPE: across them compare
 ``first-spaced``.
+
+Ranks count ties against the target (``readout.TIE_RULE``). A spoken word with no unit position
+is recorded (``UtteranceRecord.words_without_units``) and, by the ``zero_unit_words`` policy of
+:func:`aggregate`, left out of Recall@k (``skip``) or scored as a miss (``miss``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 from speech_lens.hooks import MASS_GROUPS
-from speech_lens.lens.logit import LensResult
+from speech_lens.lens.logit import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS, LensResult
 from speech_lens.prompts import SPEECH, EncodedPrompt, WordTarget
 from speech_lens.vocab import VocabLayout
 
@@ -63,6 +67,9 @@ class UtteranceRecord:
     ``rule`` (0 = top-1; -1 for "next" of the utterance's last word). ``top_ids[j][row]``: the
     pooled top-k text ids. ``mass_sums[group][row]``: probability mass summed over the speech
     (unit) positions; ``unit_top1[row]``: how many of them have a speech unit as top-1 overall.
+    ``words_without_units``: utterance word indices of spoken words with no unit position (not
+    in ``words``); ``n_utterance_words``: the utterance's word count (which of them have a next
+    word).
     """
 
     utterance_id: str
@@ -75,6 +82,8 @@ class UtteranceRecord:
     mass_sums: dict[str, list[float]]
     unit_top1: list[int]
     n_speech_positions: int
+    words_without_units: list[int] = field(default_factory=list)
+    n_utterance_words: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,22 +139,47 @@ def utterance_record(
         mass_sums=sums,
         unit_top1=[int(x) for x in unit_top1],
         n_speech_positions=int(speech.numel()),
+        words_without_units=list(w.no_unit_words),
+        n_utterance_words=len(prompt.words),
     )
 
 
+def _check_policy(zero_unit_words: str) -> None:
+    if zero_unit_words not in ZERO_UNIT_WORDS:
+        raise ValueError(f"zero_unit_words={zero_unit_words!r}: one of {ZERO_UNIT_WORDS}")
+
+
+def _scored_without_units(
+    no_unit: Sequence[int], n_words: int, which: str, zero_unit_words: str
+) -> int:
+    """Words with no unit position that Recall@k counts (as misses): none under ``skip``."""
+    if zero_unit_words != "miss":
+        return 0
+    return sum(1 for i in no_unit if which == "current" or i + 1 < n_words)
+
+
 def word_recall(
-    result: LensResult, k: int, *, match: str = DEFAULT_MATCH, which: str = "current"
+    result: LensResult,
+    k: int,
+    *,
+    match: str = DEFAULT_MATCH,
+    which: str = "current",
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> np.ndarray:
-    """Recall@k per row for one ``word_lens`` result (NaN rows where there is no word)."""
+    """Recall@k per row for one ``word_lens`` result (NaN rows where there is no word).
+
+    Words with no unit position are left out (``skip``) or count as misses (``miss``)."""
+    _check_policy(zero_unit_words)
     w = result.words
     if w is None:
         raise ValueError("word_recall needs a word_lens result")
     targets = w.current if which == "current" else w.next
     cols = [w.rank_of(j, match_ids(t, match)).numpy() for j, t in enumerate(targets) if t]
-    if not cols:
+    misses = _scored_without_units(w.no_unit_words, w.n_utterance_words, which, zero_unit_words)
+    if not cols and not misses:
         return np.full(result.n_rows, np.nan)
-    r = np.stack(cols, axis=1)
-    return (r < k).mean(axis=1)
+    hits = (np.stack(cols, axis=1) < k).sum(axis=1) if cols else np.zeros(result.n_rows)
+    return hits / (len(cols) + misses)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +205,7 @@ class DatasetMetrics:
     match: str
     ks: list[int]
     n_utterances: int
-    n_words: int
+    n_words: int  # scored in Recall@k (under "miss" with the words that have no unit)
     n_next_words: int
     n_speech_positions: int
     recall_current: dict[int, Curve]
@@ -183,6 +217,8 @@ class DatasetMetrics:
     seed: int
     bootstrap_unit: str = "utterance"
     extra: dict[str, Any] = field(default_factory=dict)
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS  # the policy applied (see ZERO_UNIT_WORDS)
+    n_words_without_units: int = 0  # spoken words with no unit position (skipped or missed)
 
     @property
     def layers(self) -> list[int]:
@@ -237,14 +273,18 @@ def aggregate(
     seed: int = 0,
     ci: float = 0.95,
     label: str = "",
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> DatasetMetrics:
     """Per-layer Recall@k (current, next word) and modality mass with utterance-bootstrap CIs.
 
     Recall is hits over all words pooled (micro average); mass is averaged over all speech
     positions. Each bootstrap replicate redraws utterances with replacement (``seed``).
+    Spoken words with no unit position are counted (``n_words_without_units``) and left out of
+    Recall@k (``zero_unit_words="skip"``) or scored as misses, current and next word (``"miss"``).
     """
     if match not in MATCH_RULES:
         raise ValueError(f"unknown match rule {match!r}; one of {MATCH_RULES}")
+    _check_policy(zero_unit_words)
     if not records:
         raise ValueError("aggregate: no utterance records")
     n_layers = records[0].n_layers
@@ -267,6 +307,8 @@ def aggregate(
             valid = a >= 0
             hits[i] = ((a < k) & valid).sum(1)
             count[i] = valid[0].sum() if a.shape[1] else 0
+            n = r.n_utterance_words or len(r.words) + len(r.words_without_units)
+            count[i] += _scored_without_units(r.words_without_units, n, which, zero_unit_words)
         return _ratio_curve(hits, count, weights, alpha), int(count.sum())
 
     rc: dict[int, Curve] = {}
@@ -301,6 +343,8 @@ def aggregate(
         ci=ci,
         n_boot=n_boot,
         seed=seed,
+        zero_unit_words=zero_unit_words,
+        n_words_without_units=sum(len(r.words_without_units) for r in records),
     )
 
 

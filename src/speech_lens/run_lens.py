@@ -21,7 +21,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from speech_lens.lens.logit import logit_lens, word_lens_batch
+from speech_lens.lens.logit import (
+    DEFAULT_ZERO_UNIT_WORDS,
+    ZERO_UNIT_WORDS,
+    logit_lens,
+    word_lens_batch,
+)
 from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.metrics import (
     DEFAULT_MATCH,
@@ -35,6 +40,7 @@ from speech_lens.metrics import (
 )
 from speech_lens.plots import lens_heatmap, modality_figure, recall_figure
 from speech_lens.prompts import WORD_PIECE_RULE, bare_form_is_spaced, span_settings
+from speech_lens.readout import readout_settings
 from speech_lens.report import Report, Table, atomic_write_text
 
 PARTIAL = "partial.jsonl"
@@ -64,10 +70,15 @@ class LensRunConfig:
     span_sampler: str | None = None
     span_mean: float | None = None
     speech_fraction: float | None = None
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS  # skip | miss | error (lens.logit)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: one of {MODES}")
+        if self.zero_unit_words not in ZERO_UNIT_WORDS:
+            raise ValueError(
+                f"--zero-unit-words {self.zero_unit_words!r}: one of {ZERO_UNIT_WORDS}"
+            )
         if self.match not in MATCH_RULES:
             raise ValueError(f"match rule {self.match!r}: one of {MATCH_RULES}")
         spans = (self.span_sampler, self.span_mean, self.speech_fraction)
@@ -98,7 +109,9 @@ class LensRunConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """Settings that change per-utterance records (match, ks, limit do not: they are
-        applied when aggregating, so a finished run can be re-scored without recomputing)."""
+        applied when aggregating, so a finished run can be re-scored without recomputing).
+        The zero-unit-word policy is here too (``error`` refuses what the others record), and
+        the readout (float32, ties against the target): records of another readout differ."""
         return {
             "checkpoint": self.checkpoint,
             "data": self.data,
@@ -109,6 +122,8 @@ class LensRunConfig:
             "lens": self.lens,
             "word_pieces": WORD_PIECE_RULE,
             **self.span_settings(),
+            "zero_unit_words": self.zero_unit_words,
+            **readout_settings(),
         }
 
 
@@ -196,6 +211,7 @@ def lens_batch(
         lens=lens,
         positions="speech",
         padding_side=padding_side,
+        zero_unit_words=cfg.zero_unit_words,
     )
 
 
@@ -276,6 +292,7 @@ def run_dataset(
         n_boot=cfg.n_boot,
         seed=cfg.seed,
         label=Path(cfg.checkpoint).name,
+        zero_unit_words=cfg.zero_unit_words,
     )
     write_outputs(model, out, cfg, metrics, records, utts[0])
     return metrics
@@ -317,6 +334,8 @@ def write_outputs(
         "ci": metrics.ci,
         "bootstrap_unit": metrics.bootstrap_unit,
         **cfg.span_settings(),
+        "zero_unit_words": metrics.zero_unit_words,
+        **readout_settings(),
     }
     prov = collect_provenance(model, data=cfg.data, lens=cfg.lens, settings=settings)
     # a property of the model, not a setting: `compare` reads it to tell which match rules
@@ -363,10 +382,12 @@ def build_report(
             f"({metrics.n_next_words} with a next word), {metrics.n_speech_positions} unit "
             f"positions; {model.n_layers} layers (row 0 = embeddings, row {model.n_layers} = "
             "the model's output).\n\n"
+            f"{_zero_unit_text(metrics)}\n\n"
             f"Word matching rule: {metrics.match} (first sub-token, spaced or bare form, unless "
             "the rule says otherwise; a lone leading word-boundary piece ▁ / Ġ is skipped). "
-            "Lens logits are max-pooled over each spoken word's unit "
-            "positions and ranked over text ids. "
+            "Lens logits (final norm and unembedding in float32) are "
+            "max-pooled over each spoken word's unit positions and ranked over text ids; a tie "
+            "counts against the target. "
             f"Confidence bands: {int(metrics.ci * 100)}% percentile bootstrap over utterances, "
             f"{metrics.n_boot} draws, seed {metrics.seed}.\n\n"
             f"Current-word Recall@{k} peaks at layer {best}: "
@@ -403,6 +424,19 @@ def build_report(
     return rep
 
 
+def _zero_unit_text(metrics: DatasetMetrics) -> str:
+    """The report's line on spoken words that got no unit position."""
+    n = metrics.n_words_without_units
+    how = {
+        "skip": "left out of Recall@k",
+        "miss": "counted as misses in Recall@k (current and next word)",
+    }.get(metrics.zero_unit_words, "refused")
+    return (
+        f"Spoken words with no unit position: {n} (policy {metrics.zero_unit_words}: {how}; "
+        "a word's units are those whose end time falls in (word start, word end])."
+    )
+
+
 def _batch_size(value: Any) -> int | str:
     """``--batch-size``: a positive integer or ``auto``."""
     if value == "auto":
@@ -431,6 +465,7 @@ def lens_config(args: Any, model: Any) -> LensRunConfig:
         seed=args.seed,
         lens=getattr(args, "lens", "logit"),
         span_sampler=_span_sampler(args, model),
+        zero_unit_words=getattr(args, "zero_unit_words", DEFAULT_ZERO_UNIT_WORDS),
     )
 
 

@@ -41,6 +41,7 @@ from speech_lens._tl import final_norm_and_unembed, resid_post_name, resid_pre_n
 from speech_lens.adapters import SpeechLM
 from speech_lens.data import Utterance
 from speech_lens.lens.tuned import TunedLens, exact_unembed_hash, unembed_weight
+from speech_lens.readout import readout_logits
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PROVENANCE_FILE = "provenance.json"  # beside the lens files, which keep the tuned-lens format
@@ -133,7 +134,7 @@ class FinalDist:
         probs = torch.empty(n, vocab, device=h.device)
         plogp = torch.empty(n, device=h.device)
         for s in range(0, n, chunk):
-            logp = unembed(norm(h[s : s + chunk])).float().log_softmax(-1)
+            logp = readout_logits(norm, unembed, h[s : s + chunk]).log_softmax(-1)
             p = torch.exp(logp, out=probs[s : s + chunk])
             plogp[s : s + chunk] = torch.einsum("nv,nv->n", p, logp)
         return cls(probs, plogp, probs.sum(-1))
@@ -202,7 +203,7 @@ def kl_sum(
     """Σ over positions of KL(p_final ‖ lens_layer(h)); ``lens=None`` is the logit lens."""
     if lens is None:
         norm, unembed = final_norm_and_unembed(model.bridge)
-        logits = unembed(norm(h))
+        logits = readout_logits(norm, unembed, h)
     else:
         logits = lens(h, layer)
     logits = logits.float()

@@ -30,6 +30,8 @@ from speech_lens.hooks import (
 from speech_lens.prompts import SPEECH, EncodedPrompt, WordTarget
 
 __all__ = [
+    "DEFAULT_ZERO_UNIT_WORDS",
+    "ZERO_UNIT_WORDS",
     "LensResult",
     "WordLensResult",
     "logit_lens",
@@ -39,15 +41,25 @@ __all__ = [
 ]
 
 
+# What to do with a spoken word that has no unit position (a short word between two unit ends):
+# "skip" leaves it out of Recall@k and counts it, "miss" scores it as a miss at every layer (and
+# its next-word prediction too), "error" refuses the utterance, naming the word.
+ZERO_UNIT_WORDS = ("skip", "miss", "error")
+DEFAULT_ZERO_UNIT_WORDS = "skip"
+
+
 @dataclass(frozen=True, eq=False)
 class WordLensResult:
     """Per-layer readout of each spoken word, logits max-pooled over its unit positions.
 
     Rows are lens rows (0 = embeddings, ``n_layers`` = model output). ``topk_ids`` rank text ids
-    only; ``cand_ranks[row, c]`` is how many text ids have a strictly higher pooled logit than
-    candidate ``cand_ids[c]`` (0 = top-1), for the candidates of word ``cand_word[c]``.
+    only; ``cand_ranks[row, c]`` is how many *other* text ids have a pooled logit >= that of
+    candidate ``cand_ids[c]`` (0 = strictly top-1; ties count against the candidate,
+    ``readout.TIE_RULE``), for the candidates of word ``cand_word[c]``.
     ``current[j]`` / ``next[j]`` are the targets of pooled word ``j`` (``next`` is None for the
-    utterance's last word).
+    utterance's last word). ``no_unit_words``: utterance word indices of spoken words with no
+    unit position, not pooled (see :data:`ZERO_UNIT_WORDS`); ``n_utterance_words``: how many
+    words the utterance has (so whether such a word has a next word).
     """
 
     word_index: tuple[int, ...]
@@ -61,6 +73,8 @@ class WordLensResult:
     cand_logits: Float[Tensor, "row n_cand"]
     current: tuple[WordTarget, ...]
     next: tuple[WordTarget | None, ...]
+    no_unit_words: tuple[int, ...] = ()
+    n_utterance_words: int = 0
 
     def __len__(self) -> int:
         return len(self.words)
@@ -73,6 +87,8 @@ class WordLensResult:
         words: tuple[str, ...],
         current: tuple[WordTarget, ...],
         next: tuple[WordTarget | None, ...],
+        no_unit_words: tuple[int, ...] = (),
+        n_utterance_words: int = 0,
     ) -> WordLensResult:
         empty = torch.zeros(0, dtype=torch.long)
         return cls(
@@ -87,6 +103,8 @@ class WordLensResult:
             cand_logits=b.cand_logits,
             current=current,
             next=next,
+            no_unit_words=no_unit_words,
+            n_utterance_words=n_utterance_words,
         )
 
     def rank_of(self, j: int, ids: Sequence[int]) -> Int[Tensor, " row"]:
@@ -106,8 +124,10 @@ class LensResult:
 
     Row ``i < n_layers`` is ``blocks.i.hook_resid_pre`` (row 0: the embeddings); row
     ``n_layers`` is the model's own output. ``topk_*`` rank text ids only, ``topk_*_all`` the
-    whole vocabulary; log-probs, masses and ranks use the full softmax over the whole vocabulary.
-    ``target_ranks`` count ids with a strictly higher log-prob (0 = top-1; -1 where no target).
+    whole vocabulary; log-probs, masses and ranks use the full softmax over the whole vocabulary,
+    read out in float32 whatever the model's dtype (:mod:`speech_lens.readout`).
+    ``target_ranks`` count the other ids with a log-prob >= the target's (0 = strictly top-1;
+    ties count against the target; -1 where no target).
     """
 
     tokens: Int[Tensor, " seq"]
@@ -392,6 +412,26 @@ def logit_lens(
 WORD_POSITIONS = ("all", "speech")
 
 
+def _word_units(prompt: EncodedPrompt, zero_unit_words: str) -> tuple[list[Any], list[int]]:
+    """``(span, unit positions)`` of each spoken word that has units, and the indices of those
+    that have none (refused under ``zero_unit_words="error"``)."""
+    pooled: list[Any] = []
+    without: list[int] = []
+    for s in prompt.speech_spans():
+        units = [p for p in s.positions if prompt.kind[p] == SPEECH]
+        if units:
+            pooled.append((s, units))
+            continue
+        if zero_unit_words == "error":
+            raise ValueError(
+                f"utterance {prompt.utterance_id}: spoken word {s.index} ({s.text!r}) has no "
+                f"unit position (no unit's reference time falls inside the word; prompt "
+                f"position {s.start}); --zero-unit-words skip or miss scores such words"
+            )
+        without.append(s.index)
+    return pooled, without
+
+
 def _word_buffer(
     model: Any,
     prompt: EncodedPrompt,
@@ -400,6 +440,7 @@ def _word_buffer(
     rows: tuple[int, ...],
     positions: str,
     chunk_size: int | None,
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> tuple[LensBuffer, tuple[Any, ...]]:
     if targets is None:
         from speech_lens import prompts
@@ -415,33 +456,15 @@ def _word_buffer(
             f"{len(prompt.words)} words"
         )
     seq = _as_sequence(prompt.tokens, f"utterance {prompt.utterance_id}: tokens")
-    spans = list(prompt.speech_spans())
-    word_pos: list[Tensor] = []
-    idx: list[int] = []
-    cur: list[WordTarget] = []
-    nxt: list[WordTarget | None] = []
+    pooled, without = _word_units(prompt, zero_unit_words)
+    cur = [targets[s.index] for s, _ in pooled]
+    nxt = [targets[s.index + 1] if s.index + 1 < len(targets) else None for s, _ in pooled]
     cand_ids: list[int] = []
     cand_word: list[int] = []
-    for s in spans:
-        units = [p for p in s.positions if prompt.kind[p] == SPEECH]
-        if not units:
-            raise ValueError(
-                f"utterance {prompt.utterance_id}: spoken word {s.index} ({s.text!r}) has no "
-                f"unit positions in {s.start}..{s.end - 1}"
-            )
-        j = len(word_pos)
-        word_pos.append(torch.tensor(units, dtype=torch.long))
-        idx.append(s.index)
-        c = targets[s.index]
-        n = targets[s.index + 1] if s.index + 1 < len(targets) else None
-        cur.append(c)
-        nxt.append(n)
-        ids = {*c.spaced, *c.bare}
-        if n is not None:
-            ids |= {*n.spaced, *n.bare}
-        for i in sorted(ids):
-            cand_ids.append(i)
-            cand_word.append(j)
+    for j, (c, n) in enumerate(zip(cur, nxt, strict=True)):
+        ids = {*c.spaced, *c.bare} | (set() if n is None else {*n.spaced, *n.bare})
+        cand_ids.extend(sorted(ids))
+        cand_word.extend([j] * len(ids))
     if positions == "all":
         pos = torch.arange(seq.shape[0])
     else:
@@ -452,13 +475,21 @@ def _word_buffer(
         n_rows=len(rows),
         positions=pos,
         k=k,
-        word_positions=word_pos,
+        word_positions=[torch.tensor(u, dtype=torch.long) for _, u in pooled],
         cand_ids=torch.tensor(cand_ids, dtype=torch.long),
         cand_word=torch.tensor(cand_word, dtype=torch.long),
         chunk_size=chunk_size,
         layers=rows,
     )
-    return buffer, (tuple(idx), tuple(s.text for s in spans), tuple(cur), tuple(nxt))
+    meta = (
+        tuple(s.index for s, _ in pooled),
+        tuple(s.text for s, _ in pooled),
+        tuple(cur),
+        tuple(nxt),
+        tuple(without),
+        len(targets),
+    )
+    return buffer, meta
 
 
 def word_lens_batch(
@@ -474,6 +505,7 @@ def word_lens_batch(
     padding_side: str = "right",
     fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
     stop_early: bool = True,
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> list[LensResult]:
     """:func:`word_lens` on several prompts of any lengths in one padded forward pass.
 
@@ -481,19 +513,21 @@ def word_lens_batch(
     ``positions``: ``"all"``, or ``"speech"`` to unembed only the unit positions (what word
     pooling and :func:`speech_lens.metrics.utterance_record` read; the per-position arrays then
     cover those positions only). ``layers``, ``padding_side``, ``stop_early``: as in
-    :func:`logit_lens_batch`.
+    :func:`logit_lens_batch`; ``zero_unit_words``: as in :func:`word_lens`.
     """
     if not prompts:
         raise ValueError("word_lens_batch: no prompts")
     if positions not in WORD_POSITIONS:
         raise ValueError(f"positions={positions!r}: one of {WORD_POSITIONS}")
+    if zero_unit_words not in ZERO_UNIT_WORDS:
+        raise ValueError(f"zero_unit_words={zero_unit_words!r}: one of {ZERO_UNIT_WORDS}")
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding side {padding_side!r}: one of {PADDING_SIDES}")
     kk = _check_k(k, model)
     rows = _layers(layers, model.n_layers)
     tg = _per_sequence(targets, len(prompts), "targets")
     made = [
-        _word_buffer(model, p, t, kk, rows, positions, chunk_size)
+        _word_buffer(model, p, t, kk, rows, positions, chunk_size, zero_unit_words)
         for p, t in zip(prompts, tg, strict=True)
     ]
     buffers = [b for b, _ in made]
@@ -518,6 +552,7 @@ def word_lens(
     chunk_size: int | None = None,
     fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
     stop_early: bool = True,
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> LensResult:
     """``logit_lens`` over the positions of ``prompt`` plus the pooled readout of its spoken words.
 
@@ -527,6 +562,15 @@ def word_lens(
     word and of the next word (spaced and bare forms) is ranked, so every matching rule in
     ``metrics.MATCH_RULES`` can be scored from the result. ``positions="speech"`` reads only
     the unit positions (enough for the word readout and the per-utterance record).
+
+    A word's units are those :func:`~speech_lens.prompts.encode_prompt` assigned to it: under
+    the default ``unit_rule="end"`` the units whose end time ``t`` lies in ``(start, end]``
+    (within ``data.TIME_EPS``). So a unit ending exactly on a word's end belongs to that word,
+    and a unit ending exactly on a word's start belongs to the word before. A short word may
+    get no unit at all (no unit ends inside it): ``zero_unit_words="skip"`` (default) or
+    ``"miss"`` leave it out of the pooled readout and list it in ``words.no_unit_words`` (the
+    metrics then leave it out of Recall@k, or count it as a miss); ``"error"`` raises,
+    naming the utterance and the word.
     """
     return word_lens_batch(
         model,
@@ -539,6 +583,7 @@ def word_lens(
         chunk_size=chunk_size,
         fwd_hooks=fwd_hooks,
         stop_early=stop_early,
+        zero_unit_words=zero_unit_words,
     )[0]
 
 
