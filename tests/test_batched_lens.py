@@ -384,22 +384,27 @@ def test_run_dataset_batch_sizes_write_the_same_records(model64, tmp_path):
         word_lens_batch(model, prompts, padding_side="left")
     _check_same_records(model, utts, runs[1], runs[3], runs["auto"])
 
-    # a crash in the middle of a batch: the finished records stay, the rest is recomputed
-    out = tmp_path / "crash"
-    seen: list[str] = []
+    # a crash in the middle of a batch (of the first and of the second: 5 = 3 + 2): the finished
+    # records stay, the rest is recomputed in the uninterrupted run's batches
+    for cut in (2, 4):
+        out = tmp_path / f"crash{cut}"
+        seen: list[str] = []
 
-    def crash(rec):
-        seen.append(rec.utterance_id)
-        if len(seen) == 4:  # the first record of the second batch of 3 (5 = 3 + 2)
-            raise KeyboardInterrupt
+        def crash(rec, cut=cut, seen=seen):
+            seen.append(rec.utterance_id)
+            if len(seen) == cut:
+                raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        run_dataset(model, utts, out, cfg, progress=False, batch_size=3, on_record=crash)
-    assert len(_records(out / PARTIAL)) == 4
-    again: list[str] = []
-    run_dataset(model, utts, out, cfg, progress=False, batch_size=3, on_record=lambda r: again.append(r.utterance_id))  # fmt: skip
-    assert sorted(again) == sorted(set(runs[1]) - set(seen))
-    _check_same_records(model, utts, runs[1], _records(out / PARTIAL))
+        with pytest.raises(KeyboardInterrupt):
+            run_dataset(model, utts, out, cfg, progress=False, batch_size=3, on_record=crash)
+        assert len(_records(out / PARTIAL)) == cut
+        again: list[str] = []
+        run_dataset(model, utts, out, cfg, progress=False, batch_size=3, on_record=lambda r, a=again: a.append(r.utterance_id))  # fmt: skip
+        assert sorted(again) == sorted(set(runs[1]) - set(seen))
+        # the same batches (the cut one recomputed whole): the bs3 run's outputs, bit for bit
+        assert _records(out / PARTIAL) == runs[3]
+        for name in ("metrics.json", "layers.csv", "words.csv"):
+            assert (out / name).read_bytes() == (tmp_path / "bs3" / name).read_bytes(), name
 
 
 def test_cli_batch_size_flags(tiny_checkpoint, tmp_path, capsys):
