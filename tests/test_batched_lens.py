@@ -25,6 +25,8 @@ from speech_lens.metrics import match_ids, utterance_record
 from speech_lens.prompts import SPEECH, encode_prompt, word_targets
 from speech_lens.run_lens import PARTIAL, LensRunConfig, run_dataset
 
+pytestmark = pytest.mark.float_order  # every test here compares differently ordered float sums
+
 CLOSE = dict(rtol=1e-5, atol=1e-5)
 LENGTHS = (23, 9, 16, 5)
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
