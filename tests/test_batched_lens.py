@@ -269,8 +269,8 @@ def test_speech_positions_give_the_same_records(tiny_model, mode):
 
 EXACT_FIELDS = ("utterance_id", "n_layers", "words", "word_index", "next_words")
 RECORD_FIELDS = {*EXACT_FIELDS, "n_speech_positions", "ranks", "top_ids", "mass_sums", "unit_top1"}
-# masses come from an fp32 softmax (also for an fp64 model) and are summed over unit positions
-# in fp64: batch sizes differed by up to 2.8e-7 relative here (fp64 model, bs 1 vs auto)
+# masses come from an fp32 softmax (the lens casts logits to fp32, also for an fp64 model) and
+# are summed over unit positions in fp64: bs 1 vs auto differed by up to 2.8e-7 relative here
 SUM_CLOSE = dict(rtol=1e-5, atol=1e-9)
 
 
@@ -299,11 +299,13 @@ def _check_records(model, prompt, targets, a: dict, b: dict, ties: RecordTies, c
     text_mask = model.layout.text_mask
     text = pooled.masked_fill(~text_mask, float("-inf"))
     check_topk(text, *(torch.tensor(r["top_ids"]).transpose(0, 1) for r in (a, b)), ties.ids)
+    assert a["ranks"].keys() == b["ranks"].keys() and a["mass_sums"].keys() == b["mass_sums"].keys()
     for rule, by_which in a["ranks"].items():
+        assert by_which.keys() == b["ranks"][rule].keys() == {"current", "next"}
         for which, per_word in by_which.items():
             for j, got_a in enumerate(per_word):
-                w = a["word_index"][j] + (which == "next")  # index into the utterance's words
-                t = targets[w] if w < len(targets) else None
+                n = a["word_index"][j] + (which == "next")  # index into the utterance's words
+                t = targets[n] if n < len(targets) else None
                 got = [torch.tensor(got_a), torch.tensor(b["ranks"][rule][which][j])]
                 if t is None:  # the last word has no next word
                     assert got[0].eq(-1).all() and got[1].eq(-1).all()
