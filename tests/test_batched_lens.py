@@ -191,9 +191,10 @@ def test_layer_subset_stops_the_forward_early(tiny_model):
 # ------------------------------------------------------------------------------------------------
 
 
-def _pooled_reference(model, prompt, lens=None) -> list[torch.Tensor]:
-    """Per spoken word: the max over its unit positions of the reference lens logits [rows, V]."""
-    ref = _reference(model, prompt.tokens, lens)
+def _pooled_reference(model, prompt, lens=None, ref=None) -> list[torch.Tensor]:
+    """Per spoken word: the max over its unit positions of the reference lens logits [rows, V]
+    (``ref``: the reference of ``prompt`` when already computed)."""
+    ref = _reference(model, prompt.tokens, lens) if ref is None else ref
     out = []
     for s in prompt.speech_spans():
         units = [p for p in s.positions if prompt.kind[p] == SPEECH]
@@ -256,7 +257,7 @@ def test_speech_positions_give_the_same_records(tiny_model, mode):
             assert len(part.positions) < len(full.positions)
         a = utterance_record(full, p, model.layout).to_json()
         b = utterance_record(part, p, model.layout).to_json()
-        _check_records(model, p, t, a, b, ties, SUM_CLOSE)
+        _check_records(model, p, t, a, [b], ties, SUM_CLOSE)
     ties.check(f"records, all positions vs unit positions ({mode})")
     sub = word_lens(model, p, t, k=5, layers=[1])
     with pytest.raises(ValueError, match="every layer"):
@@ -287,15 +288,22 @@ class RecordTies:
         self.ranks.check(f"{what}, ranks", max_share=0.5)
 
 
-def _check_records(model, prompt, targets, a: dict, b: dict, ties: RecordTies, close) -> None:
-    """Two records of one prompt: ids, ranks and counts equal outside near-ties of the
-    independent reference (and inside its window everywhere), float sums within ``close``."""
+def _check_records(model, prompt, targets, a: dict, others: list, ties: RecordTies, close) -> None:
+    """Records of one prompt, ``a`` and each of ``others``: ids, ranks and counts equal outside
+    near-ties of the independent reference (and inside its window everywhere), float sums
+    within ``close``."""
+    full = _reference(model, prompt.tokens)  # [rows, pos, vocab]
+    for b in others:
+        _check_record_pair(model, prompt, targets, full, a, b, ties, close)
+
+
+def _check_record_pair(model, prompt, targets, full, a, b, ties: RecordTies, close) -> None:
     assert set(a) == set(b) == RECORD_FIELDS  # a new field must be compared here too
     assert all(a[f] == b[f] for f in EXACT_FIELDS), [f for f in EXACT_FIELDS if a[f] != b[f]]
     units = prompt.positions_of(SPEECH)
     assert a["n_speech_positions"] == b["n_speech_positions"] == len(units)
-    ref = _reference(model, prompt.tokens)[:, units]  # [rows, unit position, vocab]
-    pooled = torch.stack(_pooled_reference(model, prompt), 1)  # [rows, word, vocab]
+    ref = full[:, units]  # [rows, unit position, vocab]
+    pooled = torch.stack(_pooled_reference(model, prompt, ref=full), 1)  # [rows, word, vocab]
     text_mask = model.layout.text_mask
     text = pooled.masked_fill(~text_mask, float("-inf"))
     check_topk(text, *(torch.tensor(r["top_ids"]).transpose(0, 1) for r in (a, b)), ties.ids)
@@ -366,9 +374,8 @@ def _check_same_records(model, utts, ref: dict[str, dict], *others: dict[str, di
     ties = RecordTies()
     for u in utts:
         p, t = encode_prompt(model, u, mode="speech"), word_targets(model, u)
-        for other in others:
-            assert other.keys() == ref.keys()
-            _check_records(model, p, t, ref[u.id], other[u.id], ties, SUM_CLOSE)
+        assert all(other.keys() == ref.keys() for other in others)
+        _check_records(model, p, t, ref[u.id], [o[u.id] for o in others], ties, SUM_CLOSE)
     ties.check("records at other batch sizes")
 
 
