@@ -181,7 +181,7 @@ def lens_routes() -> str:
     doc = _json(BENCH / "lens_routes.json")
     head = (
         "| shape (layers) | seq | forward s | lens / fwd | naive / fwd | FLOP floor | lens / naive "
-        "| lens extra over fwd, MB | naive extra over fwd, MB | row's load average |\n"
+        "| lens extra over fwd, MB | naive extra over fwd, MB | load average (1 min) at row start → end |\n"
         "|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
@@ -192,7 +192,7 @@ def lens_routes() -> str:
             f"| {_ratio_cell(ra['lens/forward'])} | {_ratio_cell(ra['naive/forward'])} "
             f"| {ra['lens/forward']['flop_floor']:.2f}x | {_ratio_cell(ra['lens/naive'])} "
             f"| {_span(over['lens'], '{:.0f}')} | {_span(over['naive'], '{:.0f}')} "
-            f"| {_load(r)} |"
+            f"| {r['load_average_start'][0]:.1f} → {r['load_average_end'][0]:.1f} |"
         )
     s = doc["settings"]
     m = doc["machine"]
@@ -234,19 +234,27 @@ def batched() -> str:
         f"{s['threads']} thread(s), {s['rounds']} rounds after a warm-up, one process per "
         f"subject; {_load(doc)}; speed-ups within a round, median (min–max))."
     )
+    if doc.get("stopped_early"):
+        note += f" Not every subject was measured: {doc['stopped_early']}."
     return "\n".join([note, "", head, *rows])
 
 
 def demo_timing() -> str:
     doc = _json(BENCH / "demo_timing.json")
     d, dry = doc["demo"], doc["dry_run"]
+    threads = doc["threads"]
+    how = (
+        f"with OMP_NUM_THREADS={threads}"
+        if isinstance(threads, int)
+        else "with torch's default threads"
+    )
     return (
-        f"Measured once on this 2-core machine shared with other jobs "
+        f"Measured once on the 2-core machine shared with other jobs, {how} "
         f"(`{doc['command']}` → `benchmarks/results/demo_timing.json`, {doc['started'][:10]}): "
         f"`speech-lens demo --dry-run` estimated {dry['estimate_seconds'] / 60:.1f} min, then "
-        f"`speech-lens demo` took {d['demo_json_seconds']:.0f} s by its own clock "
-        f"({d['wall_seconds']:.0f} s wall with start-up; {_load(d)}), 150 held-out utterances "
-        f"per organism (`--limit` to change). `make demo` also installs first (not timed here)."
+        f"`speech-lens demo` took {d['demo_json_seconds'] / 60:.1f} min by its own clock "
+        f"({d['wall_seconds'] / 60:.1f} min wall; {_load(d)}), 150 held-out utterances per "
+        f"organism (`--limit` to change). `make demo` also installs first (not timed here)."
     )
 
 
