@@ -114,9 +114,7 @@ def other_mass() -> str:
     orgs = _json(RESULTS)["organisms"]
     order = [r["name"] for r in _json(RESULTS)["summary"]["table"]]
     n_rows = len(orgs[order[0]]["lens"]["speech"]["unit_mass"])
-    head = (
-        "| organism | text-initialised | mass per layer 0–6: units / words / other |\n|---|---|---|"
-    )
+    head = "| organism | initialised from | mass per layer 0–6: units / words / **other** |\n|---|---|---|"
     rows, mid = [], []
     for name in order:
         sp = orgs[name]["lens"]["speech"]
@@ -126,11 +124,12 @@ def other_mass() -> str:
             for u, t, o in zip(sp["unit_mass"], sp["text_mass"], other, strict=True)
         )
         init = _text_initialised(orgs, name)
-        rows.append(f"| {name} | {'yes' if init else 'no'} | {cells} |")
+        rows.append(f"| {name} | {orgs[name]['config'].get('init')} | {cells} |")
         if init and name != "control_planted_l3":
             mid += other[2:4]
     summary = (
-        f"At layers 2–3 the emergent text-initialised organisms put {_range(mid)} of the "
+        f"At layers 2–3 the emergent text-initialised organisms (initialised from text_lm, directly "
+        f"or through a continued run) put {_range(mid)} of the "
         f"probability at speech positions on ids that are neither units nor words (the "
         f"{n_rows - 1}-layer organisms' special tokens and markers)."
     )
@@ -207,6 +206,8 @@ def lens_routes() -> str:
         f"noisy (other jobs; {_load(doc)} over the run); a median ratio below the FLOP floor is "
         f"marked as a measurement error."
     )
+    if doc.get("stopped_early"):
+        note += f" Not every row of the command was measured: {doc['stopped_early']}."
     return "\n".join([note, "", head, *rows])
 
 
