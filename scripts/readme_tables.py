@@ -180,8 +180,9 @@ def lens_routes() -> str:
     doc = _json(BENCH / "lens_routes.json")
     head = (
         "| shape (layers) | seq | forward s | lens / fwd | naive / fwd | FLOP floor | lens / naive "
-        "| lens extra over fwd, MB | naive extra over fwd, MB | load average (1 min) at row start → end |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "| lens extra over fwd, MB | naive extra over fwd, MB | lens / naive extra "
+        "| load average (1 min) at row start → end |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for r in doc["rows"]:
@@ -191,6 +192,7 @@ def lens_routes() -> str:
             f"| {_ratio_cell(ra['lens/forward'])} | {_ratio_cell(ra['naive/forward'])} "
             f"| {ra['lens/forward']['flop_floor']:.2f}x | {_ratio_cell(ra['lens/naive'])} "
             f"| {_span(over['lens'], '{:.0f}')} | {_span(over['naive'], '{:.0f}')} "
+            f"| {over['lens']['median'] / over['naive']['median']:.2f} "
             f"| {r['load_average_start'][0]:.1f} → {r['load_average_end'][0]:.1f} |"
         )
     s = doc["settings"]
