@@ -29,9 +29,11 @@ are returned to the OS (``malloc_trim``) and the peak RSS is reset (``/proc/self
 their extra minus the forward's extra in the same round.
 
 FLOP floor: 1 + n_layers unembeddings / an upper bound of the forward's FLOPs (weights plus the
-full seq x seq attention). A route can not beat it (it computes the forward and n_layers more
-unembeddings), so a median ratio below it is a measurement error (load from other jobs during
-the forward), flagged in the artifact and the README, not a result.
+full seq x seq attention). Each route computes the forward and n_layers more unembeddings, so a
+ratio below the floor means the forward ran slower per FLOP than those unembeddings in that round
+(load from other jobs hitting the forward, or the forward's smaller matmuls running less
+efficiently than one large one); a median below it is flagged in the artifact and the README as a
+measurement error, not a result.
 """
 
 from __future__ import annotations
