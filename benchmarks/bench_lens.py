@@ -147,9 +147,11 @@ def batched_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from speech_lens import load_model
     from speech_lens.batching import plan_batches
-    from speech_lens.data import read_manifest
+    from speech_lens.data.encoded import SPEECH
+    from speech_lens.data.manifest import read_manifest
+    from speech_lens.data.prompts import encode_prompt
+    from speech_lens.data.word_targets import word_targets
     from speech_lens.lens.logit import word_lens, word_lens_batch
-    from speech_lens.prompts import SPEECH, encode_prompt, word_targets
 
     model = load_model(spec["path"], **spec["kw"])
     if spec.get("manifest"):
@@ -214,7 +216,7 @@ def batched_worker(spec: dict) -> dict:
 
 
 def run_batched(args: argparse.Namespace, root: Path) -> None:
-    from speech_lens.testing import build_family
+    from speech_lens.testing.families import build_family
 
     repo = Path(__file__).resolve().parents[1]
     subjects = [
@@ -306,7 +308,7 @@ def main() -> None:
         print(json.dumps(batched_worker(spec) if spec.get("batched") else worker(spec)))
         return
 
-    from speech_lens.testing import build_family
+    from speech_lens.testing.families import build_family
 
     root = args.root or Path(tempfile.mkdtemp(prefix="speech-lens-bench-"))
     if args.batched or args.only_batched:

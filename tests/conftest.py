@@ -6,7 +6,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from speech_lens.testing import FAMILIES, build_family
+from speech_lens.testing.families import FAMILIES, build_family
 
 torch.set_num_threads(2)
 

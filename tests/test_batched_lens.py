@@ -18,11 +18,13 @@ import torch
 
 from speech_lens import Utterance, Word
 from speech_lens._tl import final_norm_and_unembed, resid_pre_name
+from speech_lens.data.encoded import SPEECH
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.word_targets import word_targets
 from speech_lens.lens.logit import logit_lens, logit_lens_batch, word_lens, word_lens_batch
+from speech_lens.lens.metrics import utterance_record
 from speech_lens.lens.tuned import TunedLens
-from speech_lens.metrics import utterance_record
-from speech_lens.prompts import SPEECH, encode_prompt, word_targets
-from speech_lens.run_lens import PARTIAL, LensRunConfig, run_dataset
+from speech_lens.runs.lens import PARTIAL, LensRunConfig, run_dataset
 
 TOL = 2e-6  # fp32 near-tie window: batched rows differ from one-by-one by <= 8e-7 (measured)
 CLOSE = dict(rtol=1e-5, atol=1e-5)
@@ -364,7 +366,7 @@ def test_run_dataset_batch_sizes_write_the_same_records(model64, tmp_path):
 
 def test_cli_batch_size_flags(tiny_checkpoint, tmp_path, capsys):
     from speech_lens import load_model, write_manifest
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     path, kw = tiny_checkpoint("spiritlm")
     model = load_model(path, **kw)

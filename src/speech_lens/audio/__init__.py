@@ -1,0 +1,1 @@
+"""Audio: decoding, datasets, forced alignment and speech tokenizers."""

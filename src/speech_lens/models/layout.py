@@ -1,0 +1,182 @@
+"""The vocabulary layout of a loaded checkpoint: where text, unit and marker tokens live."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from speech_lens.models.checkpoint import TOKENIZER_FILES, auto_tokenizer, has_tokenizer
+from speech_lens.models.spec import (
+    AdapterError,
+    AdapterSpec,
+    MissingTokenizerError,
+    TokenSpec,
+    UnitSpec,
+)
+from speech_lens.vocab import UnitBlock, VocabLayout
+
+
+def load_tokenizer(
+    path: Path, spec: AdapterSpec, base_tokenizer: str | Path | None
+) -> tuple[Any, int]:
+    """Tokenizer with every unit token; also the number of text tokens before the units."""
+    if spec.tokenizer_source == "checkpoint":
+        if not has_tokenizer(path):
+            raise AdapterError(
+                f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); {spec.name} checkpoints store one"
+            )
+        tok = auto_tokenizer(path)
+        return tok, len(tok)
+    if base_tokenizer is None:
+        raise MissingTokenizerError(
+            f"{spec.name} checkpoints store no tokenizer ({path}); pass base_tokenizer= the directory "
+            f"of the base text tokenizer (e.g. Qwen2.5 or Llama-3.2), as slamkit does"
+        )
+    base_dir = Path(base_tokenizer)
+    if not base_dir.is_dir() or not has_tokenizer(base_dir):
+        raise MissingTokenizerError(
+            f"base_tokenizer {base_dir} is not a directory with tokenizer files"
+        )
+    return _rebuilt_tokenizer(base_dir, spec)
+
+
+def _rebuilt_tokenizer(base_dir: Path, spec: AdapterSpec) -> tuple[Any, int]:
+    """slamkit's recipe: base tokenizer + add_tokens(units, markers), saved to disk so that
+    TransformerLens' BOS reload (pitfall P1) reads the extended tokenizer, not the base one."""
+    tok = auto_tokenizer(base_dir)
+    n_text = len(tok)
+    added = [spec.units.pattern.format(k=k) for k in range(spec.units.count)]
+    for name in spec.added_tokens:
+        if name == "units":
+            continue
+        if name not in spec.markers:
+            raise AdapterError(
+                f"spec {spec.source}: tokenizer.added_tokens names unknown marker {name!r}"
+            )
+        added.append(spec.markers[name].token)
+    tok.add_tokens(added)
+    key = hashlib.sha256(
+        (str(base_dir.resolve()) + json.dumps(added) + str(n_text)).encode()
+    ).hexdigest()[:16]
+    cache = (
+        Path(os.environ.get("SPEECH_LENS_CACHE", Path.home() / ".cache" / "speech_lens"))
+        / "tokenizers"
+        / key
+    )
+    if not (cache / "tokenizer_config.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(cache))
+    return auto_tokenizer(cache), n_text
+
+
+def build_layout(
+    spec: AdapterSpec,
+    tokenizer: Any,
+    rows: int,
+    *,
+    n_text: int,
+    model_type: str = "",
+    where: str = "",
+) -> VocabLayout:
+    """Check every spec'd id against the tokenizer and embedding, and describe the partition."""
+    vocab = tokenizer.get_vocab()
+    n_tok = len(tokenizer)
+    at = f" in {where}" if where else ""
+
+    def block(name: str, u: UnitSpec, default_first: int | None) -> UnitBlock:
+        first_tok = u.pattern.format(k=0)
+        if first_tok not in vocab:
+            raise AdapterError(f"unit token {first_tok!r} is missing from the tokenizer{at}")
+        first = vocab[first_tok]
+        expected = u.first_id if u.first_id is not None else default_first
+        if u.first_id is None and model_type in u.first_id_by_model_type:
+            documented = u.first_id_by_model_type[model_type]
+            if first != documented:
+                raise AdapterError(
+                    f"unit token {first_tok!r} has id {first}{at}, but {spec.name} on a {model_type} base "
+                    f"documents {documented} (is the base tokenizer the right one?)"
+                )
+        if expected is not None and first != expected:
+            raise AdapterError(
+                f"unit token {first_tok!r} has id {first}{at}; the {spec.name} spec says {expected}"
+            )
+        for k in range(u.count):
+            t = u.pattern.format(k=k)
+            if t not in vocab:
+                raise AdapterError(f"unit token {t!r} is missing from the tokenizer{at}")
+            if vocab[t] != first + k:
+                raise AdapterError(
+                    f"unit tokens are not contiguous{at}: {t!r} has id {vocab[t]}, expected {first + k}"
+                )
+        return UnitBlock(name, u.pattern, first, u.count, u.frame_rate, u.dedup)
+
+    # first_id "after_text" is checkable only where we rebuilt the tokenizer ourselves
+    after_text = n_text if spec.tokenizer_source == "base" else None
+    units = block("units", spec.units, after_text if spec.units.first_id is None else None)
+    prosody = {k: block(k, u, None) for k, u in spec.prosody.items()}
+
+    def token_ids(tokens: dict[str, TokenSpec], kind: str) -> tuple[dict[str, int], dict[str, str]]:
+        ids, strs = {}, {}
+        for name, t in tokens.items():
+            if t.token not in vocab:
+                if t.optional:
+                    continue
+                raise AdapterError(
+                    f"{kind} token {t.token!r} ({name}) is missing from the tokenizer{at}"
+                )
+            got = vocab[t.token]
+            want = (
+                t.id
+                if t.id is not None
+                else (units.first_id + t.offset if t.offset is not None else None)
+            )
+            if want is not None and got != want:
+                raise AdapterError(
+                    f"{kind} token {t.token!r} has id {got}{at}; the {spec.name} spec says {want}"
+                )
+            ids[name], strs[name] = got, t.token
+        return ids, strs
+
+    marker_ids, marker_tokens = token_ids(spec.markers, "marker")
+    control, _ = token_ids(spec.control, "control")
+    for name in ("bos", "eos", "unk", "pad"):
+        i = getattr(tokenizer, f"{name}_token_id", None)
+        if (
+            i is not None
+            and name not in control
+            and i not in marker_ids.values()
+            and not units.contains(torch.tensor(i))
+        ):
+            control[name] = int(i)
+
+    top = max(
+        [
+            units.last_id,
+            *(b.last_id for b in prosody.values()),
+            *marker_ids.values(),
+            *control.values(),
+        ]
+    )
+    if rows <= top or n_tok > rows:
+        raise AdapterError(
+            f"the embedding has {rows} rows{at} but the tokenizer has {n_tok} tokens (largest used id {top})"
+        )
+    need = spec.vocab_size_min or spec.vocab_size
+    if need is not None and rows < need:
+        raise AdapterError(
+            f"the embedding has {rows} rows{at}, smaller than {spec.name}'s vocabulary of {need}"
+        )
+    return VocabLayout(
+        vocab_size=rows,
+        n_tokenizer=n_tok,
+        units=units,
+        prosody=prosody,
+        marker_ids=marker_ids,
+        marker_tokens=marker_tokens,
+        control_ids=control,
+    )

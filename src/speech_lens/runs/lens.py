@@ -1,0 +1,378 @@
+"""The lens run: a manifest through the lens, resumable, written to a run folder."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from speech_lens.batching import plan_batches
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.word_targets import word_targets
+from speech_lens.files import atomic_write_text
+from speech_lens.lens.logit import logit_lens, word_lens_batch
+from speech_lens.lens.metrics import (
+    DEFAULT_MATCH,
+    MATCH_RULES,
+    DatasetMetrics,
+    UtteranceRecord,
+    aggregate,
+    utterance_record,
+)
+from speech_lens.lens.tables import layer_table, word_table
+from speech_lens.lens.tuned import lens_from_spec
+from speech_lens.provenance import POOLING, collect_provenance, provenance_rows, stable
+from speech_lens.report.html import Report, Table
+from speech_lens.report.lens import lens_heatmap, modality_figure, recall_figure
+
+PARTIAL = "partial.jsonl"
+MODES = ("speech", "interleaved")
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be resumed with these settings."""
+
+
+@dataclass(frozen=True)
+class LensRunConfig:
+    checkpoint: str
+    data: str
+    family: str
+    mode: str = "speech"
+    k: int = 10
+    match: str = DEFAULT_MATCH
+    ks: tuple[int, ...] = (1, 5, 10)
+    limit: int | None = None
+    n_boot: int = 1000
+    seed: int = 0
+    lens: str = "logit"  # or "tuned:PATH" (a tuned lens in the tuned-lens format)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: one of {MODES}")
+        if self.match not in MATCH_RULES:
+            raise ValueError(f"match rule {self.match!r}: one of {MATCH_RULES}")
+
+    def resume_key(self) -> dict[str, Any]:
+        """Settings that change per-utterance records (match, ks, limit do not: they are
+        applied when aggregating, so a finished run can be re-scored without recomputing)."""
+        return {
+            "checkpoint": self.checkpoint,
+            "data": self.data,
+            "family": self.family,
+            "mode": self.mode,
+            "k": self.k,
+            "seed": self.seed,
+            "lens": self.lens,
+        }
+
+
+def read_partial(
+    path: Path, cfg: LensRunConfig, *, repair: bool = True
+) -> dict[str, UtteranceRecord]:
+    """Records already finished in ``path``; refuses other settings. A torn last line is
+    skipped, and with ``repair`` also dropped from the file (a dry run reads without writing)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    good: list[str] = []
+    done: dict[str, UtteranceRecord] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2:  # the last line: a write cut short by a crash
+                break
+            raise RunError(
+                f"{path}: line {i + 1} is not valid JSON (not a torn last line)"
+            ) from None
+        if i == 0:
+            if obj.get("header") != cfg.resume_key():
+                raise RunError(
+                    f"{path} was written with other settings {obj.get('header')}; "
+                    f"these are {cfg.resume_key()}. Use another --out or --restart."
+                )
+        else:
+            rec = UtteranceRecord.from_json(obj)
+            done[rec.utterance_id] = rec
+        good.append(line)
+    if repair and len(good) != sum(1 for ln in lines if ln.strip()):
+        atomic_write_text(path, "".join(g + "\n" for g in good))
+    return done
+
+
+def _append(path: Path, obj: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prompt_seed(cfg: LensRunConfig, uid: str) -> int:
+    # deterministic per utterance, so a resumed interleaved run samples the same spans
+    return (zlib.crc32(uid.encode()) ^ cfg.seed) & 0x7FFFFFFF
+
+
+def encode_for_lens(model: Any, utt: Any, cfg: LensRunConfig) -> Any:
+
+    if cfg.mode == "interleaved":
+        return encode_prompt(model, utt, mode="interleaved", seed=_prompt_seed(cfg, utt.id))
+    return encode_prompt(model, utt, mode="speech")
+
+
+def lens_batch(
+    model: Any,
+    prompts: Sequence[Any],
+    utts: Sequence[Any],
+    cfg: LensRunConfig,
+    lens: Any,
+    padding_side: str = "right",
+) -> list[Any]:
+    """The word lens of one batch, as a run computes it (``run_dataset`` and its dry run)."""
+
+    # positions="speech": the records read unit positions only (same records, fewer unembeds)
+    return word_lens_batch(
+        model,
+        list(prompts),
+        [word_targets(model, u) for u in utts],
+        k=cfg.k,
+        lens=lens,
+        positions="speech",
+        padding_side=padding_side,
+    )
+
+
+def run_dataset(
+    model: Any,
+    utterances: Iterable[Any],
+    out_dir: str | Path,
+    cfg: LensRunConfig,
+    *,
+    restart: bool = False,
+    progress: bool = True,
+    on_record: Callable[[UtteranceRecord], None] | None = None,
+    batch_size: int | str = 1,
+    memory_budget_gb: float | None = None,
+    padding_side: str = "right",
+) -> DatasetMetrics:
+    """Lens every utterance (resuming), then write metrics, CSVs and the HTML report.
+
+    ``batch_size``: utterances per forward pass (padded on ``padding_side``), or ``"auto"`` to
+    size each batch from ``memory_budget_gb`` (default: the memory free now) for its longest
+    prompt. Batches group similar lengths, longest first; records are appended after each batch,
+    and resume per utterance as before. The records do not depend on the batch size (up to
+    float summation order), so it is not part of the resume key.
+    """
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL
+    if restart:
+        partial.unlink(missing_ok=True)
+    done = read_partial(partial, cfg)
+    if not partial.exists():
+        atomic_write_text(partial, json.dumps({"header": cfg.resume_key()}) + "\n")
+    utts = list(utterances)
+    if cfg.limit is not None:
+        utts = utts[: cfg.limit]
+    seen: set[str] = set()
+    for u in utts:
+        if u.id in seen:
+            raise RunError(f"{cfg.data}: utterance id {u.id!r} appears twice")
+        seen.add(u.id)
+    todo = [u for u in utts if u.id not in done]
+    lens = lens_from_spec(cfg.lens, model)
+    bar = tqdm(
+        total=len(utts),
+        initial=len(utts) - len(todo),
+        desc="lens",
+        unit="utt",
+        disable=not progress,
+    )
+    prompts = [encode_for_lens(model, u, cfg) for u in todo]
+    if batch_size == 1:
+        plan = [[i] for i in range(len(todo))]  # input order
+    else:
+        plan = plan_batches(
+            model, [len(p) for p in prompts], batch_size, memory_budget_gb=memory_budget_gb
+        )
+    for idx in plan:
+        results = lens_batch(
+            model, [prompts[i] for i in idx], [todo[i] for i in idx], cfg, lens, padding_side
+        )
+        for i, res in zip(idx, results, strict=True):
+            rec = utterance_record(res, prompts[i], model.layout)
+            _append(partial, rec.to_json())
+            done[todo[i].id] = rec
+            if on_record is not None:
+                on_record(rec)
+            bar.update(1)
+    bar.close()
+    records = [done[u.id] for u in utts]
+    if not records:
+        raise RunError(f"{cfg.data}: no utterances to analyse")
+    metrics = aggregate(
+        records,
+        match=cfg.match,
+        ks=cfg.ks,
+        n_boot=cfg.n_boot,
+        seed=cfg.seed,
+        label=Path(cfg.checkpoint).name,
+    )
+    write_outputs(model, out, cfg, metrics, records, utts[0])
+    return metrics
+
+
+def _csv(rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(
+    model: Any,
+    out: Path,
+    cfg: LensRunConfig,
+    metrics: DatasetMetrics,
+    records: Sequence[UtteranceRecord],
+    first: Any,
+) -> None:
+
+    layers = layer_table(metrics)
+    words = word_table(records, match=cfg.match, tokenizer=model.tokenizer)
+    # what `speech-lens compare` requires to be equal across models (model identity aside)
+    settings = {
+        "mode": cfg.mode,
+        "k": cfg.k,
+        "ks": list(metrics.ks),
+        "match": metrics.match,
+        "pooling": POOLING,
+        "ranking": "text ids",
+        "limit": cfg.limit,
+        "n_boot": metrics.n_boot,
+        "seed": metrics.seed,
+        "ci": metrics.ci,
+        "bootstrap_unit": metrics.bootstrap_unit,
+    }
+    prov = collect_provenance(model, data=cfg.data, lens=cfg.lens, settings=settings)
+    info = {
+        "config": asdict(cfg),
+        "model": model.describe(),
+        # no timestamp: a rerun (or a torchrun merge) writes byte-identical metrics.json
+        "provenance": stable(prov),
+        "metrics": metrics.to_json(),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(info, indent=2, ensure_ascii=False))
+    atomic_write_text(out / "layers.csv", _csv(layers))
+    atomic_write_text(out / "words.csv", _csv(words))
+    rep = build_report(model, cfg, metrics, layers, words, first)
+    rep.add_section(
+        "Provenance",
+        text="Model, code, lens, data and settings behind these numbers (also in metrics.json).",
+        tables=[Table(provenance_rows(prov), caption="provenance", max_rows=1000)],
+    )
+    rep.write(out / "report.html")
+
+
+def build_report(
+    model: Any,
+    cfg: LensRunConfig,
+    metrics: DatasetMetrics,
+    layers: Sequence[dict[str, Any]],
+    words: Sequence[dict[str, Any]],
+    first: Any,
+) -> Report:
+    k = cfg.k if cfg.k in metrics.ks else max(metrics.ks)
+    best = max(metrics.layers, key=lambda i: metrics.recall_current[k].mean[i])
+    rep = Report(
+        f"speech_lens {'logit lens' if cfg.lens == 'logit' else 'tuned lens'}: "
+        f"{Path(cfg.checkpoint).name}",
+        subtitle=f"family {cfg.family}, {cfg.mode} prompts, lens {cfg.lens}, data {cfg.data}",
+    )
+    rep.add_section(
+        "Summary",
+        text=(
+            f"{metrics.n_utterances} utterances, {metrics.n_words} spoken words "
+            f"({metrics.n_next_words} with a next word), {metrics.n_speech_positions} unit "
+            f"positions; {model.n_layers} layers (row 0 = embeddings, row {model.n_layers} = "
+            "the model's output).\n\n"
+            f"Word matching rule: {metrics.match} (first sub-token, spaced or bare form, unless "
+            "the rule says otherwise). Lens logits are max-pooled over each spoken word's unit "
+            "positions and ranked over text ids. "
+            f"Confidence bands: {int(metrics.ci * 100)}% percentile bootstrap over utterances, "
+            f"{metrics.n_boot} draws, seed {metrics.seed}.\n\n"
+            f"Current-word Recall@{k} peaks at layer {best}: "
+            f"{metrics.recall_current[k].mean[best]:.3f} "
+            f"[{metrics.recall_current[k].lo[best]:.3f}, {metrics.recall_current[k].hi[best]:.3f}]."
+        ),
+    )
+    rep.add_section(
+        "Implicit transcription and next-word prediction",
+        text="Recall@k per layer of the spoken word (solid) and the next word (dashed).",
+        figures=[recall_figure(metrics)],
+    )
+    rep.add_section(
+        "Modality preference",
+        text=(
+            "Probability mass at unit positions, per layer, on speech units, text ids, modality "
+            "markers and other ids (BOS/EOS/control); dotted: share of positions whose top-1 "
+            "over the whole vocabulary is a unit."
+        ),
+        figures=[modality_figure(metrics)],
+    )
+    prompt = encode_for_lens(model, first, cfg)
+    res = logit_lens(model, prompt.tokens, k=5, lens=lens_from_spec(cfg.lens, model))
+    rep.add_section(
+        f"One utterance: {first.id}",
+        text="Top text token per layer and position; colour: probability mass on speech units.",
+        figures=[lens_heatmap(res, model.tokenizer, prompt=prompt)],
+    )
+    rep.add_section("Per-layer table", tables=[Table(layers, caption="layers.csv")])
+    rep.add_section(
+        "Per-word drill-down",
+        tables=[Table(words, caption="words.csv (first rows)", max_rows=300)],
+    )
+    return rep
+
+
+def parse_batch_size(value: Any) -> int | str:
+    """``--batch-size``: a positive integer or ``auto``."""
+    if value == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"--batch-size {value!r}: a positive integer or 'auto'")
+    return n
+
+
+def lens_config(args: Any, model: Any) -> LensRunConfig:
+    """The run settings of ``speech-lens lens`` (and of the torchrun lens) from its arguments."""
+    return LensRunConfig(
+        checkpoint=str(Path(args.checkpoint).resolve()),
+        data=str(Path(args.data).resolve()),
+        family=model.spec.name,
+        mode=args.mode,
+        k=int(args.k),
+        match=args.match,
+        ks=tuple(sorted({1, 5, int(args.k)})),
+        limit=args.limit,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        lens=getattr(args, "lens", "logit"),
+    )
