@@ -71,6 +71,19 @@ class TokenizeSummary:
     words_without_units: list[tuple[str, str]] = field(default_factory=list)  # (id, word)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (id, error)
 
+    def add(self, utt: Utterance) -> None:
+        """Count a newly written utterance."""
+        self.n_new += 1
+        self.n_total += 1
+        self.words += len(utt.words)
+        self.audio_seconds += utt.duration
+        self.frames += utt.n_frames
+        self.units += len(utt.units) if utt.durations is not None else len(utt.dedup().units)
+        covered = set(utt.unit_words())
+        self.words_without_units += [
+            (utt.id, w.text) for i, w in enumerate(utt.words) if i not in covered
+        ]
+
     @property
     def units_per_second(self) -> float:
         return self.units / self.audio_seconds if self.audio_seconds else 0.0
@@ -231,6 +244,7 @@ def tokenize_dataset(
     if dedup is None:
         dedup = bool(spec.units.dedup) if spec is not None else True
     partial, done = _resume(out)
+    checks = spec_checks(spec, dedup)
     summ = TokenizeSummary(str(out), n_total=len(done))
     exact = hasattr(records, "__len__") and getattr(records, "exact", True)
     total = len(records) if exact else None  # rows of renderings: count unknown up front
@@ -249,16 +263,7 @@ def tokenize_dataset(
                 continue
             try:
                 utt = tokenize_record(
-                    rec,
-                    tokenizer,
-                    aligner=aligner,
-                    align_cache=align_cache,
-                    dedup=dedup,
-                    n_units=spec.units.count if spec is not None else None,
-                    frame_rate=spec.units.frame_rate if spec is not None else None,
-                    prosody_counts=(
-                        {k: v.count for k, v in spec.prosody.items()} if spec is not None else None
-                    ),
+                    rec, tokenizer, aligner=aligner, align_cache=align_cache, **checks
                 )
             except (AudioError, AlignmentError, SpeechTokenizerError, DataError) as e:
                 if not skip_errors:
@@ -267,24 +272,32 @@ def tokenize_dataset(
                 summ.n_failed += 1
                 summ.failures.append((rec.id, str(e)))
                 continue
-            row = utterance_to_record(utt)
-            if rec.meta:
-                row["meta"] = rec.meta
-            if isinstance(rec.audio, str | Path):
-                row["audio"] = str(rec.audio)
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(manifest_row(rec, utt), ensure_ascii=False) + "\n")
             f.flush()  # a crash loses at most the line being written
             done.add(utt.id)
-            summ.n_new += 1
-            summ.n_total += 1
-            summ.words += len(utt.words)
-            summ.audio_seconds += utt.duration
-            summ.frames += utt.n_frames
-            summ.units += len(utt.units) if utt.durations is not None else len(utt.dedup().units)
-            covered = set(utt.unit_words())
-            summ.words_without_units += [
-                (utt.id, w.text) for i, w in enumerate(utt.words) if i not in covered
-            ]
+            summ.add(utt)
     bar.close()
     os.replace(partial, out)
     return summ
+
+
+def spec_checks(spec: Any, dedup: bool) -> dict[str, Any]:
+    """``tokenize_record``'s checks from the checkpoint's spec (none without a spec)."""
+    return {
+        "dedup": dedup,
+        "n_units": spec.units.count if spec is not None else None,
+        "frame_rate": spec.units.frame_rate if spec is not None else None,
+        "prosody_counts": (
+            {k: v.count for k, v in spec.prosody.items()} if spec is not None else None
+        ),
+    }
+
+
+def manifest_row(rec: Any, utt: Utterance) -> dict[str, Any]:
+    """The manifest line of ``utt``, with the record's ``meta`` and audio path when it has them."""
+    row = utterance_to_record(utt)
+    if rec.meta:
+        row["meta"] = rec.meta
+    if isinstance(rec.audio, str | Path):
+        row["audio"] = str(rec.audio)
+    return row

@@ -152,12 +152,7 @@ def train_tuned_lens(
         "model": model_hash,
     }
     if ckpt_path is not None and resume and ckpt_path.exists():
-        ck = _load_checkpoint(ckpt_path, identity)
-        lens.layer_translators.load_state_dict(ck["lens"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        step, cursor, tokens_seen = int(ck["step"]), int(ck["cursor"]), int(ck["tokens_seen"])
-        history = list(ck["history"])
+        step, cursor, tokens_seen, history = resume_from(ckpt_path, identity, lens, opt, sched)
 
     order = _order(len(seqs), cfg.seed, cursor)
     bar = tqdm(total=cfg.steps, initial=step, desc="tuned lens", disable=not progress or rank > 0)
@@ -360,3 +355,15 @@ def trained_config(
         },
     }
     return dataclasses.replace(lens.config, **extras)
+
+
+def resume_from(
+    path: Path, identity: dict[str, Any], lens: TunedLens, opt: torch.optim.Optimizer, sched: Any
+) -> tuple[int, int, int, list[Tensor]]:
+    """Load a checkpoint of the same run into ``lens``, ``opt`` and ``sched``; returns
+    (step, cursor, tokens seen, KL history)."""
+    ck = _load_checkpoint(path, identity)
+    lens.layer_translators.load_state_dict(ck["lens"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    return int(ck["step"]), int(ck["cursor"]), int(ck["tokens_seen"]), list(ck["history"])

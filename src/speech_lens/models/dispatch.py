@@ -55,6 +55,38 @@ def load_dispatched(
             "raise max_memory or merge the adapter once and save the merged checkpoint"
         )
     materialize_buffers(model, hf_config, check=False)  # rotary inv_freq, rebuilt on the CPU
+    place_weights(model, path, names, expected, dmap, dtype, tied, folder)
+    if tied:
+        model.tie_weights()
+    disk_units = [u for u, d in dmap.items() if d == "disk"]
+    left = [
+        n
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_meta and owner(n, disk_units) is None
+    ]
+    if left:
+        raise WeightFileError(f"tensors left unloaded from {path}: {left[:5]}")
+    if lora_dir is not None:
+        model = merge_lora(model, lora_dir)
+    model.eval()
+
+    hook_devices(model, dmap, plan.main_device, folder, on_disk)
+    return model, tied
+
+
+def place_weights(
+    model: torch.nn.Module,
+    path: Path,
+    names: dict[str, str],
+    expected: set[str],
+    dmap: dict[str, Any],
+    dtype: torch.dtype,
+    tied: bool,
+    folder: Path | None,
+) -> None:
+    """Read the checkpoint tensor by tensor onto each one's device, or into the offload folder
+    (with its ``index.json``) for the units mapped to ``"disk"``."""
+    on_disk = "disk" in dmap.values()
     index: dict[str, Any] = {}
     if on_disk and folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -77,35 +109,30 @@ def load_dispatched(
         tmp = folder / "index.json.tmp"
         tmp.write_text(json.dumps(index, indent=2))
         os.replace(tmp, folder / "index.json")
-    if tied:
-        model.tie_weights()
-    disk_units = [u for u, d in dmap.items() if d == "disk"]
-    left = [
-        n
-        for n, t in (*model.named_parameters(), *model.named_buffers())
-        if t.is_meta and owner(n, disk_units) is None
-    ]
-    if left:
-        raise WeightFileError(f"tensors left unloaded from {path}: {left[:5]}")
-    if lora_dir is not None:
-        model = merge_lora(model, lora_dir)
-    model.eval()
 
+
+def hook_devices(
+    model: torch.nn.Module,
+    dmap: dict[str, Any],
+    main_device: Any,
+    folder: Path | None,
+    on_disk: bool,
+) -> None:
+    """accelerate's hooks, so activations follow the weights (and offloaded units load)."""
     # accelerate warns of "offloaded to the cpu" for any "cpu" entry, also when the CPU is
     # where everything runs (nothing is offloaded then)
     log = logging.getLogger("accelerate.big_modeling")
     level = log.level
-    if plan.main_device == "cpu" and not on_disk:
+    if main_device == "cpu" and not on_disk:
         log.setLevel(logging.ERROR)
     try:
         dispatch_model(
             model,
             device_map=dict(dmap),
-            main_device=plan.main_device,
+            main_device=main_device,
             offload_dir=str(folder) if on_disk else None,
             force_hooks=True,  # a hook per unit even on one device: the lens calls them directly
         )
     finally:
         log.setLevel(level)
     model.hf_device_map = dict(dmap)  # what TL (and from_pretrained) read
-    return model, tied

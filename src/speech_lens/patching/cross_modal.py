@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from speech_lens.data.encoded import EncodedPrompt
 from speech_lens.data.prompts import encode_prompt
 
 if TYPE_CHECKING:
@@ -92,46 +94,9 @@ def cross_modal_many(
         speech = encode_prompt(model, u, mode="speech")
         pairs.append((text, speech) if direction == "text-to-speech" else (speech, text))
     lens = set() if read_layer is None else {lens_point(model, read_layer)}
-
-    def make_plans(i: int, source_run: SourceRun, target_run: SourceRun) -> list[Plan]:
-        utt, (source, target) = utterances[i], pairs[i]
-        n = len(utt.words)
-        plans = []
-        for w in list(range(n - 1)) if chosen is None else chosen:
-            if not 0 <= w < n - 1:
-                raise PatchingError(
-                    f"utterance {utt.id!r}: word {w} has no next word (words 0..{n - 2})"
-                )
-            if not (spoken_word_ok(source, w) and spoken_word_ok(target, w)):
-                if chosen is None:
-                    continue  # a spoken word with no unit of its own: nothing to patch
-                word_span(source, w, None), word_span(target, w, None)  # raises with the reason
-            extra = {
-                "experiment": direction,
-                "utterance": utt.id,
-                "word_index": str(w),
-                "word": utt.words[w].text,
-                "next_word": utt.words[w + 1].text,
-            }
-            plans.append(
-                plan_sweep(
-                    model,
-                    source,
-                    target,
-                    map_words(source, target, [w], rule=rule),
-                    next_word_metric(model, target, w, read_layer),
-                    component=component,
-                    layers=layer_sets,
-                    positions="all",
-                    heads=None,
-                    source_metric=next_word_metric(model, source, w, read_layer),
-                    source_run=source_run,
-                    target_run=target_run,
-                    extra=extra,
-                )
-            )
-        return plans
-
+    make_plans = CrossModalPlans(
+        model, utterances, pairs, direction, chosen, component, rule, layer_sets, read_layer
+    )
     return run_pairs(
         model,
         pairs,
@@ -144,3 +109,68 @@ def cross_modal_many(
         progress=progress,
         desc=direction,
     )
+
+
+@dataclass(frozen=True)
+class CrossModalPlans:
+    """``make_plans`` for :func:`run_pairs`: one sweep plan per patched word of utterance ``i``."""
+
+    model: SpeechLM
+    utterances: Sequence[Utterance]
+    pairs: list[tuple[EncodedPrompt, EncodedPrompt]]  # (source, target) per utterance
+    direction: str
+    chosen: list[int] | None  # None: every word that has a next word and units of its own
+    component: str
+    rule: Rule | str
+    layer_sets: list[tuple[int, ...]]
+    read_layer: int | None
+
+    def __call__(self, i: int, source_run: SourceRun, target_run: SourceRun) -> list[Plan]:
+        utt, (source, target) = self.utterances[i], self.pairs[i]
+        n = len(utt.words)
+        plans = []
+        for w in list(range(n - 1)) if self.chosen is None else self.chosen:
+            if not 0 <= w < n - 1:
+                raise PatchingError(
+                    f"utterance {utt.id!r}: word {w} has no next word (words 0..{n - 2})"
+                )
+            if not (spoken_word_ok(source, w) and spoken_word_ok(target, w)):
+                if self.chosen is None:
+                    continue  # a spoken word with no unit of its own: nothing to patch
+                word_span(source, w, None), word_span(target, w, None)  # raises with the reason
+            plans.append(self.plan(utt, w, source, target, source_run, target_run))
+        return plans
+
+    def plan(
+        self,
+        utt: Utterance,
+        w: int,
+        source: EncodedPrompt,
+        target: EncodedPrompt,
+        source_run: SourceRun,
+        target_run: SourceRun,
+    ) -> Plan:
+        """Word ``w`` patched from ``source`` into ``target``, read at its next word."""
+        extra = {
+            "experiment": self.direction,
+            "utterance": utt.id,
+            "word_index": str(w),
+            "word": utt.words[w].text,
+            "next_word": utt.words[w + 1].text,
+        }
+        model, read_layer = self.model, self.read_layer
+        return plan_sweep(
+            model,
+            source,
+            target,
+            map_words(source, target, [w], rule=self.rule),
+            next_word_metric(model, target, w, read_layer),
+            component=self.component,
+            layers=self.layer_sets,
+            positions="all",
+            heads=None,
+            source_metric=next_word_metric(model, source, w, read_layer),
+            source_run=source_run,
+            target_run=target_run,
+            extra=extra,
+        )

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+from speech_lens.data.encoded import EncodedPrompt
 from speech_lens.data.prompts import encode_prompt
-from speech_lens.data.utterance import Utterance as Utt
-from speech_lens.data.utterance import Word
-
-if TYPE_CHECKING:
-    from speech_lens.data.utterance import Utterance
-    from speech_lens.models.load import SpeechLM
+from speech_lens.data.utterance import Utterance, Word
+from speech_lens.models.load import SpeechLM
 from speech_lens.patching.hooks import SourceRun, resolve_layer_sets
 from speech_lens.patching.metrics import word_logit_diff
 from speech_lens.patching.pairs import run_pairs, spoken_word_ok
@@ -43,7 +40,7 @@ def splice_word(utterance: Utterance, word: int, donor: Utterance, donor_word: i
     new_words += [
         Word(x.text, x.start + shift / fr, x.end + shift / fr) for x in utterance.words[word + 1 :]
     ]
-    return Utt(
+    return Utterance(
         id=f"{utterance.id}[{word}:{w.text}->{d.text}]",
         words=tuple(new_words),
         units=tuple(frames[:a] + dframes[c:e] + frames[b:]),
@@ -121,49 +118,7 @@ def word_swap_many(
         for c, x in items
     ]
 
-    def make_plans(i: int, clean_run: SourceRun, corrupt_run: SourceRun) -> list[Plan]:
-        (clean, corrupt), (pc, px) = items[i], pairs[i]
-        good, bad = clean.words[word].text, corrupt.words[word].text
-        common = [
-            w
-            for w in range(min(len(clean.words), len(corrupt.words)))
-            if spoken_word_ok(pc, w) and spoken_word_ok(px, w)
-        ]
-        if word not in common:
-            word_span(pc, word, None), word_span(px, word, None)  # raises with the reason
-        plans = []
-        for mode in modes:
-            source, target, source_run, target_run = (
-                (pc, px, clean_run, corrupt_run)
-                if mode == "denoise"
-                else (px, pc, corrupt_run, clean_run)
-            )
-            extra = {
-                "experiment": f"word-swap-{mode}",
-                "utterance": clean.id,
-                "word_index": str(word),
-                "word": good,
-                "swap": bad,
-            }
-            plans.append(
-                plan_sweep(
-                    model,
-                    source,
-                    target,
-                    map_words(source, target, common, rule=rule),
-                    word_logit_diff(model, target, word, good, bad),
-                    component=component,
-                    layers=layer_sets,
-                    positions="group",
-                    heads=None,
-                    source_metric=word_logit_diff(model, source, word, good, bad),
-                    source_run=source_run,
-                    target_run=target_run,
-                    extra=extra,
-                )
-            )
-        return plans
-
+    make_plans = WordSwapPlans(model, items, pairs, word, modes, component, rule, layer_sets)
     names = source_hook_names(model, component, layer_sets, None)
     return run_pairs(
         model,
@@ -189,3 +144,69 @@ def swap_donor(utts: Sequence[Utterance], k: int, word: int) -> tuple[Utterance,
             if ws[i].text != target:
                 return utts[j], i
     return None
+
+
+@dataclass(frozen=True)
+class WordSwapPlans:
+    """``make_plans`` for :func:`run_pairs`: the swapped word patched in each of ``modes``."""
+
+    model: SpeechLM
+    items: Sequence[tuple[Utterance, Utterance]]  # (clean, corrupt)
+    pairs: list[tuple[EncodedPrompt, EncodedPrompt]]  # their speech prompts
+    word: int
+    modes: Sequence[str]
+    component: str
+    rule: Rule | str
+    layer_sets: list[tuple[int, ...]]
+
+    def __call__(self, i: int, clean_run: SourceRun, corrupt_run: SourceRun) -> list[Plan]:
+        (clean, corrupt), (pc, px) = self.items[i], self.pairs[i]
+        word = self.word
+        common = [
+            w
+            for w in range(min(len(clean.words), len(corrupt.words)))
+            if spoken_word_ok(pc, w) and spoken_word_ok(px, w)
+        ]
+        if word not in common:
+            word_span(pc, word, None), word_span(px, word, None)  # raises with the reason
+        plans = []
+        for mode in self.modes:
+            runs = (pc, px, clean_run, corrupt_run), (px, pc, corrupt_run, clean_run)
+            source, target, source_run, target_run = runs[mode != "denoise"]
+            extra = {
+                "experiment": f"word-swap-{mode}",
+                "utterance": clean.id,
+                "word_index": str(word),
+                "word": clean.words[word].text,
+                "swap": corrupt.words[word].text,
+            }
+            plans.append(self.plan(source, target, common, source_run, target_run, extra))
+        return plans
+
+    def plan(
+        self,
+        source: EncodedPrompt,
+        target: EncodedPrompt,
+        common: list[int],
+        source_run: SourceRun,
+        target_run: SourceRun,
+        extra: dict[str, str],
+    ) -> Plan:
+        """Every common word patched from ``source`` into ``target``, read as the logit
+        difference between the clean and the swapped word at the swapped word."""
+        model, word, good, bad = self.model, self.word, extra["word"], extra["swap"]
+        return plan_sweep(
+            model,
+            source,
+            target,
+            map_words(source, target, common, rule=self.rule),
+            word_logit_diff(model, target, word, good, bad),
+            component=self.component,
+            layers=self.layer_sets,
+            positions="group",
+            heads=None,
+            source_metric=word_logit_diff(model, source, word, good, bad),
+            source_run=source_run,
+            target_run=target_run,
+            extra=extra,
+        )
