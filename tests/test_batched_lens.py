@@ -24,7 +24,8 @@ from speech_lens.data.word_targets import word_targets
 from speech_lens.lens.logit import logit_lens, logit_lens_batch, word_lens, word_lens_batch
 from speech_lens.lens.metrics import utterance_record
 from speech_lens.lens.tuned import TunedLens
-from speech_lens.runs.lens import PARTIAL, LensRunConfig, run_dataset
+from speech_lens.runs.lens import PARTIAL, run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
 
 TOL = 2e-6  # fp32 near-tie window: batched rows differ from one-by-one by <= 8e-7 (measured)
 CLOSE = dict(rtol=1e-5, atol=1e-5)

@@ -11,16 +11,18 @@ import pytest
 
 from speech_lens import load_model, write_manifest
 from speech_lens.runs.compare import CompareError, compare_runs, load_run
-from speech_lens.runs.lens import LensRunConfig, run_dataset
+from speech_lens.runs.lens import run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
 from speech_lens.testing.families import build_family, random_utterances
 
 
-def _run(model, data: Path, out: Path, k: int = 5) -> Path:
+def _run(model, data: Path, out: Path, k: int = 5, match: str = "first-spaced") -> Path:
     cfg = LensRunConfig(
         checkpoint=str(model.path),
         data=str(data),
         family=model.spec.name,
         k=k,
+        match=match,
         ks=tuple(sorted({1, k})),
         n_boot=20,
     )
@@ -30,7 +32,8 @@ def _run(model, data: Path, out: Path, k: int = 5) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, tiny_checkpoint, tmp_path_factory):
-    """spiritlm (2 layers) and a 3-layer SIMS-Qwen on the same manifest; one more at k=3."""
+    """spiritlm (2 layers) and a 3-layer SIMS-Qwen on the same manifest, under the cross-family
+    rule first-spaced; one more at k=3; both again under the rule first."""
     root = tmp_path_factory.mktemp("cmp")
     data = root / "data.jsonl"
     write_manifest(data, random_utterances(3))
@@ -43,6 +46,8 @@ def runs(tiny_model, tiny_checkpoint, tmp_path_factory):
         "spirit": _run(spirit, data, root / "spirit"),
         "qwen": _run(qwen, data, root / "qwen"),
         "qwen_k3": _run(qwen, data, root / "qwen_k3", k=3),
+        "spirit_first": _run(spirit, data, root / "spirit_first", match="first"),
+        "qwen_first": _run(qwen, data, root / "qwen_first", match="first"),
     }
 
 
@@ -51,7 +56,7 @@ def test_compare_writes_relative_depth_table_and_band_figures(runs, tmp_path):
     cmp = compare_runs([runs["spirit"], runs["qwen"]], out=out)
     assert [r.label for r in cmp.runs] == ["spiritlm", "sims-qwen"]
     assert cmp.allowed == {}
-    assert cmp.fields["k"] == [5, 5] and cmp.fields["match"] == ["first", "first"]
+    assert cmp.fields["k"] == [5, 5] and cmp.fields["match"] == ["first-spaced"] * 2
     with (out / "compare.csv").open() as f:
         rows = list(csv.DictReader(f))
     for label, n in (("spiritlm", 2), ("sims-qwen", 3)):
@@ -97,6 +102,32 @@ def test_compare_refuses_a_differing_k_unless_allowed(runs, tmp_path):
     assert names == ["spiritlm (@5)", "sims-qwen (@3)"]
     info = json.loads((tmp_path / "yes" / "compare.json").read_text())
     assert info["allowed_differences"]["k"] == {"spiritlm": 5, "sims-qwen": 3}
+
+
+def test_cross_family_runs_compare_under_first_spaced_only(runs, tmp_path):
+    pair = [runs["spirit_first"], runs["qwen_first"]]
+    provs = [load_run(d)[0]["model"]["bare_form_is_spaced"] for d in pair]
+    assert provs == [True, False]  # SentencePiece dummy prefix vs byte-level BPE
+    with pytest.raises(CompareError) as err:
+        compare_runs(pair, out=tmp_path / "no")
+    msg = str(err.value)
+    assert "bare form = spaced form" in msg and "bare form separate" in msg
+    assert "--match first-spaced" in msg and "--allow match" in msg
+    assert not (tmp_path / "no").exists()
+    cmp = compare_runs(pair, allow=["match"])
+    assert cmp.allowed == {"match": ["first", "first"]}
+    # rules that differ between the runs are refused as any other setting is
+    with pytest.raises(CompareError, match=r"match: 'first-spaced' \(.*'first' \("):
+        compare_runs([runs["spirit"], runs["qwen_first"]])
+    # one tokenizer kind: first compares (two SentencePiece runs, one of an older speech_lens)
+    old = tmp_path / "old"
+    shutil.copytree(runs["spirit_first"], old)
+    info = json.loads((old / "metrics.json").read_text())
+    del info["provenance"]["model"]["bare_form_is_spaced"]
+    (old / "metrics.json").write_text(json.dumps(info))
+    assert compare_runs([runs["spirit_first"], old]).allowed == {}
+    with pytest.raises(CompareError, match="family spiritlm"):
+        compare_runs([old, runs["qwen_first"]])
 
 
 def test_versions_and_old_runs(runs, tmp_path):

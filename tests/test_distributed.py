@@ -19,17 +19,16 @@ from speech_lens.guards import NumericError, guarded_hook_names
 from speech_lens.lens.logit import logit_lens
 from speech_lens.runs.distributed import (
     FAIL_ENV,
-    SHARDS,
     DistContext,
     InputError,
-    ShardStore,
     check_inputs,
     merge_shards,
-    read_finished,
     run_distributed,
     shard_of,
 )
-from speech_lens.runs.lens import PARTIAL, LensRunConfig, RunError, run_dataset
+from speech_lens.runs.lens import PARTIAL, RunError, run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
+from speech_lens.runs.shards import SHARDS, ShardStore, read_finished
 from speech_lens.testing.families import random_utterances
 
 OUTPUTS = ("metrics.json", "layers.csv", "words.csv", PARTIAL)

@@ -15,7 +15,8 @@ from speech_lens import provenance as pv
 from speech_lens import write_manifest
 from speech_lens.lens.tuned import TunedLens
 from speech_lens.models.spec import SPEC_DIR
-from speech_lens.runs.lens import LensRunConfig, run_dataset
+from speech_lens.runs.lens import run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
 from speech_lens.testing.families import random_utterances
 
 

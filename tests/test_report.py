@@ -11,7 +11,8 @@ import pytest
 
 from speech_lens import write_manifest
 from speech_lens.report.html import Report, Table
-from speech_lens.runs.lens import PARTIAL, LensRunConfig, RunError, run_dataset
+from speech_lens.runs.lens import PARTIAL, RunError, run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
 from speech_lens.testing.families import random_utterances
 
 SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=", re.IGNORECASE)

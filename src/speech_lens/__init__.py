@@ -10,7 +10,7 @@ from speech_lens.data.encoded import EncodedPrompt, PromptError, WordSpan, WordT
 from speech_lens.data.manifest import LoadReport, read_manifest, write_manifest
 from speech_lens.data.prompts import encode_prompt
 from speech_lens.data.utterance import DataError, UnitStream, Utterance, Word
-from speech_lens.data.word_targets import word_targets
+from speech_lens.data.word_targets import word_piece_ids, word_targets
 from speech_lens.guards import NumericError, finite_guard_hooks
 from speech_lens.lens import (
     LensResult,
@@ -83,6 +83,7 @@ __all__ = [
     "train_tuned_lens",
     "word_lens",
     "word_lens_batch",
+    "word_piece_ids",
     "word_targets",
     "write_manifest",
 ]

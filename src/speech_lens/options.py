@@ -6,3 +6,12 @@ from __future__ import annotations
 # (64 MB). Smaller chunks re-read the whole unembedding per chunk: at a 152k vocabulary, 1 << 22
 # (27 positions) cost 4.24x a forward pass against 3.15x at 1 << 24 (2-layer Qwen shape, 256 pos).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+# Interleaved prompts: how the spoken words are chosen (data/word_targets.sample_speech_words), and
+# each sampler's parameters with their defaults (None: not used by that sampler).
+SPAN_SAMPLERS: tuple[str, ...] = ("poisson", "spiritlm", "alternate")
+SPAN_DEFAULTS: dict[str, dict[str, float | None]] = {
+    "poisson": {"span_mean": 10.0, "speech_fraction": 0.3},
+    "spiritlm": {"span_mean": 5.0, "speech_fraction": None},
+    "alternate": {"span_mean": 1.0, "speech_fraction": None},
+}

@@ -18,6 +18,7 @@ from speech_lens.lens.train import config_from_args
 from speech_lens.lens.train_data import TrainError, encode_training_data
 from speech_lens.models.load import DTYPES, load_from_args
 from speech_lens.models.spec import AdapterError
+from speech_lens.options import SPAN_SAMPLERS
 from speech_lens.runs.distributed import (
     DistContext,
     init_distributed,
@@ -25,7 +26,8 @@ from speech_lens.runs.distributed import (
     run_distributed,
     train_tuned_lens_distributed,
 )
-from speech_lens.runs.lens import RunError, lens_config
+from speech_lens.runs.lens import RunError
+from speech_lens.runs.lens_settings import lens_config
 
 # ------------------------------------------------------------------------------------------------
 # command line (torchrun -m speech_lens.distributed lens ...)
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--spec", type=Path)
         s.add_argument("--base-tokenizer", type=Path)
         s.add_argument("--mode", default="speech", choices=["speech", "interleaved"])
+        s.add_argument("--span-sampler", choices=SPAN_SAMPLERS, help="default: the family's")
         s.add_argument("--k", type=int, default=10)
         s.add_argument("--match", default="first")
         s.add_argument("--limit", type=int)

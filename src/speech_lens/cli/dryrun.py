@@ -35,17 +35,10 @@ from speech_lens.models.devices import free_memory_gb
 from speech_lens.models.load import DTYPES, load_from_args, load_model
 from speech_lens.models.memory import MemoryEstimate, estimate_memory
 from speech_lens.runs.demo import REPO_ORGANISMS, find_organisms
-from speech_lens.runs.distributed import read_finished
-from speech_lens.runs.lens import (
-    PARTIAL,
-    RunError,
-    encode_for_lens,
-    lens_batch,
-    lens_config,
-    parse_batch_size,
-    read_partial,
-)
+from speech_lens.runs.lens import PARTIAL, RunError, lens_batch, parse_batch_size, read_partial
+from speech_lens.runs.lens_settings import encode_for_lens, lens_config
 from speech_lens.runs.patch import run_experiment
+from speech_lens.runs.shards import read_finished
 from speech_lens.runs.tuned import cli_load
 
 __all__ = ["DryRunPlan", "Stage", "calibrate", "memory_for"]

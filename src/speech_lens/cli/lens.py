@@ -10,7 +10,8 @@ from typing import Any
 from speech_lens.cli.common import add_dry_run, add_model_args, run_dry_run
 from speech_lens.data.manifest import read_manifest
 from speech_lens.models.load import load_from_args
-from speech_lens.runs.lens import RunError, lens_config, parse_batch_size, run_dataset
+from speech_lens.runs.lens import RunError, parse_batch_size, run_dataset
+from speech_lens.runs.lens_settings import lens_config
 
 
 def cli_lens(args: Any) -> int:
@@ -63,6 +64,11 @@ def add_lens(sub: Any) -> None:
     p.add_argument("--k", type=int, default=10, help="Recall@k headline k (1 and 5 come too)")
     p.add_argument("--match", default="first", help="first | first-spaced | first-bare | any")
     p.add_argument("--mode", choices=("speech", "interleaved"), default="speech")
+    p.add_argument(
+        "--span-sampler",
+        help="poisson | spiritlm | alternate: which words an interleaved prompt speaks "
+        "(default: the family's own, from its spec)",
+    )
     p.add_argument("--lens", default="logit", help="logit | tuned:PATH (a tuned-lens directory)")
     p.add_argument("--limit", type=int, help="first N utterances only")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")

@@ -104,7 +104,8 @@ class WordTarget:
     """A word's text tokens in the model's tokenizer, in both leading-space forms.
 
     ``spaced`` is the tokenization of ``" " + word`` (the form inside a sentence: ``▁cat`` /
-    ``Ġcat``), ``bare`` of ``word`` alone. Each is a tuple of ids (several for multi-token words).
+    ``Ġcat``), ``bare`` of ``word`` alone, each as :func:`word_piece_ids` gives it (a lone
+    leading word-boundary piece dropped). Each is a tuple of ids (several for multi-token words).
     """
 
     word: str

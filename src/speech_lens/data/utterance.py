@@ -1,4 +1,27 @@
-"""Utterances: words with times, unit streams, and their checks."""
+"""Utterances: word alignments + speech units, their readers/writers, dedup and word<->unit maps.
+
+An :class:`Utterance` holds what an analysis needs to know about one spoken sentence: its words
+with times in seconds, its speech units (frame-level, or deduplicated with run lengths in
+frames), the unit frame rate, and optional prosody streams (SpiritLM Expressive pitch / style)
+with their own rates. Utterances validate themselves on construction; every error names the
+utterance id and the field.
+
+Readers cover what researchers already have: the project's JSONL manifest (streamed, with a
+:class:`LoadReport` of skipped records), slamkit metadata JSON (``aligned_text`` triples with
+leading-space words), Praat TextGrid word tiers, SpiritLM / SpeechGPT unit strings and plain
+unit lists.
+
+Manifest schema (JSONL, one utterance per line; unknown keys are ignored)::
+
+    {"id": "s1", "speaker": "spk1" | null, "split": "train" | "test" | ...,
+     "text": "the cat sat",                       # optional; defaults to the words joined
+     "words": [["the", 0.12, 0.28], ...],         # [word, start_sec, end_sec], sorted, no overlap
+     "frame_rate": 25.0,                          # unit frames per second
+     "units": [155, 79, ...],                     # or "155 79 ..." or, with layout=, "[Hu155][Hu79]"
+     "durations": [3, 1, ...],                    # optional: present = deduplicated run lengths
+     "pitch": {"units": [...], "frame_rate": 12.5},   # optional prosody streams, frame level
+     "style": {"units": [...], "frame_rate": 1.0}}
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,21 @@
-"""Lens hook factories: read the residual stream at every layer during one forward."""
+"""Hook factories that read the residual stream out through the unembedding and reduce on the spot.
+
+A :class:`LensBuffer` holds the small per-layer results (top-k, masses, ranks, pooled word
+readouts). :func:`lens_hooks` returns ``(hook_name, fn)`` pairs, one per row of the lens, each
+closing over the buffer; attach them with ``bridge.run_with_hooks`` (next to a user's own hooks)
+or inside ``bridge.hooks()``. Each hook puts its activation through the model's own final norm
+and unembedding in position chunks and reduces each ``[chunk, vocab]`` block before the next one
+is made, so nothing of size ``[layers, pos, vocab]`` (or even ``[pos, vocab]``) is ever held.
+
+Rows: row ``i < n_layers`` reads ``blocks.i.hook_resid_pre`` (row 0 = the embeddings); row
+``n_layers`` reads the model's own logits at ``hook_unembed``, so it equals the model's output.
+A buffer may hold a subset of the rows (``LensBuffer.layers``); hooks go only there.
+
+Batches: :func:`batch_lens_hooks` fills one buffer per sequence of a padded batch. Each row's
+hook gathers every sequence's positions from the batch activation at once (``BatchIndex``) and
+streams them, laid end to end, through :func:`stream_rows`: a chunk of positions may span
+several sequences, and each buffer reduces its own slice.
+"""
 
 from __future__ import annotations
 

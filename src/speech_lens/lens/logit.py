@@ -1,4 +1,10 @@
-"""The logit lens: every layer's residual read out through the model's own unembedding."""
+"""The streaming logit lens: every layer's residual read out through the model's own unembedding.
+
+``logit_lens`` reads positions; ``word_lens`` also max-pools the lens logits over each spoken
+word's unit positions (the paper's per-word readout) and ranks every candidate text token of the
+word and of the next word, so any matching rule can be scored afterwards (``metrics.py``).
+Both run a single ``run_with_hooks`` forward pass whose hooks reduce as they go (``hooks.py``).
+"""
 
 from __future__ import annotations
 

@@ -8,7 +8,10 @@ utterances (words of one utterance are not independent).
 Word matching rules (``MATCH_RULES``), applied to the pooled, text-restricted ranking:
 ``first``: the word's first sub-token in its spaced (``" cat"``) or bare (``"cat"``) form, a hit
 if either is in the top k [default]; ``first-spaced`` / ``first-bare``: only that form;
-``any``: any sub-token of either form.
+``any``: any sub-token of either form. Sub-tokens never start with a lone word-boundary piece
+(``prompts.word_piece_ids``). SentencePiece families write the bare form with the dummy prefix,
+so ``first`` has one candidate there and two on byte-level BPE: across them compare
+``first-spaced``.
 """
 
 from __future__ import annotations

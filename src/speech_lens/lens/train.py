@@ -1,4 +1,19 @@
-"""Training a tuned lens: a resumable loop with atomic checkpoints."""
+"""Training a tuned lens: KL(final distribution ‖ lens distribution) per layer, tuned-lens recipe.
+
+Memory stays bounded as layers grow: each micro-batch runs the frozen model twice under
+``no_grad`` and without a KV cache. Pass 1 stops at the last block's output and keeps only the
+final distribution of the valid positions (unembedded in position chunks). Pass 2 hooks
+``blocks.{i}.hook_resid_pre``; when layer ``i``'s residual arrives, its loss is computed in
+position chunks and back-propagated into translator ``i`` alone, and the residual is dropped
+before the next block runs; the last hook stops the forward. No residual cache is ever held: the
+extra memory is the ``[tokens, vocab]`` final distribution plus one layer's residual and one
+``[chunk, vocab]`` readout with its graph, whatever the depth (the price is a second frozen
+forward per micro-batch; tuned-lens itself keeps all ``hidden_states``).
+
+Recipe (``tuned_lens/scripts/train_loop.py``): SGD with Nesterov momentum 0.9,
+``lr = lr_scale·(1−momentum)``, weight decay 1e-3, gradient-norm clip 1.0, linear warm-up then
+linear decay to 0, a token budget per step, target shift 0.
+"""
 
 from __future__ import annotations
 

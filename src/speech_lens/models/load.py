@@ -1,4 +1,9 @@
-"""SpeechLM and load_model: a checkpoint loaded into a TransformerBridge with its vocabulary layout."""
+"""Adapter specs (one TOML per checkpoint family) and the one loader that reads them.
+
+``load_model(path)`` detects the family, reads the weights (converting SIMS ``lm.``-prefixed
+weights and merging LoRA adapters where needed), rebuilds or loads the tokenizer without losing
+added unit tokens (TL pitfall P1), checks every documented id, and boots a ``TransformerBridge``.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from speech_lens.options import SPAN_SAMPLERS
+
 SPEC_DIR = Path(__file__).parents[1] / "model_adapters"
 FAMILIES_ENV = "SPEECH_LENS_FAMILIES"  # extra directories of family specs
 CHECKPOINT_SPEC = "speech_lens.toml"  # a family spec shipped inside a checkpoint directory
@@ -61,6 +63,8 @@ class PromptSpec:
     speech_close: str = ""
     marker_on_change_only: bool = True
     speech_only_marker: bool = True
+    # how interleaved prompts choose their spoken words by default (options.SPAN_SAMPLERS)
+    span_sampler: str = "poisson"
 
 
 @dataclass(frozen=True)
@@ -142,12 +146,18 @@ class AdapterSpec:
         source_kind = tok.get("source", "checkpoint")
         if source_kind not in ("checkpoint", "base"):
             raise AdapterError(f"spec {source}: tokenizer.source must be 'checkpoint' or 'base'")
+        prompt = raw.get("prompt", {})
+        if prompt.get("span_sampler", "poisson") not in SPAN_SAMPLERS:
+            raise AdapterError(
+                f"spec {source}: prompt.span_sampler {prompt['span_sampler']!r} is not one of "
+                f"{', '.join(SPAN_SAMPLERS)}"
+            )
         return cls(
             name=need(raw, "name", ""),
             description=raw.get("description", ""),
             architectures=tuple(raw.get("architectures", ())),
             units=unit_spec(need(raw, "units", ""), "units."),
-            prompt=PromptSpec(**raw.get("prompt", {})),
+            prompt=PromptSpec(**prompt),
             detect=DetectSpec(
                 config_model_type=det.get("config_model_type"),
                 tokens_present=tuple(det.get("tokens_present", ())),

@@ -10,6 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from speech_lens.data.encoded import EncodedPrompt
+from speech_lens.data.word_targets import word_piece_ids
 
 if TYPE_CHECKING:
     from speech_lens.models.load import SpeechLM
@@ -90,13 +91,10 @@ def kl_to_clean(
 def word_token_ids(model: SpeechLM, word: str) -> tuple[int, ...]:
     """First text sub-token of ``word`` with and without the leading-space marker (the DESIGN §4
     default matching rule), deduplicated; refuses words the tokenizer cannot write as text."""
-    tok = model.tokenizer
     out: list[int] = []
     for form in (" " + word, word):
-        ids = tok.encode(form, add_special_tokens=False)
-        # SentencePiece may emit a lone "▁" before a piece it has no spaced form of: skip it
-        while len(ids) > 1 and not tok.decode(ids[:1]).strip():
-            ids = ids[1:]
+        # the lens's word targets' rule: a lone "▁" / "Ġ" before the word's pieces is skipped
+        ids = word_piece_ids(model.tokenizer, form)
         if ids and bool(model.layout.is_text(ids[0])) and ids[0] not in out:
             out.append(int(ids[0]))
     if not out:

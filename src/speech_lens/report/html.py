@@ -1,4 +1,12 @@
-"""A self-contained HTML report: sections of text, plotly figures and tables, one file."""
+"""A self-contained HTML report: sections of text, plotly figures and tables, one file.
+
+plotly.js is inlined once (``plotly.offline.get_plotlyjs()``), so the file opens offline with no
+CDN. Other analyses append their own sections::
+
+    report = Report("speech_lens: SpiritLM on LibriSpeech dev")
+    report.add_section("Implicit transcription", text="...", figures=[fig], tables=[rows])
+    report.write("out/report.html")
+"""
 
 from __future__ import annotations
 

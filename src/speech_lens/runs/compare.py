@@ -1,4 +1,24 @@
-"""Compare lens runs: check they are comparable, write a table and a report."""
+"""``speech-lens compare RUN_DIR... --out DIR``: lens runs of several models on one depth axis.
+
+Each run directory is the output of ``speech-lens lens`` (its ``metrics.json`` holds the
+provenance and the metrics). The runs are compared only when everything but the model is the
+same: data set hash, lens kind, every recorded setting (mode, k, ks, match rule, pooling,
+limit, seed, n_boot, ...) and the package versions. Differences that are intended are named with
+``--allow FIELD[,FIELD]`` (``--allow versions`` allows every package version); all others are
+refused with the differing values per run. The model identity (checkpoint hash, family,
+geometry) is expected to differ and is not compared.
+
+Across tokenizer kinds the match rule must be ``first-spaced`` (``CROSS_FAMILY_MATCH``): under
+SentencePiece's dummy prefix (SpiritLM, SpeechGPT) a bare word is tokenized as its spaced form,
+so ``first`` offers one candidate token per word there and two on byte-level BPE (SIMS), and
+``first-bare`` / ``any`` compare different forms. Runs whose tokenizers differ so (the
+``bare_form_is_spaced`` a lens run records; the family when a run predates it) are refused under any
+other rule unless ``--allow match``.
+
+Writes ``compare.html`` (a :class:`~speech_lens.report.Report`), ``compare.csv`` (one row per
+model and layer, with relative depth ``layer / n_layers``) and ``compare.json`` (every run's
+provenance and the differences that were allowed).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +37,8 @@ from speech_lens.lens.metrics import DatasetMetrics
 from speech_lens.provenance import FORMAT, provenance_table
 from speech_lens.report.compare import QUANTITIES, depth_figure
 from speech_lens.report.html import Report, Table
+
+CROSS_FAMILY_MATCH = "first-spaced"
 
 
 class CompareError(ValueError):
@@ -129,6 +151,41 @@ def _check(
     return fields, {n: v for n, v in differ.items() if allowed(n)}
 
 
+def _check_match_across_tokenizers(
+    runs: Sequence[Run],
+    fields: dict[str, list[Any]],
+    allowed: dict[str, list[Any]],
+    allow: Iterable[str],
+) -> dict[str, list[Any]]:
+    """Refuse a match rule other than ``first-spaced`` across tokenizer kinds (module doc);
+    with ``--allow match`` the rule is returned as an allowed difference."""
+    models = [r.provenance["model"] for r in runs]
+    if all("bare_form_is_spaced" in m for m in models):
+        kinds = [str(m["bare_form_is_spaced"]) for m in models]
+    else:  # a run of an older speech_lens: one tokenizer kind per family, conservatively
+        kinds = [f"family {m.get('family')}" for m in models]
+    rules = fields.get("match", [])
+    if len(set(kinds)) <= 1 or set(rules) == {CROSS_FAMILY_MATCH} or "match" in allowed:
+        return {}
+    if "match" in [a.strip() for a in allow]:
+        return {"match": rules}
+    form = {"True": "bare form = spaced form", "False": "bare form separate"}
+    lines = [
+        f"  {r.dir}: match {rule!r}, {form.get(k, k)}"
+        for r, rule, k in zip(runs, rules, kinds, strict=True)
+    ]
+    raise CompareError(
+        "the runs' tokenizers differ in how they write a bare word, so their word targets "
+        "differ under the match rule used:\n"
+        + "\n".join(lines)
+        + f"\nunder 'first' a word has one candidate token where the bare form = the spaced form "
+        f"(SentencePiece dummy prefix: SpiritLM, SpeechGPT) and two on byte-level BPE (SIMS). "
+        f"Compare across these with --match {CROSS_FAMILY_MATCH}: rerun `speech-lens lens "
+        f"CHECKPOINT DATA --out RUN --match {CROSS_FAMILY_MATCH}` on each run directory "
+        "(finished utterances are reused, only the scores are recomputed), or pass --allow match"
+    )
+
+
 def table_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per model and layer: relative depth, Recall@k with bands, masses."""
     rows = []
@@ -170,6 +227,7 @@ def compare_runs(
     labels = _labels([p for p, _ in loaded], dirs)
     runs = [Run(d, lab, p, m) for d, lab, (p, m) in zip(dirs, labels, loaded, strict=True)]
     fields, allowed = _check(runs, allow)
+    allowed.update(_check_match_across_tokenizers(runs, fields, allowed, allow))
     rows = table_rows(runs)
     figures = {q: depth_figure([(r.label, r.metrics, r.k) for r in runs], q) for q in QUANTITIES}
     cmp = Comparison(runs, fields, allowed, rows, figures)

@@ -1,4 +1,12 @@
-"""The demo: lens, tuned lens and patching on the shipped model organisms, in one report."""
+"""``speech-lens demo``: every analysis of the library on the shipped model organisms, one report.
+
+The organisms (``organisms/`` in the repository) are small Llama-architecture speech-text LMs
+trained here on real synthetic speech, saved in the SpiritLM on-disk layout with a spec file. The
+demo only analyses them: logit lens per layer (current- and next-word Recall@k, modality mass),
+the ablation grid on one axis, the positive control, the Figure-1 view, tuned lens against logit
+lens, text->speech activation patching, and the gates and spoken-knowledge numbers measured when
+the organisms were built (``organisms/results.json``).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,26 @@
-"""Distributed lens and tuned-lens runs under torchrun: shards, merge, resume."""
+"""Data-parallel lens runs on ``torch.distributed`` (launched by ``torchrun``), sharded and resumable.
+
+Rank ``r`` of ``world`` lenses utterances ``i`` with ``i % world == r`` (manifest order, after
+``limit``). Each rank owns two files under ``out/shards/``:
+
+- ``rank-{r}.jsonl``: one :class:`~speech_lens.metrics.UtteranceRecord` per line, appended and
+  fsynced;
+- ``rank-{r}.done.json``: the commit record, replaced atomically (temp file + ``os.replace``)
+  after every append: the run settings, the finished ids and the committed byte length of the
+  shard. Bytes past that length (a rank killed mid-write) are not trusted and are cut off when
+  the rank reopens its shard.
+
+A rerun (any world size) skips every id committed in any shard. After a barrier, rank 0 merges:
+every utterance exactly once (duplicates, missing or foreign ids are refused), then the very code
+path of the single-process :func:`~speech_lens.run_lens.run_dataset` writes ``metrics.json``,
+``layers.csv``, ``words.csv`` and ``report.html`` (it finds every record done and computes
+nothing), so the outputs equal a single-process run's.
+
+Launch: ``torchrun --nproc_per_node 8 -m speech_lens.distributed lens CKPT DATA --out DIR``;
+``python -m speech_lens.distributed merge CKPT DATA --out DIR`` merges finished shards alone;
+``torchrun ... -m speech_lens.distributed tuned-lens CKPT DATA --out LENS_DIR`` trains a tuned
+lens with gradients averaged across ranks (:func:`train_tuned_lens_distributed`).
+"""
 
 from __future__ import annotations
 
@@ -20,15 +42,10 @@ from speech_lens.guards import finite_guard_hooks
 from speech_lens.lens.logit import word_lens
 from speech_lens.lens.metrics import DatasetMetrics, UtteranceRecord, utterance_record
 from speech_lens.lens.train import train_tuned_lens
-from speech_lens.runs.lens import (
-    PARTIAL,
-    LensRunConfig,
-    RunError,
-    encode_for_lens,
-    run_dataset,
-)
+from speech_lens.runs.lens import PARTIAL, RunError, run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig, encode_for_lens
+from speech_lens.runs.shards import SHARDS, ShardStore, clear_shards, read_finished
 
-SHARDS = "shards"
 FAIL_ENV = "SPEECH_LENS_FAIL_AFTER"  # fault injection for tests: "rank:n" exits abruptly
 RATE_TOLERANCE = 0.02  # SpiritLM writes 24.99 Hz for the 25 Hz mHuBERT: same tokenizer
 
@@ -139,101 +156,6 @@ def check_inputs(model: Any, utterances: Sequence[Any], cfg: LensRunConfig) -> N
 # ------------------------------------------------------------------------------------------------
 
 
-def _shard_paths(out: Path, rank: int) -> tuple[Path, Path]:
-    d = out / SHARDS
-    return d / f"rank-{rank}.jsonl", d / f"rank-{rank}.done.json"
-
-
-def _read_done(path: Path, cfg: LensRunConfig) -> dict[str, Any]:
-    try:
-        done = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:  # written atomically, so this is damage, not a crash
-        raise RunError(f"{path}: not valid JSON ({e})") from None
-    if done.get("header") != cfg.resume_key():
-        raise RunError(
-            f"{path} was written with other settings {done.get('header')}; these are "
-            f"{cfg.resume_key()} (another checkpoint, family, data or mode in the same --out); "
-            "use another --out or --restart"
-        )
-    return done
-
-
-def _committed(jsonl: Path, done: dict[str, Any]) -> list[UtteranceRecord]:
-    """The records a commit file vouches for: the first ``bytes`` of the shard, one per id."""
-    n = int(done["bytes"])
-    size = jsonl.stat().st_size if jsonl.exists() else 0
-    if size < n:
-        raise RunError(f"{jsonl}: {size} bytes, but {n} were committed (file truncated?)")
-    with jsonl.open("rb") as f:
-        raw = f.read(n)
-    recs = [UtteranceRecord.from_json(json.loads(ln)) for ln in raw.decode().splitlines() if ln]
-    ids = [r.utterance_id for r in recs]
-    if ids != list(done["ids"]):
-        raise RunError(f"{jsonl}: the committed records do not match {jsonl.stem}.done.json")
-    return recs
-
-
-def read_finished(out: str | Path, cfg: LensRunConfig) -> dict[str, UtteranceRecord]:
-    """Every committed record in ``out/shards`` (any rank, any earlier world size).
-
-    Refuses an id committed twice (in one shard or two) and shards written with other settings.
-    """
-    d = Path(out) / SHARDS
-    found: dict[str, UtteranceRecord] = {}
-    where: dict[str, str] = {}
-    for done_path in sorted(d.glob("rank-*.done.json")):
-        jsonl = done_path.with_name(done_path.name.replace(".done.json", ".jsonl"))
-        for rec in _committed(jsonl, _read_done(done_path, cfg)):
-            uid = rec.utterance_id
-            if uid in found:
-                raise RunError(
-                    f"utterance {uid!r} is committed twice: in {where[uid]} and {jsonl.name}"
-                )
-            found[uid] = rec
-            where[uid] = jsonl.name
-    return found
-
-
-class ShardStore:
-    """One rank's append-only shard plus its atomically replaced commit file."""
-
-    def __init__(self, out: str | Path, rank: int, cfg: LensRunConfig) -> None:
-        self.jsonl, self.done_path = _shard_paths(Path(out), rank)
-        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
-        self.header = cfg.resume_key()
-        self.ids: list[str] = []
-        self.bytes = 0
-        if self.done_path.exists():
-            done = _read_done(self.done_path, cfg)
-            _committed(self.jsonl, done)  # checks the committed prefix before we extend it
-            self.ids, self.bytes = list(done["ids"]), int(done["bytes"])
-        # drop anything written after the last commit (a rank killed between append and commit)
-        with self.jsonl.open("ab") as f:
-            f.truncate(self.bytes)
-        self._commit()
-
-    def _commit(self) -> None:
-        body = {"header": self.header, "ids": self.ids, "bytes": self.bytes}
-        atomic_write_text(self.done_path, json.dumps(body))
-
-    def append(self, rec: UtteranceRecord) -> None:
-        line = (json.dumps(rec.to_json(), ensure_ascii=False) + "\n").encode()
-        with self.jsonl.open("ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        self.ids.append(rec.utterance_id)
-        self.bytes += len(line)
-        self._commit()
-
-
-def _clear_shards(out: Path) -> None:
-    d = out / SHARDS
-    for p in d.glob("rank-*"):
-        p.unlink()
-    (out / PARTIAL).unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # run + merge
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +229,7 @@ def run_distributed(
         utts = utts[: cfg.limit]
     check_inputs(model, utts, cfg)
     if restart and ctx.rank == 0:
-        _clear_shards(out)
+        clear_shards(out)
     ctx.barrier()  # nobody reads the shards while rank 0 clears them
     done = set(read_finished(out, cfg))
     store = ShardStore(out, ctx.rank, cfg)

@@ -1,4 +1,11 @@
-"""The lens run: a manifest through the lens, resumable, written to a run folder."""
+"""Run the word-level lens over a data set: progress bar, per-utterance resume, atomic outputs.
+
+``out_dir/partial.jsonl`` holds a header line (the run's settings) and one
+:class:`~speech_lens.metrics.UtteranceRecord` per finished utterance, appended and fsynced as
+soon as it is done. A rerun with the same settings skips the utterances already there; a torn
+last line (a crash mid-write) is dropped. At the end ``metrics.json``, ``layers.csv``,
+``words.csv`` and ``report.html`` are written atomically.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +13,22 @@ import csv
 import io
 import json
 import os
-import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from speech_lens.batching import plan_batches
-from speech_lens.data.prompts import encode_prompt
-from speech_lens.data.word_targets import word_targets
+from speech_lens.data.word_targets import (
+    WORD_PIECE_RULE,
+    bare_form_is_spaced,
+    word_targets,
+)
 from speech_lens.files import atomic_write_text
 from speech_lens.lens.logit import logit_lens, word_lens_batch
 from speech_lens.lens.metrics import (
-    DEFAULT_MATCH,
-    MATCH_RULES,
     DatasetMetrics,
     UtteranceRecord,
     aggregate,
@@ -32,47 +39,13 @@ from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.provenance import POOLING, collect_provenance, provenance_rows, stable
 from speech_lens.report.html import Report, Table
 from speech_lens.report.lens import lens_heatmap, modality_figure, recall_figure
+from speech_lens.runs.lens_settings import LensRunConfig, encode_for_lens
 
 PARTIAL = "partial.jsonl"
-MODES = ("speech", "interleaved")
 
 
 class RunError(RuntimeError):
     """A run directory that cannot be resumed with these settings."""
-
-
-@dataclass(frozen=True)
-class LensRunConfig:
-    checkpoint: str
-    data: str
-    family: str
-    mode: str = "speech"
-    k: int = 10
-    match: str = DEFAULT_MATCH
-    ks: tuple[int, ...] = (1, 5, 10)
-    limit: int | None = None
-    n_boot: int = 1000
-    seed: int = 0
-    lens: str = "logit"  # or "tuned:PATH" (a tuned lens in the tuned-lens format)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r}: one of {MODES}")
-        if self.match not in MATCH_RULES:
-            raise ValueError(f"match rule {self.match!r}: one of {MATCH_RULES}")
-
-    def resume_key(self) -> dict[str, Any]:
-        """Settings that change per-utterance records (match, ks, limit do not: they are
-        applied when aggregating, so a finished run can be re-scored without recomputing)."""
-        return {
-            "checkpoint": self.checkpoint,
-            "data": self.data,
-            "family": self.family,
-            "mode": self.mode,
-            "k": self.k,
-            "seed": self.seed,
-            "lens": self.lens,
-        }
 
 
 def read_partial(
@@ -116,18 +89,6 @@ def _append(path: Path, obj: dict[str, Any]) -> None:
         f.write(json.dumps(obj, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _prompt_seed(cfg: LensRunConfig, uid: str) -> int:
-    # deterministic per utterance, so a resumed interleaved run samples the same spans
-    return (zlib.crc32(uid.encode()) ^ cfg.seed) & 0x7FFFFFFF
-
-
-def encode_for_lens(model: Any, utt: Any, cfg: LensRunConfig) -> Any:
-
-    if cfg.mode == "interleaved":
-        return encode_prompt(model, utt, mode="interleaved", seed=_prompt_seed(cfg, utt.id))
-    return encode_prompt(model, utt, mode="speech")
 
 
 def lens_batch(
@@ -259,6 +220,7 @@ def write_outputs(
         "k": cfg.k,
         "ks": list(metrics.ks),
         "match": metrics.match,
+        "word_pieces": WORD_PIECE_RULE,
         "pooling": POOLING,
         "ranking": "text ids",
         "limit": cfg.limit,
@@ -266,8 +228,12 @@ def write_outputs(
         "seed": metrics.seed,
         "ci": metrics.ci,
         "bootstrap_unit": metrics.bootstrap_unit,
+        **cfg.span_settings(),
     }
     prov = collect_provenance(model, data=cfg.data, lens=cfg.lens, settings=settings)
+    # a property of the model, not a setting: `compare` reads it to tell which match rules
+    # compare across tokenizer kinds (bare = spaced under SentencePiece's dummy prefix)
+    prov["model"]["bare_form_is_spaced"] = bare_form_is_spaced(model.tokenizer)
     info = {
         "config": asdict(cfg),
         "model": model.describe(),
@@ -310,7 +276,8 @@ def build_report(
             f"positions; {model.n_layers} layers (row 0 = embeddings, row {model.n_layers} = "
             "the model's output).\n\n"
             f"Word matching rule: {metrics.match} (first sub-token, spaced or bare form, unless "
-            "the rule says otherwise). Lens logits are max-pooled over each spoken word's unit "
+            "the rule says otherwise; a lone leading word-boundary piece ▁ / Ġ is skipped). "
+            "Lens logits are max-pooled over each spoken word's unit "
             "positions and ranked over text ids. "
             f"Confidence bands: {int(metrics.ci * 100)}% percentile bootstrap over utterances, "
             f"{metrics.n_boot} draws, seed {metrics.seed}.\n\n"
@@ -359,20 +326,3 @@ def parse_batch_size(value: Any) -> int | str:
     if n < 1:
         raise ValueError(f"--batch-size {value!r}: a positive integer or 'auto'")
     return n
-
-
-def lens_config(args: Any, model: Any) -> LensRunConfig:
-    """The run settings of ``speech-lens lens`` (and of the torchrun lens) from its arguments."""
-    return LensRunConfig(
-        checkpoint=str(Path(args.checkpoint).resolve()),
-        data=str(Path(args.data).resolve()),
-        family=model.spec.name,
-        mode=args.mode,
-        k=int(args.k),
-        match=args.match,
-        ks=tuple(sorted({1, 5, int(args.k)})),
-        limit=args.limit,
-        n_boot=args.n_boot,
-        seed=args.seed,
-        lens=getattr(args, "lens", "logit"),
-    )

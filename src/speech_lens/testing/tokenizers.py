@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -64,10 +66,48 @@ def sentencepiece_llama(directory: Path, added: list[str], extra_files: dict[str
     while len(m.pieces) < 32000:
         add(f"▁fill{i}", -1e6 - i)
         i += 1
+    _write_llama_tokenizer(directory, m.SerializeToString(), 32000, added, extra_files)
+
+
+def llama2_sentencepiece(
+    directory: Path, corpus: list[str], vocab_size: int, added: tuple[str, ...] = ()
+) -> Path:
+    """A SentencePiece ``tokenizer.model`` trained on ``corpus`` with Llama-2's trainer settings
+    (BPE, byte fallback, split digits, dummy prefix, whitespace kept), written and wrapped as
+    ``_sentencepiece_llama`` writes the tiny checkpoints' tokenizer. Rare words and numbers then
+    start with the lone ``▁`` piece, as in Llama-2 (``" 1990"`` -> ``▁ 1 9 9 0``)."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    _write_llama_tokenizer(directory, buf.getvalue(), vocab_size, list(added), {})
+    return directory
+
+
+def _write_llama_tokenizer(
+    directory: Path, model: bytes, n_pieces: int, added: list[str], extra_files: dict[str, Any]
+) -> None:
+    """``tokenizer.model`` plus the config files SpiritLM and SpeechGPT ship (added tokens
+    from id ``n_pieces`` on)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "tokenizer.model").write_bytes(m.SerializeToString())
+    (directory / "tokenizer.model").write_bytes(model)
     decoder = {
-        str(32000 + j): {
+        str(n_pieces + j): {
             "content": t,
             "lstrip": False,
             "normalized": False,

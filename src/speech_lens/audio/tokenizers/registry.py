@@ -1,4 +1,23 @@
-"""Speech tokenizers: the protocol, frame units and the name -> factory registry."""
+"""Speech tokenizers: audio -> frame-level units, behind one small Protocol and a registry.
+
+A :class:`SpeechTokenizer` takes float32 mono audio at its ``expected_sample_rate`` and returns
+:class:`FrameUnits`: one unit per frame (not deduplicated; dedup with run lengths happens in
+``speech_lens.data`` so word alignment can use the full frame grid), the frame rate, and
+optional prosody streams (SpiritLM Expressive pitch / style). ``family`` names the vocabulary
+layout the units are meant for (a spec name such as ``spiritlm`` or ``sims``).
+
+Implementations here are thin, lazily imported adapters to the real tokenizers:
+
+* ``spiritlm`` / ``spiritlm-expressive``: Meta's ``spiritlm`` package (HuBERT 25 Hz + 500-unit
+  linear quantizer; F0 VQ-VAE pitch at 12.5 Hz and w2v2 style at 1 Hz).
+* ``sims`` / ``speechgpt`` / ``mhubert``: a transformers ``HubertModel`` (layer-11 features) plus
+  a k-means codebook, as slamkit (SIMS: mHuBERT-25Hz, 500 units) and SpeechGPT (mHuBERT
+  ``vp_en_es_fr_it3``, 50 Hz, 1000 units) do.
+* ``organism``: the model organisms' own tokenizer, saved next to each organism checkpoint.
+
+``get_speech_tokenizer(name_or_checkpoint)`` resolves a registered name, a ``module:attr``
+factory, or a checkpoint directory (its family picks the tokenizer).
+"""
 
 from __future__ import annotations
 
