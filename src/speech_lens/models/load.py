@@ -39,7 +39,12 @@ from speech_lens.models.devices import (
     parse_max_memory,
 )
 from speech_lens.models.dispatch import load_dispatched
-from speech_lens.models.layout import build_layout, load_tokenizer
+from speech_lens.models.layout import (
+    build_layout,
+    check_rebuilt_vocab,
+    load_tokenizer,
+    warn_if_unlike_release,
+)
 from speech_lens.models.memory import estimate_memory
 from speech_lens.models.spec import AdapterError, AdapterSpec, WeightFileError
 from speech_lens.vocab import VocabLayout
@@ -202,12 +207,12 @@ def load_model(
         tied = _is_tied(hf)
     hf.eval()
 
-    model_type = base_config_dict(config, the_spec, weights_dir).get("model_type", "")
     tokenizer, n_text = load_tokenizer(tok_dir, the_spec, base_tokenizer)
     rows = int(hf.get_input_embeddings().weight.shape[0])
-    layout = build_layout(
-        the_spec, tokenizer, rows, n_text=n_text, model_type=model_type, where=str(path)
-    )
+    if the_spec.tokenizer_source == "base":
+        check_rebuilt_vocab(the_spec, config, weights_dir, rows, n_text, len(tokenizer))
+        warn_if_unlike_release(the_spec, config, weights_dir, n_text, base_tokenizer)
+    layout = build_layout(the_spec, tokenizer, rows, n_text=n_text, where=str(path))
     bridge = boot_bridge(
         str(path), hf, tokenizer, device=device if device_map is None else None, dtype=dtype
     )

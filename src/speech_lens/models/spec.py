@@ -49,7 +49,9 @@ class UnitSpec:
     first_id: int | None  # None: right after the text tokenizer (SIMS)
     frame_rate: float
     dedup: bool
-    first_id_by_model_type: dict[str, int] = field(default_factory=dict)
+    # "after_text" families: first unit id of each released base (documentation; a base named
+    # here whose tokenizer length differs gets a warning, not a refusal)
+    released_first_ids: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,11 @@ class AdapterSpec:
             if "{k}" not in pattern:
                 raise AdapterError(f"spec {source}: {where}pattern {pattern!r} must contain {{k}}")
             first = need(d, "first_id", where)
+            if "first_id_by_model_type" in d:
+                raise AdapterError(
+                    f"spec {source}: {where}first_id_by_model_type is no longer read (unit ids "
+                    f"follow len(base tokenizer)); name released bases in {where}released_first_ids"
+                )
             if first != "after_text" and not isinstance(first, int):
                 raise AdapterError(f"spec {source}: {where}first_id must be an int or 'after_text'")
             return UnitSpec(
@@ -124,7 +131,7 @@ class AdapterSpec:
                 first_id=None if first == "after_text" else first,
                 frame_rate=float(need(d, "frame_rate", where)),
                 dedup=bool(d.get("dedup", True)),
-                first_id_by_model_type=dict(d.get("first_id_by_model_type", {})),
+                released_first_ids=dict(d.get("released_first_ids", {})),
             )
 
         def tokens(d: dict[str, Any], where: str) -> dict[str, TokenSpec]:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from speech_lens.data.utterance import Utterance, Word
 from speech_lens.models.checkpoint import read_state_dict
@@ -148,11 +153,20 @@ def _dims_from(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
+# base -> (transformers model_type, BOS, EOS, released base name and its pre-resize vocabulary)
+SIMS_BASES: dict[str, tuple[str, int, int, str | None, int | None]] = {
+    "qwen2": ("qwen2", 151643, 151643, "Qwen/Qwen2.5-0.5B", 151936),
+    "llama": ("llama", 128000, 128001, "meta-llama/Llama-3.2-1B", 128256),
+    "qwen3": ("qwen3", 151643, 151645, None, None),  # no released SIMS: pass base_name
+}
+
+
 def build_sims(
     directory: str | Path,
     base_tokenizer_dir: str | Path,
     *,
     base: str = "qwen2",
+    base_name: str | None = None,
     seed: int = 0,
     sharded: bool = True,
     **dims: Any,
@@ -160,55 +174,61 @@ def build_sims(
     """slamkit ``UnitLM``: ``config.json`` with model_type ``speech_language_model`` and the base
     config nested under ``base_config``; weights prefixed ``lm.``; no tokenizer files. Units
     ``<Un0..499>`` start at len(base tokenizer): 151665 on Qwen2.5, 128256 on Llama-3.2; then
-    ``<speech>``, ``<text>``. Qwen2.5 (0.5B-3B) and Llama-3.2 bases are tied."""
-
+    ``<speech>``, ``<text>``. Qwen2.5 (0.5B-3B) and Llama-3.2 bases are tied. ``base`` is one of
+    ``SIMS_BASES``; ``base_name`` (default: the released base of that architecture) is what the
+    config says the base is; a base of another name has len(base tokenizer) rows before the resize."""
+    model_type, bos, eos, released_name, released_vocab = SIMS_BASES[base]
+    if base_name is None and released_name is None:
+        raise ValueError(f"no released SIMS on a {base} base: pass base_name=")
     d = Path(directory)
     n_text = len(AutoTokenizer.from_pretrained(str(base_tokenizer_dir)))
-    vocab = n_text + 502
-    base_cfg: Any
-    if base == "qwen2":
-        base_cfg = Qwen2Config(
-            vocab_size=151936,
-            tie_word_embeddings=True,
-            bos_token_id=151643,
-            eos_token_id=151643,
-            **_tiny_dims(**dims),
-        )
-        cls: Callable[..., Any] = Qwen2ForCausalLM
-        name = "Qwen/Qwen2.5-0.5B"
-    else:
-        base_cfg = LlamaConfig(
-            vocab_size=128256,
-            tie_word_embeddings=True,
-            bos_token_id=128000,
-            eos_token_id=128001,
-            **_tiny_dims(**dims),
-        )
-        cls = LlamaForCausalLM
-        name = "meta-llama/Llama-3.2-1B"
+    name = base_name or released_name
+    base_vocab = released_vocab if base_name is None and released_vocab else n_text
+    extra = {"head_dim": 8} if base == "qwen3" else {}  # Qwen3's default head_dim is 128
+    base_cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=base_vocab,
+        tie_word_embeddings=True,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        **_tiny_dims(**{**extra, **dims}),
+    )
     torch.manual_seed(seed)
-    lm = cls(base_cfg)
-    lm.resize_token_embeddings(vocab)
+    lm = AutoModelForCausalLM.from_config(base_cfg)
+    lm.resize_token_embeddings(n_text + 502)
     _randomize(lm, seed)
+    assert name is not None
+    return save_unit_lm(lm, d, name, base_vocab=base_vocab, sharded=sharded)
+
+
+def save_unit_lm(
+    lm: Any, directory: str | Path, base_name: str, *, base_vocab: int, sharded: bool = False
+) -> Path:
+    """Write any HF causal LM whose embedding was already resized to len(base tokenizer) + added
+    tokens in slamkit's ``UnitLM`` layout: ``config.json`` (``base_model_name``, the base config
+    as saved before the resize under ``base_config``, ``vocab_size`` = rows) and ``lm.``-prefixed
+    safetensors (one file, or two shards with an index); the tied ``lm_head`` is not stored."""
+    d = Path(directory)
+    rows = int(lm.get_input_embeddings().weight.shape[0])
     base_dict = lm.config.to_dict()
-    base_dict["vocab_size"] = (
-        base_cfg.vocab_size if base == "qwen2" else 128256
-    )  # as saved before resize
+    base_dict["vocab_size"] = base_vocab
+    base_dict["_name_or_path"] = base_name
+    tied = bool(lm.config.tie_word_embeddings)
     config = {
         "architectures": ["UnitLM"],
         "model_type": "speech_language_model",
-        "base_model_name": name,
+        "base_model_name": base_name,
         "base_config": base_dict,
-        "vocab_size": vocab,
+        "vocab_size": rows,
         "twist_init": True,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tied,
         "torch_dtype": "float32",
     }
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(config, indent=2))
     (d / "generation_config.json").write_text(json.dumps({"_from_model_config": True}, indent=2))
     state = {f"lm.{k}": v.contiguous() for k, v in lm.state_dict().items()}
-    if base_cfg.tie_word_embeddings:
+    if tied:
         state.pop("lm.lm_head.weight", None)
     _write_safetensors(state, d, shards=2 if sharded else 1)
     return d

@@ -186,6 +186,22 @@ def _byte_bpe(
     fast.save_pretrained(str(directory))
 
 
+def small_base_tokenizer(directory: Path, size: int = 1000, *, bos: bool = False) -> Path:
+    """A byte-level BPE base tokenizer of ``size`` ids (not a released length): the test words,
+    fillers, then ``<|endoftext|>`` (and ``<|begin_of_text|>`` as BOS when ``bos``) at the end."""
+    names = (["<|begin_of_text|>"] if bos else []) + ["<|endoftext|>"]
+    n_regular = size - len(names)
+    _byte_bpe(
+        directory,
+        n_regular,
+        {n_regular + j: n for j, n in enumerate(names)},
+        "<|begin_of_text|>" if bos else None,
+        "<|endoftext|>",
+        size,
+    )
+    return directory
+
+
 def qwen_base_tokenizer(directory: Path) -> Path:
     """Qwen2.5's tokenizer shape: 151643 regular ids, 22 specials up to 151664, no BOS (len 151665)."""
     names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{j}|>" for j in range(19)]
