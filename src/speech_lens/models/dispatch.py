@@ -112,7 +112,7 @@ def place_weights(
 
 
 def hook_devices(
-    model: torch.nn.Module,
+    model: Any,
     dmap: dict[str, Any],
     main_device: Any,
     folder: Path | None,

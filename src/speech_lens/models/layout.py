@@ -134,56 +134,13 @@ def build_layout(
     vocab = tokenizer.get_vocab()
     n_tok = len(tokenizer)
     at = f" in {where}" if where else ""
-
-    def block(name: str, u: UnitSpec, default_first: int | None) -> UnitBlock:
-        first_tok = u.pattern.format(k=0)
-        if first_tok not in vocab:
-            raise AdapterError(f"unit token {first_tok!r} is missing from the tokenizer{at}")
-        first = vocab[first_tok]
-        expected = u.first_id if u.first_id is not None else default_first
-        if expected is not None and first != expected:
-            raise AdapterError(
-                f"unit token {first_tok!r} has id {first}{at}; the {spec.name} spec says {expected}"
-            )
-        for k in range(u.count):
-            t = u.pattern.format(k=k)
-            if t not in vocab:
-                raise AdapterError(f"unit token {t!r} is missing from the tokenizer{at}")
-            if vocab[t] != first + k:
-                raise AdapterError(
-                    f"unit tokens are not contiguous{at}: {t!r} has id {vocab[t]}, expected {first + k}"
-                )
-        return UnitBlock(name, u.pattern, first, u.count, u.frame_rate, u.dedup)
-
     # first_id "after_text" is checkable only where we rebuilt the tokenizer ourselves
     after_text = n_text if spec.tokenizer_source == "base" else None
-    units = block("units", spec.units, after_text if spec.units.first_id is None else None)
-    prosody = {k: block(k, u, None) for k, u in spec.prosody.items()}
-
-    def token_ids(tokens: dict[str, TokenSpec], kind: str) -> tuple[dict[str, int], dict[str, str]]:
-        ids, strs = {}, {}
-        for name, t in tokens.items():
-            if t.token not in vocab:
-                if t.optional:
-                    continue
-                raise AdapterError(
-                    f"{kind} token {t.token!r} ({name}) is missing from the tokenizer{at}"
-                )
-            got = vocab[t.token]
-            want = (
-                t.id
-                if t.id is not None
-                else (units.first_id + t.offset if t.offset is not None else None)
-            )
-            if want is not None and got != want:
-                raise AdapterError(
-                    f"{kind} token {t.token!r} has id {got}{at}; the {spec.name} spec says {want}"
-                )
-            ids[name], strs[name] = got, t.token
-        return ids, strs
-
-    marker_ids, marker_tokens = token_ids(spec.markers, "marker")
-    control, _ = token_ids(spec.control, "control")
+    first = after_text if spec.units.first_id is None else None
+    units = unit_block("units", spec.units, first, vocab, spec.name, at)
+    prosody = {k: unit_block(k, u, None, vocab, spec.name, at) for k, u in spec.prosody.items()}
+    marker_ids, marker_tokens = token_ids(spec.markers, "marker", vocab, units, spec.name, at)
+    control, _ = token_ids(spec.control, "control", vocab, units, spec.name, at)
     for name in ("bos", "eos", "unk", "pad"):
         i = getattr(tokenizer, f"{name}_token_id", None)
         if (
@@ -220,3 +177,63 @@ def build_layout(
         marker_tokens=marker_tokens,
         control_ids=control,
     )
+
+
+def unit_block(
+    name: str,
+    u: UnitSpec,
+    default_first: int | None,
+    vocab: dict[str, int],
+    family: str,
+    at: str,
+) -> UnitBlock:
+    """A block of unit tokens: present, contiguous, and starting where the spec says."""
+    first_tok = u.pattern.format(k=0)
+    if first_tok not in vocab:
+        raise AdapterError(f"unit token {first_tok!r} is missing from the tokenizer{at}")
+    first = vocab[first_tok]
+    expected = u.first_id if u.first_id is not None else default_first
+    if expected is not None and first != expected:
+        raise AdapterError(
+            f"unit token {first_tok!r} has id {first}{at}; the {family} spec says {expected}"
+        )
+    for k in range(u.count):
+        t = u.pattern.format(k=k)
+        if t not in vocab:
+            raise AdapterError(f"unit token {t!r} is missing from the tokenizer{at}")
+        if vocab[t] != first + k:
+            raise AdapterError(
+                f"unit tokens are not contiguous{at}: {t!r} has id {vocab[t]}, expected {first + k}"
+            )
+    return UnitBlock(name, u.pattern, first, u.count, u.frame_rate, u.dedup)
+
+
+def token_ids(
+    tokens: dict[str, TokenSpec],
+    kind: str,
+    vocab: dict[str, int],
+    units: UnitBlock,
+    family: str,
+    at: str,
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Marker or control tokens by name: their ids (checked against the spec) and strings."""
+    ids, strs = {}, {}
+    for name, t in tokens.items():
+        if t.token not in vocab:
+            if t.optional:
+                continue
+            raise AdapterError(
+                f"{kind} token {t.token!r} ({name}) is missing from the tokenizer{at}"
+            )
+        got = vocab[t.token]
+        want = (
+            t.id
+            if t.id is not None
+            else (units.first_id + t.offset if t.offset is not None else None)
+        )
+        if want is not None and got != want:
+            raise AdapterError(
+                f"{kind} token {t.token!r} has id {got}{at}; the {family} spec says {want}"
+            )
+        ids[name], strs[name] = got, t.token
+    return ids, strs

@@ -126,6 +126,42 @@ class SpeechLM:
 # --------------------------------------------------------------------------------------------
 
 
+def check_placement_options(
+    device: Any, device_map: Any, max_memory: Any, offload_folder: Any, memory_budget_gb: Any
+) -> None:
+    """Refuse option combinations ``load_model`` cannot honour, naming them."""
+    if device_map is not None and device is not None:
+        raise AdapterError(
+            f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})"
+        )
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise AdapterError("max_memory= and offload_folder= need device_map= ('auto' or a dict)")
+    if device_map is not None and memory_budget_gb is not None:
+        raise AdapterError(
+            "with device_map=, give per-device budgets as max_memory=, not memory_budget_gb="
+        )
+
+
+def check_fits(
+    path: Path,
+    base_cfg: dict[str, Any],
+    dtype: torch.dtype,
+    seq_len: int,
+    device: Any,
+    memory_budget_gb: float | None,
+) -> None:
+    """Refuse, before any weight is read, a model whose lens run at ``seq_len`` needs more than
+    ``memory_budget_gb`` (default: the device's free memory)."""
+    est = estimate_memory(base_cfg, dtype, seq_len=seq_len)
+    budget = memory_budget_gb if memory_budget_gb is not None else free_memory_gb(device)
+    if budget is not None and est.total_gb > budget:
+        raise AdapterError(
+            f"{path} needs about {est.total_gb:.1f} GiB ({est}) but the budget is {budget:.1f} GiB; "
+            f"use a smaller dtype (dtype=torch.bfloat16), fewer positions, device_map='auto' "
+            f"with max_memory= to split it over devices, or a machine with more memory"
+        )
+
+
 def load_model(
     path: str | Path,
     *,
@@ -160,16 +196,7 @@ def load_model(
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"checkpoint {path} is not a directory")
-    if device_map is not None and device is not None:
-        raise AdapterError(
-            f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})"
-        )
-    if device_map is None and (max_memory is not None or offload_folder is not None):
-        raise AdapterError("max_memory= and offload_folder= need device_map= ('auto' or a dict)")
-    if device_map is not None and memory_budget_gb is not None:
-        raise AdapterError(
-            "with device_map=, give per-device budgets as max_memory=, not memory_budget_gb="
-        )
+    check_placement_options(device, device_map, max_memory, offload_folder, memory_budget_gb)
     dtype = dtype or torch.float32
     lora_base = lora_base_path(path)
     weights_dir = lora_base or path
@@ -193,14 +220,7 @@ def load_model(
     else:
         device = device if device is not None else "cpu"
         base_cfg = base_config_dict(config, the_spec, weights_dir)
-        est = estimate_memory(base_cfg, dtype, seq_len=seq_len)
-        budget = memory_budget_gb if memory_budget_gb is not None else free_memory_gb(device)
-        if budget is not None and est.total_gb > budget:
-            raise AdapterError(
-                f"{path} needs about {est.total_gb:.1f} GiB ({est}) but the budget is {budget:.1f} GiB; "
-                f"use a smaller dtype (dtype=torch.bfloat16), fewer positions, device_map='auto' "
-                f"with max_memory= to split it over devices, or a machine with more memory"
-            )
+        check_fits(path, base_cfg, dtype, seq_len, device, memory_budget_gb)
         hf = _load_hf_model(weights_dir, config, the_spec, dtype)
         if lora_base is not None:
             hf = merge_lora(hf, path)

@@ -109,43 +109,13 @@ class AdapterSpec:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> AdapterSpec:
         def need(d: dict[str, Any], key: str, where: str) -> Any:
-            if key not in d:
-                raise AdapterError(f"spec {source}: missing field {where}{key}")
-            return d[key]
+            return need_field(d, key, where, source)
 
         def unit_spec(d: dict[str, Any], where: str) -> UnitSpec:
-            pattern = need(d, "pattern", where)
-            if "{k}" not in pattern:
-                raise AdapterError(f"spec {source}: {where}pattern {pattern!r} must contain {{k}}")
-            first = need(d, "first_id", where)
-            if "first_id_by_model_type" in d:
-                raise AdapterError(
-                    f"spec {source}: {where}first_id_by_model_type is no longer read (unit ids "
-                    f"follow len(base tokenizer)); name released bases in {where}released_first_ids"
-                )
-            if first != "after_text" and not isinstance(first, int):
-                raise AdapterError(f"spec {source}: {where}first_id must be an int or 'after_text'")
-            return UnitSpec(
-                pattern=pattern,
-                count=int(need(d, "count", where)),
-                first_id=None if first == "after_text" else first,
-                frame_rate=float(need(d, "frame_rate", where)),
-                dedup=bool(d.get("dedup", True)),
-                released_first_ids=dict(d.get("released_first_ids", {})),
-            )
+            return parse_unit_spec(d, where, source)
 
         def tokens(d: dict[str, Any], where: str) -> dict[str, TokenSpec]:
-            out = {}
-            for name, t in d.items():
-                if isinstance(t, str):
-                    t = {"token": t}
-                out[name] = TokenSpec(
-                    token=need(t, "token", f"{where}{name}."),
-                    id=t.get("id"),
-                    offset=t.get("offset"),
-                    optional=bool(t.get("optional", False)),
-                )
-            return out
+            return parse_tokens(d, where, source)
 
         det = raw.get("detect", {})
         tok = raw.get("tokenizer", {})
@@ -181,6 +151,51 @@ class AdapterSpec:
             nested_config=w.get("nested_config"),
             source=source,
         )
+
+
+def need_field(d: dict[str, Any], key: str, where: str, source: str) -> Any:
+    """``d[key]``, or an error naming the spec file and the field."""
+    if key not in d:
+        raise AdapterError(f"spec {source}: missing field {where}{key}")
+    return d[key]
+
+
+def parse_unit_spec(d: dict[str, Any], where: str, source: str) -> UnitSpec:
+    """A ``[units]`` / ``[prosody.*]`` table."""
+    pattern = need_field(d, "pattern", where, source)
+    if "{k}" not in pattern:
+        raise AdapterError(f"spec {source}: {where}pattern {pattern!r} must contain {{k}}")
+    first = need_field(d, "first_id", where, source)
+    if "first_id_by_model_type" in d:
+        raise AdapterError(
+            f"spec {source}: {where}first_id_by_model_type is no longer read (unit ids "
+            f"follow len(base tokenizer)); name released bases in {where}released_first_ids"
+        )
+    if first != "after_text" and not isinstance(first, int):
+        raise AdapterError(f"spec {source}: {where}first_id must be an int or 'after_text'")
+    return UnitSpec(
+        pattern=pattern,
+        count=int(need_field(d, "count", where, source)),
+        first_id=None if first == "after_text" else first,
+        frame_rate=float(need_field(d, "frame_rate", where, source)),
+        dedup=bool(d.get("dedup", True)),
+        released_first_ids=dict(d.get("released_first_ids", {})),
+    )
+
+
+def parse_tokens(d: dict[str, Any], where: str, source: str) -> dict[str, TokenSpec]:
+    """A ``[markers]`` / ``[control]`` table: a token string or ``{token, id|offset, optional}``."""
+    out = {}
+    for name, t in d.items():
+        if isinstance(t, str):
+            t = {"token": t}
+        out[name] = TokenSpec(
+            token=need_field(t, "token", f"{where}{name}.", source),
+            id=t.get("id"),
+            offset=t.get("offset"),
+            optional=bool(t.get("optional", False)),
+        )
+    return out
 
 
 def family_dirs() -> list[Path]:
