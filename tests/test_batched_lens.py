@@ -22,7 +22,7 @@ from speech_lens.data.encoded import SPEECH
 from speech_lens.data.prompts import encode_prompt
 from speech_lens.data.word_targets import word_targets
 from speech_lens.lens.logit import logit_lens, logit_lens_batch, word_lens, word_lens_batch
-from speech_lens.lens.metrics import utterance_record
+from speech_lens.lens.records import utterance_record
 from speech_lens.lens.tuned import TunedLens
 from speech_lens.runs.lens import PARTIAL, run_dataset
 from speech_lens.runs.lens_settings import LensRunConfig

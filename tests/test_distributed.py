@@ -250,7 +250,7 @@ def test_bf16_load_keeps_lens_reductions_in_fp32(tiny_checkpoint, tiny_model):
     )
     a = logit_lens(fp32, tokens, k=5)
     b = logit_lens(bf16, tokens, k=5)
-    # reductions (log-softmax, masses, top-k) run in fp32 on the bf16 logits
+    # the readout (final norm + unembedding) and its reductions run in fp32 (test_readout.py)
     assert b.topk_logprobs.dtype == torch.float32 and b.mass.dtype == torch.float32
     assert torch.isfinite(b.topk_logprobs).all()
     # text, speech (units + prosody), marker, other partition the vocabulary

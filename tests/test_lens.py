@@ -108,8 +108,9 @@ def test_last_row_is_the_models_logits(family, tiny_model):
     torch.testing.assert_close(res.topk_ids_all[-1], i)
     nxt = toks[1:]
     assert res.target_ranks is not None
+    # ties count against the target: every other id with a log-prob >= the target's is above it
     torch.testing.assert_close(
-        res.target_ranks[-1, :-1, 0], (lp[:-1] > lp[:-1].gather(-1, nxt[:, None])).sum(-1)
+        res.target_ranks[-1, :-1, 0], (lp[:-1] >= lp[:-1].gather(-1, nxt[:, None])).sum(-1) - 1
     )
     assert int(res.target_ranks[-1, -1, 0]) == -1  # no next token after the last one
 
@@ -285,5 +286,6 @@ def test_word_pooling_matches_max_over_unit_positions(family, tiny_model):
             pooled = logits[span.start : span.end].amax(0).masked_fill(~text, float("-inf"))
             torch.testing.assert_close(res.words.topk_ids[row, j], pooled.topk(5).indices)
             for tid in {*targets[j].spaced, *targets[j].bare}:
-                expect = int((pooled > pooled[tid]).sum())
+                # other text ids with a pooled logit >= the candidate's (ties against it)
+                expect = int((pooled >= pooled[tid]).sum()) - int(text[tid])
                 assert int(res.words.rank_of(j, [tid])[row]) == expect

@@ -10,15 +10,9 @@ import pytest
 import torch
 
 from speech_lens.data.encoded import MARKER, SPEECH, EncodedPrompt, WordSpan, WordTarget
-from speech_lens.lens.metrics import (
-    MATCH_RULES,
-    DatasetMetrics,
-    aggregate,
-    match_ids,
-    utterance_record,
-    word_recall,
-)
+from speech_lens.lens.metrics import DatasetMetrics, aggregate, word_recall
 from speech_lens.lens.readout import LensBuffer, Readout
+from speech_lens.lens.records import MATCH_RULES, match_ids, utterance_record
 from speech_lens.lens.results import LensResult, WordLensResult
 from speech_lens.lens.tables import layer_table, word_table
 from speech_lens.vocab import UnitBlock, VocabLayout
@@ -119,10 +113,11 @@ def test_word_pooling_by_hand(chunk_size):
     assert w.topk_ids[0, 1, :2].tolist() == [2, 4]
     assert w.topk_ids[1, 0].tolist() == [0, 3, 1]
     assert w.topk_ids[0, 2, 0].item() == 4
-    # ranks (number of text ids with a higher pooled logit)
+    # ranks: the number of other text ids with a pooled logit >= (ties count against the target)
     assert w.rank_of(0, [0]).tolist() == [2, 0]  # "the": third at row 0, first at row 1
-    assert w.rank_of(1, [1]).tolist() == [2, 2]  # id 1 pooled at 0 for "cat": ids 2, 4 above
-    assert w.rank_of(1, [3]).tolist() == [2, 2]
+    # id 1 pooled at 0 for "cat" [0, 0, 5, 0, 1]: ids 2, 4 above, ids 0, 3 tied with it
+    assert w.rank_of(1, [1]).tolist() == [4, 4]
+    assert w.rank_of(1, [3]).tolist() == [4, 4]
     assert w.rank_of(1, [2]).tolist() == [0, 0]
     # next word "cat" {1, 3} from "the": id 3 on top at row 0, behind id 0 at row 1
     assert w.rank_of(0, [1, 3]).tolist() == [0, 1]
@@ -133,10 +128,11 @@ def test_recall_and_match_rules_by_hand():
     # current word, rule "first" (ids {spaced[0], bare[0]}):
     #   the {0}: ranks 2 / 0; cat {1, 3}: 2 / 2; sat {4, 2}: 0 / 0
     np.testing.assert_allclose(word_recall(res, 1), [1 / 3, 2 / 3])
-    np.testing.assert_allclose(word_recall(res, 3), [1.0, 1.0])
+    # cat {1, 3} ranks 4: pooled at 0, tied with two other text ids, so not in the top 3
+    np.testing.assert_allclose(word_recall(res, 3), [2 / 3, 2 / 3])
     # rule "any" lets cat's second sub-token (id 2, pooled top-1) count
     np.testing.assert_allclose(word_recall(res, 1, match="any"), [2 / 3, 1.0])
-    # "first-bare" for sat is id 2: rank 1 in "sat" pooled [0, 0, 0, 0, 2] (id 4 above it)
+    # "first-bare" for sat is id 2: rank 4 in "sat" pooled [0, 0, 0, 0, 2] (id 4 above, 3 tied)
     np.testing.assert_allclose(word_recall(res, 1, match="first-bare"), [0, 1 / 3])
     # next word: the -> cat {1, 3}: ranks 0 / 1; cat -> sat {4, 2}: id 2 rank 0 / 0
     np.testing.assert_allclose(word_recall(res, 1, which="next"), [1.0, 0.5])
@@ -160,7 +156,7 @@ def test_record_masses_and_aggregate_by_hand():
     res = _hand_result(2)
     rec = utterance_record(res, _prompt(), LAYOUT)
     assert rec.n_speech_positions == 5
-    assert rec.ranks["first"]["current"] == [[2, 0], [2, 2], [0, 0]]
+    assert rec.ranks["first"]["current"] == [[2, 0], [4, 4], [0, 0]]
     assert rec.ranks["first"]["next"] == [[0, 1], [0, 0], [-1, -1]]
 
     # unit mass at speech positions, row 0, by hand from the softmax of each row

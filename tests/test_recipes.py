@@ -16,7 +16,8 @@ from speech_lens.data.encoded import SPEECH
 from speech_lens.data.manifest import write_manifest
 from speech_lens.data.prompts import encode_prompt
 from speech_lens.lens.logit import word_lens
-from speech_lens.lens.metrics import DatasetMetrics, aggregate, utterance_record
+from speech_lens.lens.metrics import DatasetMetrics, aggregate
+from speech_lens.lens.records import utterance_record
 from speech_lens.lens.registry import (
     SpeechPositionMetric,
     register_lens_metric,

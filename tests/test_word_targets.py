@@ -13,7 +13,7 @@ from speech_lens.data.word_targets import (
     word_piece_ids,
     word_targets,
 )
-from speech_lens.lens.metrics import MATCH_RULES, match_ids
+from speech_lens.lens.records import MATCH_RULES, match_ids
 from speech_lens.patching.metrics import word_token_ids
 from speech_lens.runs.lens import run_dataset
 from speech_lens.runs.lens_settings import LensRunConfig

@@ -15,3 +15,9 @@ SPAN_DEFAULTS: dict[str, dict[str, float | None]] = {
     "spiritlm": {"span_mean": 5.0, "speech_fraction": None},
     "alternate": {"span_mean": 1.0, "speech_fraction": None},
 }
+
+# What the lens does with a spoken word that has no unit position (a short word between two unit
+# ends): "skip" leaves it out of Recall@k and counts it, "miss" scores it as a miss at every layer
+# (and its next-word prediction too), "error" refuses the utterance, naming the word.
+ZERO_UNIT_WORDS = ("skip", "miss", "error")
+DEFAULT_ZERO_UNIT_WORDS = "skip"

@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=int(os.environ.get("WORLD_SIZE", "1")),
                 help="ranks to plan for with --dry-run (default: $WORLD_SIZE or 1)",
             )
+        if name != "tuned-lens":
+            s.add_argument(
+                "--zero-unit-words",
+                default="skip",
+                choices=["skip", "miss", "error"],
+                help="spoken words with no unit position (as speech-lens lens)",
+            )
         if name == "lens":
             s.add_argument("--restart", action="store_true", help="discard finished shards")
             s.add_argument("--no-guard", action="store_true", help="skip the NaN/inf checks")

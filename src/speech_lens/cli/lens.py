@@ -82,5 +82,12 @@ def add_lens(sub: Any) -> None:
         "--memory-budget", type=float, help="GiB for --batch-size auto (default: free memory)"
     )
     p.add_argument("--padding-side", choices=("right", "left"), default="right")
+    p.add_argument(
+        "--zero-unit-words",
+        choices=("skip", "miss", "error"),
+        default="skip",
+        help="spoken words with no unit position: leave out of Recall@k and count them (skip), "
+        "score them as misses (miss), or stop with an error naming the word (error)",
+    )
     add_dry_run(p)
     p.set_defaults(func=go)

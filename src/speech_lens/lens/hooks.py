@@ -8,7 +8,10 @@ and unembedding in position chunks and reduces each ``[chunk, vocab]`` block bef
 is made, so nothing of size ``[layers, pos, vocab]`` (or even ``[pos, vocab]``) is ever held.
 
 Rows: row ``i < n_layers`` reads ``blocks.i.hook_resid_pre`` (row 0 = the embeddings); row
-``n_layers`` reads the model's own logits at ``hook_unembed``, so it equals the model's output.
+``n_layers`` is the model's output: its own logits at ``hook_unembed`` for a float32 model; for a
+bf16 / fp16 model the last block's ``hook_resid_post`` read out in float32 like every other row
+(the readout is always float32: :mod:`speech_lens.readout`). Ranks count ties against the
+target (``readout.TIE_RULE``).
 A buffer may hold a subset of the rows (``LensBuffer.layers``); hooks go only there.
 
 Batches: :func:`batch_lens_hooks` fills one buffer per sequence of a padded batch. Each row's
@@ -27,7 +30,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from speech_lens._tl import HookFn, resid_pre_name, unembed_name
+from speech_lens._tl import HookFn, resid_post_name, resid_pre_name, unembed_name
+from speech_lens.lens.numerics import at_least_float32, readout_norm, readout_unembed
 from speech_lens.lens.readout import HiddenTransform, LensBuffer, Readout, chunk_len, stream_rows
 
 
@@ -68,21 +72,23 @@ def resid_hook(
     chunk: int,
     last: bool = False,
 ) -> HookFn:
-    """Hook for ``blocks.{layer}.hook_resid_pre``: lens -> final norm -> unembed -> reduce, for
-    every sequence of the batch at once. ``last``: stop the forward pass afterwards."""
+    """Hook for ``blocks.{layer}.hook_resid_pre`` (or the last block's ``hook_resid_post`` for
+    the output row): lens -> final norm -> unembed, in float32, -> reduce, for every sequence of
+    the batch at once. ``last``: stop the forward pass afterwards."""
     row = buffers[0].row_of(layer)
 
     def hook(act: Tensor, *, hook: Any) -> None:
         with torch.no_grad():
-            h = index.gather(act)  # the batch's activation is read once, for every row
+            # the batch's activation is read once, for every row; float32 from here on
+            h = at_least_float32(index.gather(act))
             if lens is not None:
                 h = lens.transform_hidden(h, layer)
-            normed = readout.norm(h)
+            normed = readout_norm(readout.norm, h)
             del h
             stream_rows(
                 buffers,
                 row,
-                lambda ix: readout.unembed(normed[ix.to(normed.device)]),
+                lambda ix: readout_unembed(readout.unembed, normed[ix.to(normed.device)]),
                 readout,
                 chunk,
             )
@@ -140,8 +146,11 @@ def batch_lens_hooks(
         for i in layers
         if i < n
     ]
-    if n in layers:
+    if n in layers and readout.native_float32:
         hooks.append((unembed_name(), logits_hook(buffers, index, readout, chunk=chunk)))
+    elif n in layers:  # a low-precision model's logits: read its final residual in float32
+        out = resid_hook(buffers, index, readout, n, None, chunk=chunk)
+        hooks.append((resid_post_name(n - 1), out))
     return hooks
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from speech_lens._tl import final_norm_and_unembed, resid_post_name, resid_pre_name
+from speech_lens.lens.numerics import readout_logits
 from speech_lens.lens.train_data import TrainError, pad_right
 from speech_lens.lens.tuned import TunedLens, unembed_weight
 from speech_lens.models.load import SpeechLM
@@ -48,7 +49,7 @@ class FinalDist:
         probs = torch.empty(n, vocab, device=h.device)
         plogp = torch.empty(n, device=h.device)
         for s in range(0, n, chunk):
-            logp = unembed(norm(h[s : s + chunk])).float().log_softmax(-1)
+            logp = readout_logits(norm, unembed, h[s : s + chunk]).log_softmax(-1)
             p = torch.exp(logp, out=probs[s : s + chunk])
             plogp[s : s + chunk] = torch.einsum("nv,nv->n", p, logp)
         return cls(probs, plogp, probs.sum(-1))
@@ -117,7 +118,7 @@ def kl_sum(
     """Σ over positions of KL(p_final ‖ lens_layer(h)); ``lens=None`` is the logit lens."""
     if lens is None:
         norm, unembed = final_norm_and_unembed(model.bridge)
-        logits = unembed(norm(h))
+        logits = readout_logits(norm, unembed, h)
     else:
         logits = lens(h, layer)
     logits = logits.float()

@@ -23,6 +23,7 @@ from speech_lens.data.word_targets import word_targets
 from speech_lens.lens.hooks import LensComplete, batch_lens_hooks
 from speech_lens.lens.readout import HiddenTransform, LensBuffer, Readout
 from speech_lens.lens.results import LensResult, WordLensResult
+from speech_lens.options import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS
 
 
 def _as_sequence(tokens: Tensor | Sequence[int], what: str = "tokens") -> Int[Tensor, " seq"]:
@@ -212,6 +213,26 @@ def logit_lens(
 WORD_POSITIONS = ("all", "speech")
 
 
+def _word_units(prompt: EncodedPrompt, zero_unit_words: str) -> tuple[list[Any], list[int]]:
+    """``(span, unit positions)`` of each spoken word that has units, and the indices of those
+    that have none (refused under ``zero_unit_words="error"``)."""
+    pooled: list[Any] = []
+    without: list[int] = []
+    for s in prompt.speech_spans():
+        units = [p for p in s.positions if prompt.kind[p] == SPEECH]
+        if units:
+            pooled.append((s, units))
+            continue
+        if zero_unit_words == "error":
+            raise ValueError(
+                f"utterance {prompt.utterance_id}: spoken word {s.index} ({s.text!r}) has no "
+                f"unit position (no unit's reference time falls inside the word; prompt "
+                f"position {s.start}); --zero-unit-words skip or miss scores such words"
+            )
+        without.append(s.index)
+    return pooled, without
+
+
 def _word_buffer(
     model: Any,
     prompt: EncodedPrompt,
@@ -220,6 +241,7 @@ def _word_buffer(
     rows: tuple[int, ...],
     positions: str,
     chunk_size: int | None,
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> tuple[LensBuffer, tuple[Any, ...]]:
     if targets is None:
         targets = word_targets(model, prompt.words)
@@ -230,33 +252,15 @@ def _word_buffer(
             f"{len(prompt.words)} words"
         )
     seq = _as_sequence(prompt.tokens, f"utterance {prompt.utterance_id}: tokens")
-    spans = list(prompt.speech_spans())
-    word_pos: list[Tensor] = []
-    idx: list[int] = []
-    cur: list[WordTarget] = []
-    nxt: list[WordTarget | None] = []
+    pooled, without = _word_units(prompt, zero_unit_words)
+    cur = [targets[s.index] for s, _ in pooled]
+    nxt = [targets[s.index + 1] if s.index + 1 < len(targets) else None for s, _ in pooled]
     cand_ids: list[int] = []
     cand_word: list[int] = []
-    for s in spans:
-        units = [p for p in s.positions if prompt.kind[p] == SPEECH]
-        if not units:
-            raise ValueError(
-                f"utterance {prompt.utterance_id}: spoken word {s.index} ({s.text!r}) has no "
-                f"unit positions in {s.start}..{s.end - 1}"
-            )
-        j = len(word_pos)
-        word_pos.append(torch.tensor(units, dtype=torch.long))
-        idx.append(s.index)
-        c = targets[s.index]
-        n = targets[s.index + 1] if s.index + 1 < len(targets) else None
-        cur.append(c)
-        nxt.append(n)
-        ids = {*c.spaced, *c.bare}
-        if n is not None:
-            ids |= {*n.spaced, *n.bare}
-        for i in sorted(ids):
-            cand_ids.append(i)
-            cand_word.append(j)
+    for j, (c, n) in enumerate(zip(cur, nxt, strict=True)):
+        ids = {*c.spaced, *c.bare} | (set() if n is None else {*n.spaced, *n.bare})
+        cand_ids.extend(sorted(ids))
+        cand_word.extend([j] * len(ids))
     if positions == "all":
         pos = torch.arange(seq.shape[0])
     else:
@@ -267,13 +271,21 @@ def _word_buffer(
         n_rows=len(rows),
         positions=pos,
         k=k,
-        word_positions=word_pos,
+        word_positions=[torch.tensor(u, dtype=torch.long) for _, u in pooled],
         cand_ids=torch.tensor(cand_ids, dtype=torch.long),
         cand_word=torch.tensor(cand_word, dtype=torch.long),
         chunk_size=chunk_size,
         layers=rows,
     )
-    return buffer, (tuple(idx), tuple(s.text for s in spans), tuple(cur), tuple(nxt))
+    meta = (
+        tuple(s.index for s, _ in pooled),
+        tuple(s.text for s, _ in pooled),
+        tuple(cur),
+        tuple(nxt),
+        tuple(without),
+        len(targets),
+    )
+    return buffer, meta
 
 
 def word_lens_batch(
@@ -289,6 +301,7 @@ def word_lens_batch(
     padding_side: str = "right",
     fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
     stop_early: bool = True,
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> list[LensResult]:
     """:func:`word_lens` on several prompts of any lengths in one padded forward pass.
 
@@ -296,19 +309,21 @@ def word_lens_batch(
     ``positions``: ``"all"``, or ``"speech"`` to unembed only the unit positions (what word
     pooling and :func:`speech_lens.metrics.utterance_record` read; the per-position arrays then
     cover those positions only). ``layers``, ``padding_side``, ``stop_early``: as in
-    :func:`logit_lens_batch`.
+    :func:`logit_lens_batch`; ``zero_unit_words``: as in :func:`word_lens`.
     """
     if not prompts:
         raise ValueError("word_lens_batch: no prompts")
     if positions not in WORD_POSITIONS:
         raise ValueError(f"positions={positions!r}: one of {WORD_POSITIONS}")
+    if zero_unit_words not in ZERO_UNIT_WORDS:
+        raise ValueError(f"zero_unit_words={zero_unit_words!r}: one of {ZERO_UNIT_WORDS}")
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding side {padding_side!r}: one of {PADDING_SIDES}")
     kk = _check_k(k, model)
     rows = _layers(layers, model.n_layers)
     tg = _per_sequence(targets, len(prompts), "targets")
     made = [
-        _word_buffer(model, p, t, kk, rows, positions, chunk_size)
+        _word_buffer(model, p, t, kk, rows, positions, chunk_size, zero_unit_words)
         for p, t in zip(prompts, tg, strict=True)
     ]
     buffers = [b for b, _ in made]
@@ -333,6 +348,7 @@ def word_lens(
     chunk_size: int | None = None,
     fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
     stop_early: bool = True,
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> LensResult:
     """``logit_lens`` over the positions of ``prompt`` plus the pooled readout of its spoken words.
 
@@ -342,6 +358,15 @@ def word_lens(
     word and of the next word (spaced and bare forms) is ranked, so every matching rule in
     ``metrics.MATCH_RULES`` can be scored from the result. ``positions="speech"`` reads only
     the unit positions (enough for the word readout and the per-utterance record).
+
+    A word's units are those :func:`~speech_lens.prompts.encode_prompt` assigned to it: under
+    the default ``unit_rule="end"`` the units whose end time ``t`` lies in ``(start, end]``
+    (within ``data.TIME_EPS``). So a unit ending exactly on a word's end belongs to that word,
+    and a unit ending exactly on a word's start belongs to the word before. A short word may
+    get no unit at all (no unit ends inside it): ``zero_unit_words="skip"`` (default) or
+    ``"miss"`` leave it out of the pooled readout and list it in ``words.no_unit_words`` (the
+    metrics then leave it out of Recall@k, or count it as a miss); ``"error"`` raises,
+    naming the utterance and the word.
     """
     return word_lens_batch(
         model,
@@ -354,6 +379,7 @@ def word_lens(
         chunk_size=chunk_size,
         fwd_hooks=fwd_hooks,
         stop_early=stop_early,
+        zero_unit_words=zero_unit_words,
     )[0]
 
 

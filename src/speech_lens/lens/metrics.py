@@ -12,6 +12,10 @@ if either is in the top k [default]; ``first-spaced`` / ``first-bare``: only tha
 (``prompts.word_piece_ids``). SentencePiece families write the bare form with the dummy prefix,
 so ``first`` has one candidate there and two on byte-level BPE: across them compare
 ``first-spaced``.
+
+Ranks count ties against the target (``readout.TIE_RULE``). A spoken word with no unit position
+is recorded (``UtteranceRecord.words_without_units``) and, by the ``zero_unit_words`` policy of
+:func:`aggregate`, left out of Recall@k (``skip``) or scored as a miss (``miss``).
 """
 
 from __future__ import annotations
@@ -22,152 +26,58 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
-from speech_lens.data.encoded import SPEECH, EncodedPrompt, WordTarget
-from speech_lens.lens.registry import LENS_METRICS, MASS_METRICS, UNIT_TOP1
+from speech_lens.lens.records import (
+    DEFAULT_MATCH,
+    MATCH_RULES,
+    UtteranceRecord,
+    match_ids,
+)
+from speech_lens.lens.registry import LENS_METRICS, MASS_METRICS
 from speech_lens.lens.results import LensResult
-from speech_lens.vocab import VocabLayout
-
-MATCH_RULES = ("first", "first-spaced", "first-bare", "any")
-DEFAULT_MATCH = "first"
-
-
-def match_ids(target: WordTarget, rule: str = DEFAULT_MATCH) -> tuple[int, ...]:
-    """The token ids that count as a hit for ``target`` under ``rule``."""
-    if rule == "first":
-        ids = [*target.spaced[:1], *target.bare[:1]]
-    elif rule == "first-spaced":
-        ids = list(target.spaced[:1])
-    elif rule == "first-bare":
-        ids = list(target.bare[:1])
-    elif rule == "any":
-        ids = [*target.spaced, *target.bare]
-    else:
-        raise ValueError(f"unknown match rule {rule!r}; one of {MATCH_RULES}")
-    if not ids:
-        raise ValueError(f"word {target.word!r} has no tokens under match rule {rule!r}")
-    return tuple(dict.fromkeys(ids))
-
+from speech_lens.options import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS
 
 # ------------------------------------------------------------------------------------------------
 # one utterance
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class UtteranceRecord:
-    """Everything the dataset metrics need from one utterance; JSON-serialisable.
-
-    ``ranks[rule]["current" | "next"][j][row]``: pooled text rank of spoken word ``j`` under
-    ``rule`` (0 = top-1; -1 for "next" of the utterance's last word). ``top_ids[j][row]``: the
-    pooled top-k text ids. ``mass_sums[group][row]``: probability mass summed over the speech
-    (unit) positions; ``unit_top1[row]``: how many of them have a speech unit as top-1 overall.
-    """
-
-    utterance_id: str
-    n_layers: int
-    words: list[str]
-    word_index: list[int]
-    next_words: list[str]
-    ranks: dict[str, dict[str, list[list[int]]]]
-    top_ids: list[list[list[int]]]
-    mass_sums: dict[str, list[float]]
-    unit_top1: list[int]
-    n_speech_positions: int
-    # registered (non-built-in) speech-position metrics: name -> row sums (lens/registry.py)
-    position_sums: dict[str, list[float]] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not d["position_sums"]:
-            del d["position_sums"]  # the record format without registered metrics is unchanged
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> UtteranceRecord:
-        return cls(**d)
-
-    def rank_array(self, rule: str, which: str) -> np.ndarray:
-        """``[row, word]`` ranks (-1 = no target)."""
-        r = self.ranks[rule][which]
-        if not r:
-            return np.zeros((self.n_layers + 1, 0), dtype=np.int64)
-        return np.asarray(r, dtype=np.int64).T
+def check_policy(zero_unit_words: str) -> None:
+    if zero_unit_words not in ZERO_UNIT_WORDS:
+        raise ValueError(f"zero_unit_words={zero_unit_words!r}: one of {ZERO_UNIT_WORDS}")
 
 
-def utterance_record(
-    result: LensResult, prompt: EncodedPrompt, layout: VocabLayout
-) -> UtteranceRecord:
-    """Reduce a ``word_lens`` result on ``prompt`` to an :class:`UtteranceRecord`."""
-    w = result.words
-    if w is None:
-        raise ValueError(
-            f"utterance {prompt.utterance_id}: the lens result has no word readout (use word_lens)"
-        )
-    if result.layers is not None:
-        raise ValueError(f"utterance {prompt.utterance_id}: the lens must read every layer")
-    # only unit positions are read here, so a lens restricted to them (positions="speech") will do
-    speech = prompt.positions_of(SPEECH)
-    col = torch.searchsorted(result.positions, speech).clamp(max=len(result.positions) - 1)
-    if not torch.equal(result.positions[col], speech):
-        raise ValueError(f"utterance {prompt.utterance_id}: the lens must read every unit position")
-    ranks: dict[str, dict[str, list[list[int]]]] = {}
-    for rule in MATCH_RULES:
-        cur = [w.rank_of(j, match_ids(t, rule)).tolist() for j, t in enumerate(w.current)]
-        nxt = [
-            w.rank_of(j, match_ids(t, rule)).tolist() if t is not None else [-1] * result.n_rows
-            for j, t in enumerate(w.next)
-        ]
-        ranks[rule] = {"current": cur, "next": nxt}
-    sums, unit_top1, others = position_sums(result, col, layout)
-    return UtteranceRecord(
-        utterance_id=prompt.utterance_id,
-        n_layers=result.n_layers,
-        words=list(w.words),
-        word_index=list(w.word_index),
-        next_words=[t.word if t is not None else "" for t in w.next],
-        ranks=ranks,
-        top_ids=[w.topk_ids[:, j].tolist() for j in range(len(w))],
-        mass_sums=sums,
-        unit_top1=unit_top1,
-        n_speech_positions=int(speech.numel()),
-        position_sums=others,
-    )
-
-
-def position_sums(
-    result: LensResult, columns: torch.Tensor, layout: VocabLayout
-) -> tuple[dict[str, list[float]], list[int], dict[str, list[float]]]:
-    """Every registered speech-position metric summed over the speech positions, per row:
-    (group masses, unit top-1 counts, other metrics by name)."""
-    masses: dict[str, list[float]] = {}
-    unit_top1: list[int] = []
-    others: dict[str, list[float]] = {}
-    for name, metric in LENS_METRICS.items():
-        values = metric.values(result, columns, layout)  # [row, n_speech]
-        if name == UNIT_TOP1:
-            unit_top1 = [int(x) for x in values.sum(1).tolist()]
-        elif name in MASS_METRICS:
-            masses[MASS_METRICS[name]] = values.double().sum(1).tolist()
-        else:
-            others[name] = values.double().sum(1).tolist()
-    return masses, unit_top1, others
+def scored_without_units(
+    no_unit: Sequence[int], n_words: int, which: str, zero_unit_words: str
+) -> int:
+    """Words with no unit position that Recall@k counts (as misses): none under ``skip``."""
+    if zero_unit_words != "miss":
+        return 0
+    return sum(1 for i in no_unit if which == "current" or i + 1 < n_words)
 
 
 def word_recall(
-    result: LensResult, k: int, *, match: str = DEFAULT_MATCH, which: str = "current"
+    result: LensResult,
+    k: int,
+    *,
+    match: str = DEFAULT_MATCH,
+    which: str = "current",
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> np.ndarray:
-    """Recall@k per row for one ``word_lens`` result (NaN rows where there is no word)."""
+    """Recall@k per row for one ``word_lens`` result (NaN rows where there is no word).
+
+    Words with no unit position are left out (``skip``) or count as misses (``miss``)."""
+    check_policy(zero_unit_words)
     w = result.words
     if w is None:
         raise ValueError("word_recall needs a word_lens result")
     targets = w.current if which == "current" else w.next
     cols = [w.rank_of(j, match_ids(t, match)).numpy() for j, t in enumerate(targets) if t]
-    if not cols:
+    misses = scored_without_units(w.no_unit_words, w.n_utterance_words, which, zero_unit_words)
+    if not cols and not misses:
         return np.full(result.n_rows, np.nan)
-    r = np.stack(cols, axis=1)
-    return (r < k).mean(axis=1)
+    hits = (np.stack(cols, axis=1) < k).sum(axis=1) if cols else np.zeros(result.n_rows)
+    return hits / (len(cols) + misses)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,7 +103,7 @@ class DatasetMetrics:
     match: str
     ks: list[int]
     n_utterances: int
-    n_words: int
+    n_words: int  # scored in Recall@k (under "miss" with the words that have no unit)
     n_next_words: int
     n_speech_positions: int
     recall_current: dict[int, Curve]
@@ -205,6 +115,8 @@ class DatasetMetrics:
     seed: int
     bootstrap_unit: str = "utterance"
     extra: dict[str, Any] = field(default_factory=dict)
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS  # the policy applied (see ZERO_UNIT_WORDS)
+    n_words_without_units: int = 0  # spoken words with no unit position (skipped or missed)
     # registered (non-built-in) speech-position metrics by name (lens/registry.py)
     curves: dict[str, Curve] = field(default_factory=dict)
 
@@ -264,14 +176,18 @@ def aggregate(
     seed: int = 0,
     ci: float = 0.95,
     label: str = "",
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> DatasetMetrics:
     """Per-layer Recall@k (current, next word) and modality mass with utterance-bootstrap CIs.
 
     Recall is hits over all words pooled (micro average); mass is averaged over all speech
     positions. Each bootstrap replicate redraws utterances with replacement (``seed``).
+    Spoken words with no unit position are counted (``n_words_without_units``) and left out of
+    Recall@k (``zero_unit_words="skip"``) or scored as misses, current and next word (``"miss"``).
     """
     if match not in MATCH_RULES:
         raise ValueError(f"unknown match rule {match!r}; one of {MATCH_RULES}")
+    check_policy(zero_unit_words)
     if not records:
         raise ValueError("aggregate: no utterance records")
     n_layers = records[0].n_layers
@@ -288,8 +204,12 @@ def aggregate(
     rn: dict[int, Curve] = {}
     n_words = n_next = 0
     for k in ks:
-        rc[k], n_words = recall_curve(records, match, "current", int(k), weights, alpha)
-        rn[k], n_next = recall_curve(records, match, "next", int(k), weights, alpha)
+        rc[k], n_words = recall_curve(
+            records, match, "current", int(k), weights, alpha, zero_unit_words
+        )
+        rn[k], n_next = recall_curve(
+            records, match, "next", int(k), weights, alpha, zero_unit_words
+        )
     npos = np.array([r.n_speech_positions for r in records], dtype=np.float64)
     mass, top1, curves = position_curves(records, npos, weights, alpha)
     return DatasetMetrics(
@@ -308,6 +228,8 @@ def aggregate(
         ci=ci,
         n_boot=n_boot,
         seed=seed,
+        zero_unit_words=zero_unit_words,
+        n_words_without_units=sum(len(r.words_without_units) for r in records),
         curves=curves,
     )
 
@@ -324,8 +246,10 @@ def recall_curve(
     k: int,
     weights: np.ndarray,
     alpha: float,
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
 ) -> tuple[Curve, int]:
-    """Recall@k of the ``which`` word (hits over all words pooled) and the number of words."""
+    """Recall@k of the ``which`` word (hits over all words pooled) and the number of words
+    scored (with the words that have no unit position under ``"miss"``)."""
     u, rows = len(records), records[0].n_layers + 1
     hits = np.zeros((u, rows))
     count = np.zeros(u)
@@ -334,6 +258,8 @@ def recall_curve(
         valid = a >= 0
         hits[i] = ((a < k) & valid).sum(1)
         count[i] = valid[0].sum() if a.shape[1] else 0
+        n = r.n_utterance_words or len(r.words) + len(r.words_without_units)
+        count[i] += scored_without_units(r.words_without_units, n, which, zero_unit_words)
     return _ratio_curve(hits, count, weights, alpha), int(count.sum())
 
 

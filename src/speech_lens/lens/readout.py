@@ -11,6 +11,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from speech_lens._tl import final_norm_and_unembed
+from speech_lens.lens.numerics import is_full_precision, rank_against, readout_logits
 from speech_lens.options import DEFAULT_CHUNK_ELEMENTS
 from speech_lens.vocab import VocabLayout
 
@@ -29,7 +30,10 @@ class Readout:
     """The model's own final norm and unembedding, plus the vocabulary partitions.
 
     ``norm`` and ``unembed`` are the wrapped HF modules (not the bridge components), so calling
-    them inside a hook does not fire ``ln_final.*`` / ``unembed.*`` hooks a second time.
+    them inside a hook does not fire ``ln_final.*`` / ``unembed.*`` hooks a second time. They
+    always run in float32 (:func:`speech_lens.readout.readout_logits`; float64 on a float64
+    model); ``native_float32``: the model's own final norm and unembedding are float32 (or
+    float64) already, so its logits are that readout.
     """
 
     norm: torch.nn.Module
@@ -46,6 +50,7 @@ class Readout:
     text_end: int  # one past the last text id
     text_holes: Int[Tensor, " n"]  # non-text ids below text_end
     n_text: int
+    native_float32: bool = True
 
     @classmethod
     def of(cls, model: Any) -> Readout:
@@ -69,6 +74,7 @@ class Readout:
         n_layers: int,
         device: torch.device | str = "cpu",
     ) -> Readout:
+        native = is_full_precision(norm, unembed)
         marker = torch.zeros(layout.vocab_size, dtype=torch.bool)
         for i in layout.marker_ids.values():
             marker[i] = True
@@ -95,6 +101,7 @@ class Readout:
             text_end=end,
             text_holes=idx(~text[:end]),
             n_text=int(text_ids.numel()),
+            native_float32=native,
         )
 
     def masses(self, logprobs: Float[Tensor, "c vocab"]) -> Float[Tensor, "c group"]:
@@ -113,7 +120,8 @@ class Readout:
         return torch.stack([text, unit, speech, marker, other], dim=-1)
 
     def logits(self, h: Float[Tensor, "pos d_model"]) -> Float[Tensor, "pos vocab"]:
-        return self.unembed(self.norm(h))
+        """Final norm + unembedding of ``h`` in float32."""
+        return readout_logits(self.norm, self.unembed, h)
 
 
 @dataclass(eq=False)
@@ -247,8 +255,10 @@ class LensBuffer:
             assert self.cand_ids is not None
             cid = self.cand_ids[cands].to(pooled.device)
             v = pooled[a].index_select(0, cid)
-            # rank among text ids: how many text ids have a strictly higher pooled logit
-            rank = (text[a].unsqueeze(0) > v.unsqueeze(1)).sum(-1)
+            # rank among text ids: how many other text ids have a pooled logit >= (ties count
+            # against the candidate); a non-text candidate is not among the text ids
+            row_vals = text[a].unsqueeze(0).expand(v.shape[0], -1)
+            rank = rank_against(row_vals, v, readout.text_mask[cid])
             self.cand_ranks[row, cands] = rank.cpu()
             self.cand_logits[row, cands] = v.cpu()
 
@@ -263,7 +273,7 @@ class LensBuffer:
             valid = t >= 0
             lp = logprobs.gather(1, t.clamp(min=0))
             for j in range(t.shape[1]):
-                rank = (logprobs > lp[:, j : j + 1]).sum(-1)
+                rank = rank_against(logprobs, lp[:, j])  # ties count against the target
                 self.target_ranks[row, c0:c1, j] = torch.where(valid[:, j], rank, -1).cpu()
             self.target_logprobs[row, c0:c1] = lp.masked_fill(~valid, float("nan")).cpu()
         # text top-k: text ids all sit below text_end; blank the few non-text ids among them

@@ -35,6 +35,8 @@ class WordLensResult:
     cand_logits: Float[Tensor, "row n_cand"]
     current: tuple[WordTarget, ...]
     next: tuple[WordTarget | None, ...]
+    no_unit_words: tuple[int, ...] = ()
+    n_utterance_words: int = 0
 
     def __len__(self) -> int:
         return len(self.words)
@@ -47,6 +49,8 @@ class WordLensResult:
         words: tuple[str, ...],
         current: tuple[WordTarget, ...],
         next: tuple[WordTarget | None, ...],
+        no_unit_words: tuple[int, ...] = (),
+        n_utterance_words: int = 0,
     ) -> WordLensResult:
         empty = torch.zeros(0, dtype=torch.long)
         return cls(
@@ -61,6 +65,8 @@ class WordLensResult:
             cand_logits=b.cand_logits,
             current=current,
             next=next,
+            no_unit_words=no_unit_words,
+            n_utterance_words=n_utterance_words,
         )
 
     def rank_of(self, j: int, ids: Sequence[int]) -> Int[Tensor, " row"]:
@@ -80,8 +86,10 @@ class LensResult:
 
     Row ``i < n_layers`` is ``blocks.i.hook_resid_pre`` (row 0: the embeddings); row
     ``n_layers`` is the model's own output. ``topk_*`` rank text ids only, ``topk_*_all`` the
-    whole vocabulary; log-probs, masses and ranks use the full softmax over the whole vocabulary.
-    ``target_ranks`` count ids with a strictly higher log-prob (0 = top-1; -1 where no target).
+    whole vocabulary; log-probs, masses and ranks use the full softmax over the whole vocabulary,
+    read out in float32 whatever the model's dtype (:mod:`speech_lens.readout`).
+    ``target_ranks`` count the other ids with a log-prob >= the target's (0 = strictly top-1;
+    ties count against the target; -1 where no target).
     """
 
     tokens: Int[Tensor, " seq"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from speech_lens.lens.metrics import DEFAULT_MATCH, DatasetMetrics, UtteranceRecord
+from speech_lens.lens.metrics import DatasetMetrics
+from speech_lens.lens.records import DEFAULT_MATCH, UtteranceRecord
 
 
 def layer_table(m: DatasetMetrics) -> list[dict[str, Any]]:

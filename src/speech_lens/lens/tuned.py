@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from speech_lens._tl import final_norm_and_unembed
+from speech_lens.lens.numerics import at_least_float32, readout_logits
 from speech_lens.models.load import SpeechLM
 
 CONFIG_FILE = "config.json"
@@ -191,9 +192,10 @@ class TunedLens(nn.Module):
         return h + translator(h.to(w.device, w.dtype)).to(h.device, h.dtype)
 
     def forward(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... vocab"]:
-        """Logits read from ``resid_pre`` of ``layer`` through the model's final norm + unembedding."""
+        """Logits read from ``resid_pre`` of ``layer`` through the model's final norm +
+        unembedding, in float32 whatever the model's dtype (:mod:`speech_lens.readout`)."""
         norm, unembed = self._unembed
-        return unembed(norm(self.transform_hidden(h, layer)))
+        return readout_logits(norm, unembed, self.transform_hidden(at_least_float32(h), layer))
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path, **extra: Any) -> Path:

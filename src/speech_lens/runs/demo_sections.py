@@ -15,7 +15,8 @@ from speech_lens.data.utterance import Utterance
 from speech_lens.data.word_targets import word_targets
 from speech_lens.lens import word_lens
 from speech_lens.lens.kl import lens_kl
-from speech_lens.lens.metrics import DatasetMetrics, aggregate, utterance_record
+from speech_lens.lens.metrics import DatasetMetrics, aggregate
+from speech_lens.lens.records import utterance_record
 from speech_lens.lens.tuned import TunedLens
 from speech_lens.models.load import SpeechLM
 from speech_lens.report.html import Report, Table

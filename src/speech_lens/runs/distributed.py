@@ -40,7 +40,8 @@ from speech_lens.data.word_targets import word_targets
 from speech_lens.files import atomic_write_text
 from speech_lens.guards import finite_guard_hooks
 from speech_lens.lens.logit import word_lens
-from speech_lens.lens.metrics import DatasetMetrics, UtteranceRecord, utterance_record
+from speech_lens.lens.metrics import DatasetMetrics
+from speech_lens.lens.records import UtteranceRecord, utterance_record
 from speech_lens.lens.train import train_tuned_lens
 from speech_lens.runs.lens import PARTIAL, RunError, run_dataset
 from speech_lens.runs.lens_settings import LensRunConfig, encode_for_lens
@@ -249,7 +250,13 @@ def run_distributed(
         hooks = finite_guard_hooks(model, u.id) if guard else []
         # unit positions only: the records read nothing else (as run_lens.run_dataset)
         res = word_lens(
-            model, prompt, word_targets(model, u), k=cfg.k, positions="speech", fwd_hooks=hooks
+            model,
+            prompt,
+            word_targets(model, u),
+            k=cfg.k,
+            positions="speech",
+            fwd_hooks=hooks,
+            zero_unit_words=cfg.zero_unit_words,
         )
         store.append(utterance_record(res, prompt, model.layout))
         bar.update(1)

@@ -28,12 +28,9 @@ from speech_lens.data.word_targets import (
 )
 from speech_lens.files import atomic_write_text
 from speech_lens.lens.logit import logit_lens, word_lens_batch
-from speech_lens.lens.metrics import (
-    DatasetMetrics,
-    UtteranceRecord,
-    aggregate,
-    utterance_record,
-)
+from speech_lens.lens.metrics import DatasetMetrics, aggregate
+from speech_lens.lens.numerics import readout_settings
+from speech_lens.lens.records import UtteranceRecord, utterance_record
 from speech_lens.lens.tables import layer_table, word_table
 from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.provenance import POOLING, collect_provenance, provenance_rows, stable
@@ -110,6 +107,7 @@ def lens_batch(
         lens=lens,
         positions="speech",
         padding_side=padding_side,
+        zero_unit_words=cfg.zero_unit_words,
     )
 
 
@@ -189,6 +187,7 @@ def run_dataset(
         n_boot=cfg.n_boot,
         seed=cfg.seed,
         label=Path(cfg.checkpoint).name,
+        zero_unit_words=cfg.zero_unit_words,
     )
     write_outputs(model, out, cfg, metrics, records, utts[0])
     return metrics
@@ -229,6 +228,8 @@ def write_outputs(
         "ci": metrics.ci,
         "bootstrap_unit": metrics.bootstrap_unit,
         **cfg.span_settings(),
+        "zero_unit_words": metrics.zero_unit_words,
+        **readout_settings(),
     }
     prov = collect_provenance(model, data=cfg.data, lens=cfg.lens, settings=settings)
     # a property of the model, not a setting: `compare` reads it to tell which match rules
@@ -275,10 +276,12 @@ def build_report(
             f"({metrics.n_next_words} with a next word), {metrics.n_speech_positions} unit "
             f"positions; {model.n_layers} layers (row 0 = embeddings, row {model.n_layers} = "
             "the model's output).\n\n"
+            f"{_zero_unit_text(metrics)}\n\n"
             f"Word matching rule: {metrics.match} (first sub-token, spaced or bare form, unless "
             "the rule says otherwise; a lone leading word-boundary piece ▁ / Ġ is skipped). "
-            "Lens logits are max-pooled over each spoken word's unit "
-            "positions and ranked over text ids. "
+            "Lens logits (final norm and unembedding in float32) are "
+            "max-pooled over each spoken word's unit positions and ranked over text ids; a tie "
+            "counts against the target. "
             f"Confidence bands: {int(metrics.ci * 100)}% percentile bootstrap over utterances, "
             f"{metrics.n_boot} draws, seed {metrics.seed}.\n\n"
             f"Current-word Recall@{k} peaks at layer {best}: "
@@ -313,6 +316,19 @@ def build_report(
         tables=[Table(words, caption="words.csv (first rows)", max_rows=300)],
     )
     return rep
+
+
+def _zero_unit_text(metrics: DatasetMetrics) -> str:
+    """The report's line on spoken words that got no unit position."""
+    n = metrics.n_words_without_units
+    how = {
+        "skip": "left out of Recall@k",
+        "miss": "counted as misses in Recall@k (current and next word)",
+    }.get(metrics.zero_unit_words, "refused")
+    return (
+        f"Spoken words with no unit position: {n} (policy {metrics.zero_unit_words}: {how}; "
+        "a word's units are those whose end time falls in (word start, word end])."
+    )
 
 
 def parse_batch_size(value: Any) -> int | str:

@@ -13,10 +13,9 @@ from speech_lens.data.word_targets import (
     WORD_PIECE_RULE,
     span_settings,
 )
-from speech_lens.lens.metrics import (
-    DEFAULT_MATCH,
-    MATCH_RULES,
-)
+from speech_lens.lens.numerics import readout_settings
+from speech_lens.lens.records import DEFAULT_MATCH, MATCH_RULES
+from speech_lens.options import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS
 
 MODES = ("speech", "interleaved")
 
@@ -42,10 +41,15 @@ class LensRunConfig:
     span_sampler: str | None = None
     span_mean: float | None = None
     speech_fraction: float | None = None
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS  # skip | miss | error (lens.logit)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: one of {MODES}")
+        if self.zero_unit_words not in ZERO_UNIT_WORDS:
+            raise ValueError(
+                f"--zero-unit-words {self.zero_unit_words!r}: one of {ZERO_UNIT_WORDS}"
+            )
         if self.match not in MATCH_RULES:
             raise ValueError(f"match rule {self.match!r}: one of {MATCH_RULES}")
         spans = (self.span_sampler, self.span_mean, self.speech_fraction)
@@ -76,7 +80,9 @@ class LensRunConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """Settings that change per-utterance records (match, ks, limit do not: they are
-        applied when aggregating, so a finished run can be re-scored without recomputing)."""
+        applied when aggregating, so a finished run can be re-scored without recomputing).
+        The zero-unit-word policy is here too (``error`` refuses what the others record), and
+        the readout (float32, ties against the target): records of another readout differ."""
         return {
             "checkpoint": self.checkpoint,
             "data": self.data,
@@ -87,6 +93,8 @@ class LensRunConfig:
             "lens": self.lens,
             "word_pieces": WORD_PIECE_RULE,
             **self.span_settings(),
+            "zero_unit_words": self.zero_unit_words,
+            **readout_settings(),
         }
 
 
@@ -125,6 +133,7 @@ def lens_config(args: Any, model: Any) -> LensRunConfig:
         seed=args.seed,
         lens=getattr(args, "lens", "logit"),
         span_sampler=_span_sampler(args, model),
+        zero_unit_words=getattr(args, "zero_unit_words", DEFAULT_ZERO_UNIT_WORDS),
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from speech_lens.files import atomic_write_text
-from speech_lens.lens.metrics import UtteranceRecord
+from speech_lens.lens.records import UtteranceRecord
 from speech_lens.runs.lens import PARTIAL, RunError
 from speech_lens.runs.lens_settings import LensRunConfig
 
