@@ -48,6 +48,17 @@ def _cfg(path: Path, data: Path, **kw: object) -> LensRunConfig:
     return LensRunConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The torchrun workers run one thread each (OMP_NUM_THREADS=1 below); the reference and the
+    in-process runs do too, so the byte-equality checks compare one float computation whatever
+    thread count the suite runs under."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_checkpoint, tiny_model):
     """The single-process run (run_lens.run_dataset) on a small manifest."""

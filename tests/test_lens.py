@@ -51,6 +51,7 @@ def _rank_bounds(ref: torch.Tensor, t: torch.Tensor, tol: float = 5e-6):
     return (ref > v + tol).sum(-1), (ref > v - tol).sum(-1) - 1  # -1: the target itself
 
 
+@pytest.mark.float_order
 def test_logit_lens_matches_hf_hidden_states(family, tiny_model):
     model = tiny_model(family)
     toks = _tokens(model)
@@ -115,6 +116,7 @@ def test_last_row_is_the_models_logits(family, tiny_model):
     assert int(res.target_ranks[-1, -1, 0]) == -1  # no next token after the last one
 
 
+@pytest.mark.float_order
 def test_positions_and_chunks_do_not_change_results(tiny_model):
     model = tiny_model("spiritlm")
     toks = _tokens(model)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -148,37 +147,74 @@ def test_batches_are_a_function_of_seed_and_step(vocab: OrganismVocab) -> None:
     )
 
 
+def _assert_same_tensors(a: object, b: object, where: str) -> None:
+    """``a`` and ``b`` are the same nested dicts/lists of tensors and values, bit for bit."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        bits = [t.reshape(-1).contiguous().view(torch.uint8) for t in (a, b)]
+        assert torch.equal(*bits), where
+    else:
+        assert type(a) is type(b) and a == b, (where, a, b)
+
+
 def test_training_resumes_identically(vocab: OrganismVocab, tmp_path: Path, monkeypatch) -> None:
+    """A run killed mid-way and rerun ends bit-identical to the uninterrupted run: weights,
+    optimiser state, counters, loss EMA and the log (wall times aside)."""
     import speech_lens.organisms.train as tr
 
     monkeypatch.setattr(tr, "load_data", lambda *_a, **_k: _data(vocab))
     cfg = TrainConfig(
         name="r",
         mix={"text": 1, "interleaved": 1},
-        steps=4,
+        steps=45,  # log lines at 20 and 40, the kill at 27 between them
         batch=2,
         seq_len=16,
         d_model=32,
         n_layers=2,
         n_heads=4,
         d_ff=64,
-        warmup=1,
-        save_every_s=0.0,
+        warmup=5,
+        save_every_s=0.0,  # state.pt after every step
         aux_layer=1,
         aux_weight=1.0,
     )
     full = train(cfg, "unused", tmp_path / "a")
-    half = train(replace(cfg, steps=2), "unused", tmp_path / "b")
-    st = torch.load(half / "state.pt", weights_only=False)
-    st["done"] = False
-    torch.save(st, half / "state.pt")
-    resumed = train(cfg, "unused", tmp_path / "b")  # continues from step 2 with the 4-step schedule
-    # the schedule differs for the first half, so compare only that resume reached the end
+    real_batch = tr.batch
+
+    def killed_at_27(data, c, step):
+        if step == 27:
+            raise KeyboardInterrupt
+        return real_batch(data, c, step)
+
+    monkeypatch.setattr(tr, "batch", killed_at_27)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, "unused", tmp_path / "b")
+    killed = torch.load(tmp_path / "b" / "r" / "state.pt", weights_only=False)
+    assert killed["step"] == 27 and not killed["done"]
+    monkeypatch.setattr(tr, "batch", real_batch)
+    resumed = train(cfg, "unused", tmp_path / "b")
     s1 = torch.load(full / "state.pt", weights_only=False)
     s2 = torch.load(resumed / "state.pt", weights_only=False)
-    assert s1["step"] == s2["step"] == 4 and s2["done"] and s2["tokens"] == s1["tokens"]
-    logs = [json.loads(x) for x in (full / "log.jsonl").read_text().splitlines()]
-    assert all(r["aux"] is not None for r in logs) or logs == []
+    assert s1["step"] == 45 and s2["done"]
+    del s1["wall"], s2["wall"]
+    _assert_same_tensors(s1, s2, "state")
+    logs = [
+        [
+            {k: v for k, v in json.loads(x).items() if k != "wall"}
+            for x in p.read_text().splitlines()
+        ]
+        for p in (full / "log.jsonl", resumed / "log.jsonl")
+    ]
+    assert [r["step"] for r in logs[0]] == [20, 40] and logs[1] == logs[0]
+    assert all(r["aux"] is not None for r in logs[0])  # the planted-word loss was trained
 
 
 def test_layer_logits_last_row_is_model_logits_and_layer0_reads_input(vocab: OrganismVocab) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from datetime import datetime
 from importlib import metadata
@@ -22,6 +23,14 @@ from speech_lens.testing.families import random_utterances
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_whole_session_caches_in_a_tmp_dir(tmp_path_factory):
+    """conftest points SPEECH_LENS_CACHE at a session tmp dir for every test, also those that
+    ask for no fixture, so no test writes the real ~/.cache (nor does a subprocess it starts)."""
+    cache = Path(os.environ["SPEECH_LENS_CACHE"])
+    assert cache.is_relative_to(tmp_path_factory.getbasetemp()) and cache.is_dir()
+    assert pv.cache_dir() == cache
 
 
 @pytest.fixture

@@ -104,3 +104,44 @@ def test_cli_lens_end_to_end(tmp_path, tiny_checkpoint, capsys):
     assert json.loads((out / "metrics.json").read_text())["metrics"]["ks"] == [1, 3, 5]
     assert main([*head, "--match", "last"]) == 2  # an unknown rule: a clear error, no traceback
     assert "match rule 'last'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch_size", ["1", "3", "auto"])
+def test_resumed_cli_lens_run_writes_the_uninterrupted_outputs(
+    tmp_path, tiny_checkpoint, monkeypatch, batch_size
+):
+    """`speech-lens lens` killed after two records and rerun writes byte-identical metrics.json,
+    words.csv and layers.csv to an uninterrupted run's (and the same records)."""
+    import speech_lens.runs.lens as rl
+    from speech_lens.cli.main import main
+
+    path, _ = tiny_checkpoint("spiritlm")
+    data = tmp_path / "data.jsonl"
+    write_manifest(data, random_utterances(5, seed=4))
+    args = ["lens", str(path), str(data), "--no-progress", "--n-boot", "50", "--k", "3"]
+    args += ["--batch-size", batch_size, "--memory-budget", "1"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert main([*args, "--out", str(full)]) == 0
+    real = rl.utterance_record
+    made: list[str] = []
+
+    def killed_at_third(res, prompt, layout):
+        made.append(prompt.utterance_id)
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        return real(res, prompt, layout)
+
+    monkeypatch.setattr(rl, "utterance_record", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(resumed)])
+    assert len((resumed / PARTIAL).read_text().splitlines()) == 1 + 2  # header + 2 records
+    assert not (resumed / "metrics.json").exists()
+    monkeypatch.setattr(rl, "utterance_record", real)
+    assert main([*args, "--out", str(resumed)]) == 0
+    for name in ("metrics.json", "words.csv", "layers.csv"):
+        assert (resumed / name).read_bytes() == (full / name).read_bytes(), name
+
+    def records(d):
+        return sorted((resumed if d else full).joinpath(PARTIAL).read_text().splitlines())
+
+    assert records(True) == records(False)

@@ -219,17 +219,18 @@ def train(cfg: TrainConfig, data_dir: str | Path, runs: str | Path = "runs") -> 
     model = build_model(cfg, data.vocab, runs)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     step, tokens, wall = 0, 0, 0.0
+    ema: float | None = None
     state_path = rd / "state.pt"
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, tokens, wall = st["step"], st["tokens"], st["wall"]
+        ema = st.get("ema")  # the loss EMA continues too (it was restarted on resume)
         if st.get("done"):
             return rd
     model.train()
     last_save, t0 = time.time(), time.time() - wall
-    ema: float | None = None
     log = (rd / "log.jsonl").open("a")
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, mininterval=30)
     while step < cfg.steps:

@@ -130,7 +130,9 @@ def run_dataset(
     size each batch from ``memory_budget_gb`` (default: the memory free now) for its longest
     prompt. Batches group similar lengths, longest first; records are appended after each batch,
     and resume per utterance as before. The records do not depend on the batch size (up to
-    float summation order), so it is not part of the resume key.
+    float summation order), so it is not part of the resume key. A resumed run with the same
+    batch plan (same ``batch_size``; for ``"auto"`` the same ``memory_budget_gb``) writes the
+    uninterrupted run's records and outputs byte for byte.
     """
 
     out = Path(out_dir)
@@ -149,30 +151,37 @@ def run_dataset(
         if u.id in seen:
             raise RunError(f"{cfg.data}: utterance id {u.id!r} appears twice")
         seen.add(u.id)
-    todo = [u for u in utts if u.id not in done]
+    finished = set(done)
     lens = lens_from_spec(cfg.lens, model)
     bar = tqdm(
         total=len(utts),
-        initial=len(utts) - len(todo),
+        initial=len(finished & seen),
         desc="lens",
         unit="utt",
         disable=not progress,
     )
-    prompts = [encode_for_lens(model, u, cfg) for u in todo]
+    # batches are planned over all utterances, so a resumed run rebuilds the uninterrupted run's
+    # batches (same padding, same float sums: the same records, bit for bit); a batch cut short
+    # is recomputed whole and only its missing records are appended
+    prompts = [encode_for_lens(model, u, cfg) for u in utts]
     if batch_size == 1:
-        plan = [[i] for i in range(len(todo))]  # input order
+        plan = [[i] for i in range(len(utts)) if utts[i].id not in finished]  # input order
     else:
         plan = plan_batches(
             model, [len(p) for p in prompts], batch_size, memory_budget_gb=memory_budget_gb
         )
     for idx in plan:
+        if all(utts[i].id in finished for i in idx):
+            continue
         results = lens_batch(
-            model, [prompts[i] for i in idx], [todo[i] for i in idx], cfg, lens, padding_side
+            model, [prompts[i] for i in idx], [utts[i] for i in idx], cfg, lens, padding_side
         )
         for i, res in zip(idx, results, strict=True):
+            if utts[i].id in finished:
+                continue
             rec = utterance_record(res, prompts[i], model.layout)
             _append(partial, rec.to_json())
-            done[todo[i].id] = rec
+            done[utts[i].id] = rec
             if on_record is not None:
                 on_record(rec)
             bar.update(1)
