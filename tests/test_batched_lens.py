@@ -271,7 +271,15 @@ def test_speech_positions_give_the_same_records(tiny_model, mode):
 # records (partial.jsonl lines) from differently ordered float computations
 # ------------------------------------------------------------------------------------------------
 
-EXACT_FIELDS = ("utterance_id", "n_layers", "words", "word_index", "next_words")
+EXACT_FIELDS = (
+    "utterance_id",
+    "n_layers",
+    "words",
+    "word_index",
+    "next_words",
+    "words_without_units",  # zero-unit-word policy fields (fix-lens): ids and counts, exact
+    "n_utterance_words",
+)
 RECORD_FIELDS = {*EXACT_FIELDS, "n_speech_positions", "ranks", "top_ids", "mass_sums", "unit_top1"}
 # masses come from an fp32 softmax (the lens casts logits to fp32, also for an fp64 model) and
 # are summed over unit positions in fp64: bs 1 vs auto differed by up to 2.8e-7 relative here
