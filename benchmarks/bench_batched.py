@@ -71,7 +71,9 @@ def _row_sets(n_layers: int) -> tuple[list[int], list[int]]:
 def _settings(model: Any, utts: list, budget: float) -> tuple[list[tuple[str, str, Any]], dict]:
     from speech_lens.batching import plan_batches
     from speech_lens.lens.logit import word_lens, word_lens_batch
-    from speech_lens.prompts import SPEECH, encode_prompt, word_targets
+    from speech_lens.data.encoded import SPEECH
+    from speech_lens.data.prompts import encode_prompt
+    from speech_lens.data.word_targets import word_targets
 
     speech = [encode_prompt(model, u, mode="speech") for u in utts]
     inter = [encode_prompt(model, u, mode="interleaved", seed=i) for i, u in enumerate(utts)]
@@ -119,7 +121,7 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from speech_lens import load_model
-    from speech_lens.data import read_manifest
+    from speech_lens.data.manifest import read_manifest
 
     model = load_model(spec["path"], **spec["kw"])
     if spec.get("manifest"):

@@ -26,9 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from speech_lens import load_model
-from speech_lens.data import read_manifest
-from speech_lens.patching import cross_modal, mean_curve, stack_curves, write_csv
-from speech_lens.plots_patching import plot_layer_curves, plot_layer_position
+from speech_lens.data.manifest import read_manifest
+from speech_lens.patching.cross_modal import cross_modal
+from speech_lens.patching.pairs import mean_curve, stack_curves
+from speech_lens.patching.result import write_csv
+from speech_lens.report.patching import plot_layer_curves, plot_layer_position
 
 HERE = Path(__file__).parent
 DIRECTION = "text-to-speech"
@@ -50,7 +52,7 @@ def main(direction: str = DIRECTION, doc: str | None = __doc__) -> None:
         if args.checkpoint:
             model = load_model(args.checkpoint, family=args.family)
         else:
-            from speech_lens.testing import build_family
+            from speech_lens.testing.families import build_family
 
             path, kw = build_family("spiritlm", tmp)
             model = load_model(path, **kw)

@@ -30,9 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from speech_lens import load_model
-from speech_lens.data import read_manifest
-from speech_lens.patching import splice_word, word_swap, write_csv
-from speech_lens.plots_patching import plot_layer_position
+from speech_lens.data.manifest import read_manifest
+from speech_lens.patching.result import write_csv
+from speech_lens.patching.word_swap import splice_word, word_swap
+from speech_lens.report.patching import plot_layer_position
 
 HERE = Path(__file__).parent
 
@@ -56,7 +57,7 @@ def main() -> None:
         if args.checkpoint:
             model = load_model(args.checkpoint, family=args.family)
         else:
-            from speech_lens.testing import build_family
+            from speech_lens.testing.families import build_family
 
             path, kw = build_family("spiritlm", tmp)
             model = load_model(path, **kw)

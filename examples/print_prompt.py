@@ -18,8 +18,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from speech_lens import load_model
-from speech_lens.data import read_manifest
-from speech_lens.prompts import encode_prompt, word_targets
+from speech_lens.data.manifest import read_manifest
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.word_targets import word_targets
 
 HERE = Path(__file__).parent
 
@@ -38,7 +39,7 @@ def main() -> None:
         if args.checkpoint:
             model = load_model(args.checkpoint, family=args.family)
         else:
-            from speech_lens.testing import build_family
+            from speech_lens.testing.families import build_family
 
             os.environ.setdefault("SPEECH_LENS_CACHE", str(Path(tmp) / "cache"))
             path, kw = build_family("spiritlm", tmp)

@@ -6,7 +6,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from speech_lens.testing import FAMILIES, build_family
+from speech_lens.testing.families import FAMILIES, build_family
 
 # Two threads unless the caller chose (.ci/run runs the order-sensitive tests under 1 and 2).
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from speech_lens import AdapterError, load_model
-from speech_lens.adapters import (
+from speech_lens.models.checkpoint import detect_family, read_state_dict
+from speech_lens.models.spec import (
     AdapterSpec,
     MissingTokenizerError,
     WeightFileError,
     available_families,
-    detect_family,
-    read_state_dict,
 )
-from speech_lens.testing import build_spiritlm
+from speech_lens.testing.families import build_spiritlm
 
 EXPECTED_FAMILY = {
     "spiritlm": "spiritlm",
@@ -287,7 +286,7 @@ def test_malicious_pickle_runs_no_code(spirit_copy, tmp_path, monkeypatch):
 
 
 def test_detection_refuses_unknown_checkpoint(tmp_path):
-    from speech_lens.testing import _llama
+    from speech_lens.testing.families import _llama
 
     m = _llama(64, 0)
     m.save_pretrained(tmp_path / "plain")
@@ -320,7 +319,7 @@ def test_bad_spec_is_named(tmp_path):
 
 
 def test_inspect_cli(tiny_checkpoint, capsys):
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     path, _ = tiny_checkpoint("spiritlm-expressive")
     assert main(["inspect", str(path), "--json"]) == 0
@@ -332,7 +331,7 @@ def test_inspect_cli(tiny_checkpoint, capsys):
 
 
 def test_planner_refuses_a_model_too_large_before_loading(spirit_copy):
-    from speech_lens.adapters import estimate_memory
+    from speech_lens.models.memory import estimate_memory
 
     llama2_7b = {
         "hidden_size": 4096,

@@ -13,26 +13,22 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speech_lens.align import (
+from speech_lens.audio.align import (
     AlignmentCache,
     AlignmentError,
     PocketsphinxAligner,
     align_cached,
     transcript_words,
 )
-from speech_lens.audio import (
-    CSFA_COLUMNS,
-    AudioError,
-    Columns,
-    load_audio,
+from speech_lens.audio.columns import CSFA_COLUMNS, Columns, parse_words
+from speech_lens.audio.datasets import (
     open_audio_dataset,
-    parse_words,
     read_audio_folder,
     read_audio_manifest,
     read_audio_table,
-    resample,
 )
-from speech_lens.data import Word
+from speech_lens.audio.decode import AudioError, load_audio, resample
+from speech_lens.data.utterance import Word
 
 SPEECH = Path(__file__).parent / "data" / "speech"
 LSB = 1.01 / 32768  # one 16-bit step: libsndfile scales float<->int16 by 32767 or 32768

@@ -19,11 +19,14 @@ import torch
 from near_ties import TOL, Ties, check_ranks, check_topk, rank_window
 from speech_lens import Utterance, Word
 from speech_lens._tl import final_norm_and_unembed, resid_pre_name
+from speech_lens.data.encoded import SPEECH
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.word_targets import word_targets
 from speech_lens.lens.logit import logit_lens, logit_lens_batch, word_lens, word_lens_batch
+from speech_lens.lens.records import match_ids, utterance_record
 from speech_lens.lens.tuned import TunedLens
-from speech_lens.metrics import match_ids, utterance_record
-from speech_lens.prompts import SPEECH, encode_prompt, word_targets
-from speech_lens.run_lens import PARTIAL, LensRunConfig, run_dataset
+from speech_lens.runs.lens import PARTIAL, run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
 
 pytestmark = pytest.mark.float_order  # every test here compares differently ordered float sums
 
@@ -268,7 +271,15 @@ def test_speech_positions_give_the_same_records(tiny_model, mode):
 # records (partial.jsonl lines) from differently ordered float computations
 # ------------------------------------------------------------------------------------------------
 
-EXACT_FIELDS = ("utterance_id", "n_layers", "words", "word_index", "next_words")
+EXACT_FIELDS = (
+    "utterance_id",
+    "n_layers",
+    "words",
+    "word_index",
+    "next_words",
+    "words_without_units",  # zero-unit-word policy fields (fix-lens): ids and counts, exact
+    "n_utterance_words",
+)
 RECORD_FIELDS = {*EXACT_FIELDS, "n_speech_positions", "ranks", "top_ids", "mass_sums", "unit_top1"}
 # masses come from an fp32 softmax (the lens casts logits to fp32, also for an fp64 model) and
 # are summed over unit positions in fp64: bs 1 vs auto differed by up to 2.8e-7 relative here
@@ -420,7 +431,7 @@ def test_run_dataset_batch_sizes_write_the_same_records(model64, tmp_path):
 
 def test_cli_batch_size_flags(tiny_checkpoint, tmp_path, capsys):
     from speech_lens import load_model, write_manifest
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     path, kw = tiny_checkpoint("spiritlm")
     model = load_model(path, **kw)

@@ -19,25 +19,25 @@ from torch.testing import assert_close
 
 import speech_lens.batching as batching
 from speech_lens.batching import auto_batch_size
-from speech_lens.patching import (
-    _forward_rows,
-    _Row,
-    _row_patches,
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.patching.cross_modal import cross_modal
+from speech_lens.patching.hooks import (
     cache_source,
     cache_sources,
-    cross_modal,
     hook_name,
+    row_patches,
+    run_patched,
+)
+from speech_lens.patching.metrics import (
     kl_to_clean,
     lens_next_word_logprob,
     logit_diff,
-    map_words,
     next_token_logprob,
-    patch_sweep,
-    run_experiment,
-    run_patched,
     word_token_ids,
 )
-from speech_lens.prompts import encode_prompt
+from speech_lens.patching.positions import map_words
+from speech_lens.patching.sweep import _forward_rows, _Row, patch_sweep
+from speech_lens.runs.patch import run_experiment
 
 MANIFEST = Path(__file__).parents[1] / "examples" / "data" / "sample_manifest.jsonl"
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -52,7 +52,7 @@ def _one_thread():
 
 
 def _utts(model):
-    from speech_lens.data import read_manifest
+    from speech_lens.data.manifest import read_manifest
 
     return list(read_manifest(MANIFEST, layout=model.layout))
 
@@ -167,7 +167,7 @@ def test_rows_do_not_leak(tiny_model, fam, side):
         _Row(
             tgt.tokens,
             log_probs,
-            () if pm is None else _row_patches(cache, pm, "resid_pre", [layer], None),
+            () if pm is None else row_patches(cache, pm, "resid_pre", [layer], None),
         )
         for tgt, _, pm, cache, layer in cases
     ]
@@ -285,7 +285,7 @@ def test_batch_size_refusals(tiny_model):
 
 
 def test_cli_patch_batched_with_provenance(tiny_checkpoint, tmp_path, capsys):
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     path, _ = tiny_checkpoint("speechgpt")
     base = ["patch", str(path), str(MANIFEST), "--max-utterances", "3", "--layers", "0,1"]

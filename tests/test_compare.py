@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from speech_lens import load_model, write_manifest
-from speech_lens.compare import CompareError, compare_runs, load_run
-from speech_lens.run_lens import LensRunConfig, run_dataset
-from speech_lens.testing import build_family, random_utterances
+from speech_lens.runs.compare import CompareError, compare_runs, load_run
+from speech_lens.runs.lens import run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
+from speech_lens.testing.families import build_family, random_utterances
 
 
 def _run(model, data: Path, out: Path, k: int = 5, match: str = "first-spaced") -> Path:
@@ -149,7 +150,7 @@ def test_versions_and_old_runs(runs, tmp_path):
 
 
 def test_cli_compare(runs, tmp_path, capsys):
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     out = tmp_path / "c"
     assert main(["compare", str(runs["spirit"]), str(runs["qwen"]), "--out", str(out)]) == 0

@@ -10,7 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speech_lens.data import (
+from speech_lens.data.alignments import read_textgrid, utterance_from_textgrid
+from speech_lens.data.manifest import read_manifest, read_slamkit, write_manifest
+from speech_lens.data.units import parse_plain_units, parse_unit_string, split_spiritlm_string
+from speech_lens.data.utterance import (
     DataError,
     DataWarning,
     UnitStream,
@@ -19,14 +22,6 @@ from speech_lens.data import (
     assign_words,
     dedup,
     expand,
-    parse_plain_units,
-    parse_unit_string,
-    read_manifest,
-    read_slamkit,
-    read_textgrid,
-    split_spiritlm_string,
-    utterance_from_textgrid,
-    write_manifest,
 )
 from speech_lens.vocab import UnitBlock, VocabLayout
 

@@ -23,7 +23,7 @@ def small_organisms(tmp_path_factory):
 
 
 def test_demo_report(small_organisms, tmp_path):
-    from speech_lens.demo import run_demo
+    from speech_lens.runs.demo import run_demo
 
     path = run_demo(
         tmp_path / "out", organisms=small_organisms, limit=25, patch_utterances=2, progress=False

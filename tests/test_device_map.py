@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from speech_lens import AdapterError, load_model
-from speech_lens.adapters import parse_device_map, parse_max_memory, plan_load
 from speech_lens.lens.logit import logit_lens
-from speech_lens.testing import build_family
+from speech_lens.models.devices import parse_device_map, parse_max_memory
+from speech_lens.models.memory import plan_load
+from speech_lens.testing.families import build_family
 
 SEQ = 24  # positions; the plan is made for this many
 # wide MLPs, so the decoder layers (not only the embeddings) are big enough for a budget to split
@@ -144,15 +145,21 @@ def test_auto_map_spills_layers_to_disk(wide, family, tmp_path):
 
 
 def test_planner_refuses_before_reading_any_weight(wide, monkeypatch, tmp_path):
-    import speech_lens.adapters as adapters
+    from speech_lens.models import checkpoint, dispatch, load
 
     path, _, plain = wide["spiritlm"]
 
     def no_reads(*a, **k):
         raise AssertionError("a weight was read")
 
-    for name in ("read_state_dict", "iter_state_dict", "_read_weight_file"):
-        monkeypatch.setattr(adapters, name, no_reads)
+    # each reader where its caller looks it up
+    readers = (
+        (load, "read_state_dict"),
+        (dispatch, "iter_state_dict"),
+        (checkpoint, "_read_weight_file"),
+    )
+    for module, name in readers:
+        monkeypatch.setattr(module, name, no_reads)
     layers = {f"model.layers.{i}": "cpu" for i in range(plain.n_layers)}
     dmap = {"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "model.rotary_emb": "cpu"}
     dmap["lm_head"] = "cpu"
@@ -219,7 +226,7 @@ def test_cli_values_parse():
 
 def test_cli_lens_with_device_map(tiny_checkpoint, tmp_path, capsys):
     """``speech-lens inspect CKPT --device-map ...`` goes through load_from_args."""
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     path, _ = tiny_checkpoint("spiritlm")
     folder = tmp_path / "off"
@@ -291,7 +298,7 @@ def test_lora_bf16_and_tuned_translators_under_a_map(tiny_checkpoint, wide, tmp_
 def test_lens_command_on_an_offloaded_organism(tmp_path):
     """`speech-lens lens ... --device-map` on a shipped organism writes the same tables as the
     plain run, byte for byte; the model section records the placement."""
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     org = Path(__file__).parents[1] / "organisms" / "textinit_interleaved"
     data = org.parent / "test_manifest.jsonl"
@@ -315,7 +322,7 @@ def test_planner_splits_a_7b_model_over_gpus(monkeypatch):
     that cannot hold the weights, naming each device."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from speech_lens.adapters import resolve_device_map
+    from speech_lens.models.placement import resolve_device_map
 
     cfg = {
         "hidden_size": 4096,

@@ -15,22 +15,21 @@ import pytest
 import torch
 
 from speech_lens import Utterance, Word, load_model, write_manifest
-from speech_lens.distributed import (
+from speech_lens.guards import NumericError, guarded_hook_names
+from speech_lens.lens.logit import logit_lens
+from speech_lens.runs.distributed import (
     FAIL_ENV,
-    SHARDS,
     DistContext,
     InputError,
-    ShardStore,
     check_inputs,
     merge_shards,
-    read_finished,
     run_distributed,
     shard_of,
 )
-from speech_lens.guards import NumericError, guarded_hook_names
-from speech_lens.lens.logit import logit_lens
-from speech_lens.run_lens import PARTIAL, LensRunConfig, RunError, run_dataset
-from speech_lens.testing import random_utterances
+from speech_lens.runs.lens import PARTIAL, RunError, run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
+from speech_lens.runs.shards import SHARDS, ShardStore, read_finished
+from speech_lens.testing.families import random_utterances
 
 OUTPUTS = ("metrics.json", "layers.csv", "words.csv", PARTIAL)
 N_UTT = 5
@@ -277,8 +276,8 @@ def test_bf16_load_keeps_lens_reductions_in_fp32(tiny_checkpoint, tiny_model):
 DDP_SCRIPT = """
 import sys, torch
 from speech_lens import load_model
-from speech_lens.distributed import init_distributed, train_tuned_lens_distributed
-from speech_lens.tuned_train import TrainConfig
+from speech_lens.runs.distributed import init_distributed, train_tuned_lens_distributed
+from speech_lens.lens.train import TrainConfig
 ctx = init_distributed("gloo")
 model = load_model(sys.argv[1])
 g = torch.Generator().manual_seed(0)
@@ -294,7 +293,7 @@ if ctx.rank == 0:
 def test_tuned_lens_training_on_two_gloo_ranks_equals_single_process(
     tiny_checkpoint, tiny_model, tmp_path
 ):
-    from speech_lens.tuned_train import TrainConfig, train_tuned_lens
+    from speech_lens.lens.train import TrainConfig, train_tuned_lens
 
     path, _ = tiny_checkpoint("spiritlm")
     model = tiny_model("spiritlm")

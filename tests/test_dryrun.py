@@ -4,9 +4,10 @@ import time
 
 import torch
 
-from speech_lens.cli import main
-from speech_lens.data import Utterance, Word, write_manifest
-from speech_lens.dryrun import calibrate
+from speech_lens.cli.dryrun import calibrate
+from speech_lens.cli.main import main
+from speech_lens.data.manifest import write_manifest
+from speech_lens.data.utterance import Utterance, Word
 
 WORDS = "the cat sat on a mat and then it ran off to see dog".split()
 
@@ -116,7 +117,7 @@ def test_demo_dry_run(tmp_path, capsys):
 
 
 def test_distributed_dry_runs_plan_one_rank(tiny_checkpoint, tiny_model, tmp_path, capsys):
-    from speech_lens.distributed import main as dist_main
+    from speech_lens.cli.distributed import main as dist_main
 
     path, _ = tiny_checkpoint("spiritlm")
     data = _manifest(tiny_model("spiritlm"), tmp_path / "utts.jsonl")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from speech_lens import logit_lens
-from speech_lens.prompts import BOS, MARKER, SPEECH, EncodedPrompt, WordSpan, WordTarget
+from speech_lens.data.encoded import BOS, MARKER, SPEECH, EncodedPrompt, WordSpan, WordTarget
 
 
 def _tokens(model, n_units: int = 23, n_text: int = 9) -> torch.Tensor:

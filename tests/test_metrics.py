@@ -9,19 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from speech_lens.hooks import LensBuffer, Readout
-from speech_lens.lens.logit import LensResult, WordLensResult
-from speech_lens.metrics import (
-    MATCH_RULES,
-    DatasetMetrics,
-    aggregate,
-    layer_table,
-    match_ids,
-    utterance_record,
-    word_recall,
-    word_table,
-)
-from speech_lens.prompts import MARKER, SPEECH, EncodedPrompt, WordSpan, WordTarget
+from speech_lens.data.encoded import MARKER, SPEECH, EncodedPrompt, WordSpan, WordTarget
+from speech_lens.lens.metrics import DatasetMetrics, aggregate, word_recall
+from speech_lens.lens.readout import LensBuffer, Readout
+from speech_lens.lens.records import MATCH_RULES, match_ids, utterance_record
+from speech_lens.lens.results import LensResult, WordLensResult
+from speech_lens.lens.tables import layer_table, word_table
 from speech_lens.vocab import UnitBlock, VocabLayout
 
 # A vocabulary of 8 ids: 0-4 text, 5-6 speech units [Hu0] [Hu1], 7 the speech marker.

@@ -15,28 +15,21 @@ import torch
 from torch.testing import assert_close
 from transformer_lens import patching as tlp
 
-from speech_lens.patching import (
-    PatchingError,
-    PatchResult,
-    cache_source,
-    cross_modal,
-    hook_name,
+from speech_lens.data.encoded import BOS, MARKER, SPEECH, TEXT, EncodedPrompt, WordSpan
+from speech_lens.patching.cross_modal import cross_modal
+from speech_lens.patching.hooks import cache_source, hook_name, patching_hooks, run_patched
+from speech_lens.patching.metrics import (
     kl_to_clean,
     logit_diff,
-    map_all,
-    map_positions,
-    map_words,
     next_token_logprob,
     next_word_logprob,
-    patch_sweep,
-    patching_hooks,
-    run_patched,
-    splice_word,
     word_logit_diff,
-    word_swap,
     word_token_ids,
 )
-from speech_lens.prompts import BOS, MARKER, SPEECH, TEXT, EncodedPrompt, WordSpan
+from speech_lens.patching.positions import PatchingError, map_all, map_positions, map_words
+from speech_lens.patching.result import PatchResult
+from speech_lens.patching.sweep import patch_sweep
+from speech_lens.patching.word_swap import splice_word, word_swap
 
 PARITY_FAMILIES = ("spiritlm", "sims-qwen")
 
@@ -453,7 +446,7 @@ MANIFEST = Path(__file__).parents[1] / "examples" / "data" / "sample_manifest.js
 
 
 def _utts(model):
-    from speech_lens.data import read_manifest
+    from speech_lens.data.manifest import read_manifest
 
     return {u.id: u for u in read_manifest(MANIFEST, layout=model.layout)}
 
@@ -462,7 +455,7 @@ def _utts(model):
 def test_cross_modal_last_layer_reproduces_source_prediction(tiny_model, fam):
     """Text -> speech at the last layer's resid_post, rule 'last': the speech run's prediction
     at w's last unit becomes the text run's at w's last sub-token, exactly."""
-    from speech_lens.prompts import encode_prompt
+    from speech_lens.data.prompts import encode_prompt
 
     model = tiny_model(fam)
     u = _utts(model)["s1"]
@@ -516,11 +509,7 @@ def test_splice_and_word_swap(tiny_model):
 
 
 def test_plots_shapes(tiny_model):
-    from speech_lens.plots_patching import (
-        plot_layer_head,
-        plot_layer_position,
-        plot_result_curve,
-    )
+    from speech_lens.report.patching import plot_layer_head, plot_layer_position, plot_result_curve
 
     model = tiny_model("spiritlm")
     clean, corrupt = _same_length_pair(model, SPEECH)
@@ -540,7 +529,7 @@ def test_plots_shapes(tiny_model):
 
 
 def test_cli_patch(tiny_checkpoint, tmp_path, capsys):
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     path, _ = tiny_checkpoint("spiritlm")
     out = tmp_path / "out"
@@ -567,7 +556,7 @@ def test_patch_then_logit_lens_reads_patched_layers(tiny_model):
 
     model = tiny_model("spiritlm")
     u = _utts(model)["s1"]
-    from speech_lens.prompts import encode_prompt
+    from speech_lens.data.prompts import encode_prompt
 
     tx, sp = encode_prompt(model, u, mode="text"), encode_prompt(model, u, mode="speech")
     pm = map_words(tx, sp, [1], rule="last")
@@ -594,7 +583,7 @@ def test_lens_readout_metric(tiny_model):
     n_layers equals the output metric; at the patched row itself the reading equals the source
     run's reading at the source position; the unpatched value equals speech_lens.logit_lens."""
     from speech_lens import logit_lens
-    from speech_lens.prompts import encode_prompt
+    from speech_lens.data.prompts import encode_prompt
 
     model = tiny_model("spiritlm")
     u = _utts(model)["s1"]

@@ -13,18 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from speech_lens.data import DataError, UnitStream, Utterance, Word
-from speech_lens.prompts import (
-    BOS,
-    MARKER,
-    PROSODY,
-    SPEECH,
-    TEXT,
-    PromptError,
-    encode_prompt,
-    sample_speech_words,
-    word_targets,
-)
+from speech_lens.data.encoded import BOS, MARKER, PROSODY, SPEECH, TEXT, PromptError
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.utterance import DataError, UnitStream, Utterance, Word
+from speech_lens.data.word_targets import sample_speech_words, word_targets
 
 FAMS = ("spiritlm", "spiritlm-expressive", "speechgpt", "sims-qwen", "sims-llama")
 HYP = settings(

@@ -14,10 +14,11 @@ import pytest
 
 from speech_lens import provenance as pv
 from speech_lens import write_manifest
-from speech_lens.adapters import SPEC_DIR
 from speech_lens.lens.tuned import TunedLens
-from speech_lens.run_lens import LensRunConfig, run_dataset
-from speech_lens.testing import random_utterances
+from speech_lens.models.spec import SPEC_DIR
+from speech_lens.runs.lens import run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
+from speech_lens.testing.families import random_utterances
 
 
 def _sha(path: Path) -> str:
@@ -174,7 +175,7 @@ def test_lens_run_outputs_carry_provenance(tiny_model, tmp_path, fresh_cache):
 
 
 def test_tuned_lens_training_writes_provenance(tiny_checkpoint, tmp_path, fresh_cache):
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     path, _ = tiny_checkpoint("spiritlm")
     data = tmp_path / "utts.jsonl"

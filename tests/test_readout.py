@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from speech_lens import Utterance, Word, load_model
-from speech_lens.hooks import LensBuffer, Readout
+from speech_lens.data.encoded import SPEECH
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.word_targets import word_targets
 from speech_lens.lens.logit import logit_lens, logit_lens_batch, word_lens_batch
+from speech_lens.lens.numerics import READOUT_DTYPE, TIE_RULE, rank_against
+from speech_lens.lens.readout import LensBuffer, Readout
 from speech_lens.lens.tuned import TunedLens
-from speech_lens.prompts import SPEECH, encode_prompt, word_targets
-from speech_lens.readout import READOUT_DTYPE, TIE_RULE, rank_against
 from speech_lens.vocab import UnitBlock, VocabLayout
 
 CLOSE = dict(rtol=1e-5, atol=2e-5)  # fp32 vs fp32 in another summation order

@@ -10,9 +10,10 @@ import plotly.graph_objects as go
 import pytest
 
 from speech_lens import write_manifest
-from speech_lens.report import Report, Table
-from speech_lens.run_lens import PARTIAL, LensRunConfig, RunError, run_dataset
-from speech_lens.testing import random_utterances
+from speech_lens.report.html import Report, Table
+from speech_lens.runs.lens import PARTIAL, RunError, run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
+from speech_lens.testing.families import random_utterances
 
 SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=", re.IGNORECASE)
 REMOTE = re.compile(r"""(src|href)\s*=\s*["']?(https?:)?//""", re.IGNORECASE)
@@ -87,7 +88,7 @@ def test_runner_outputs_and_resume(tmp_path, tiny_model):
 
 
 def test_cli_lens_end_to_end(tmp_path, tiny_checkpoint, capsys):
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     path, kw = tiny_checkpoint("speechgpt")
     data = tmp_path / "data.jsonl"
@@ -111,8 +112,8 @@ def test_resumed_cli_lens_run_writes_the_uninterrupted_outputs(
 ):
     """`speech-lens lens` killed after two records and rerun writes byte-identical metrics.json,
     words.csv and layers.csv to an uninterrupted run's (and the same records)."""
-    import speech_lens.run_lens as rl
-    from speech_lens.cli import main
+    import speech_lens.runs.lens as rl
+    from speech_lens.cli.main import main
 
     path, _ = tiny_checkpoint("spiritlm")
     data = tmp_path / "data.jsonl"

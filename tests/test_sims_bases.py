@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from speech_lens import AdapterError, load_model
-from speech_lens.testing import build_sims, save_unit_lm, small_base_tokenizer
+from speech_lens.testing.families import build_sims, save_unit_lm
+from speech_lens.testing.tokenizers import small_base_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -94,7 +95,7 @@ def test_rows_that_do_not_fit_the_base_tokenizer(small_bases, tiny_checkpoint):
 
 
 def test_old_spec_field_is_refused():
-    from speech_lens.adapters import AdapterSpec
+    from speech_lens.models.spec import AdapterSpec
 
     raw = {
         "name": "mine",

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from speech_lens import write_manifest
-from speech_lens.adapters import AdapterError, AdapterSpec, available_families
-from speech_lens.cli import main
-from speech_lens.data import Utterance, Word
-from speech_lens.prompts import SPEECH, encode_prompt, sample_speech_words
-from speech_lens.run_lens import LensRunConfig
-from speech_lens.testing import random_utterances
+from speech_lens.cli.main import main
+from speech_lens.data.encoded import SPEECH
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.utterance import Utterance, Word
+from speech_lens.data.word_targets import sample_speech_words
+from speech_lens.models.spec import AdapterError, AdapterSpec, available_families
+from speech_lens.runs.lens_settings import LensRunConfig
+from speech_lens.testing.families import random_utterances
 
 
 def _long_utterance(n_words: int = 16, rate: float = 25.0) -> Utterance:

@@ -16,22 +16,22 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speech_lens.audio import Columns
-from speech_lens.cli import main
-from speech_lens.data import Word, read_manifest
-from speech_lens.speech_tokenizers import (
+from speech_lens.audio.columns import Columns
+from speech_lens.audio.tokenizers.hubert import HubertKMeansTokenizer, load_centroids
+from speech_lens.audio.tokenizers.lookup import get_speech_tokenizer
+from speech_lens.audio.tokenizers.organism import OrganismSpeechTokenizer
+from speech_lens.audio.tokenizers.registry import (
     FrameUnits,
-    HubertKMeansTokenizer,
     MissingTokenizerFiles,
-    OrganismSpeechTokenizer,
     SpeechTokenizer,
     SpeechTokenizerError,
-    SpiritLMSpeechTokenizer,
-    get_speech_tokenizer,
-    load_centroids,
     register_speech_tokenizer,
     unregister_speech_tokenizer,
 )
+from speech_lens.audio.tokenizers.spiritlm import SpiritLMSpeechTokenizer
+from speech_lens.cli.main import main
+from speech_lens.data.manifest import read_manifest
+from speech_lens.data.utterance import Word
 
 SPEECH = Path(__file__).parent / "data" / "speech"
 
@@ -239,7 +239,7 @@ def _touch(root: Path, names: list[str]) -> None:
 
 
 def test_spiritlm_adapter_with_fake_package(tmp_path, monkeypatch):
-    from speech_lens.audio import load_audio
+    from speech_lens.audio.decode import load_audio
 
     calls: dict = {}
     for name, m in _fake_spiritlm(tmp_path / "ckpt", calls).items():

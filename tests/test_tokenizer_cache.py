@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from speech_lens import load_model
-from speech_lens.testing import build_sims, small_base_tokenizer
+from speech_lens.testing.families import build_sims
+from speech_lens.testing.tokenizers import small_base_tokenizer
 
 
 @pytest.fixture

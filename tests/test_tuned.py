@@ -13,7 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from speech_lens import load_model
-from speech_lens.data import Utterance, Word
+from speech_lens.data.utterance import Utterance, Word
+from speech_lens.lens.kl import lens_kl
+from speech_lens.lens.train import TrainConfig, _accumulate, train_tuned_lens
+from speech_lens.lens.train_data import TrainError, encode_training_data, split_heldout
 from speech_lens.lens.tuned import (
     CONFIG_FILE,
     PARAMS_FILE,
@@ -21,17 +24,9 @@ from speech_lens.lens.tuned import (
     TunedLens,
     lens_from_spec,
 )
-from speech_lens.testing import WORDS, build_family
-from speech_lens.tuned_train import (
-    TrainConfig,
-    TrainError,
-    _accumulate,
-    encode_training_data,
-    kl_figure,
-    lens_kl,
-    split_heldout,
-    train_tuned_lens,
-)
+from speech_lens.report.tuned import kl_figure
+from speech_lens.testing.families import build_family
+from speech_lens.testing.words import WORDS
 
 TUNED_LENS_KEYS = {
     "base_model_name_or_path",
@@ -347,8 +342,8 @@ def test_training_data_modes(tiny_model):
 
 
 def test_cli_train_and_eval(tiny_checkpoint, tmp_path, capsys):
-    from speech_lens.cli import main
-    from speech_lens.data import write_manifest
+    from speech_lens.cli.main import main
+    from speech_lens.data.manifest import write_manifest
 
     path, _ = tiny_checkpoint("spiritlm")
     model = load_model(path)
@@ -450,7 +445,7 @@ def test_lens_cli_reads_through_a_tuned_lens(tmp_path):
     logit lens's, the setting is recorded, and a resumed run refuses to mix the two lenses."""
     from pathlib import Path
 
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     org = Path(__file__).parents[1] / "organisms" / "textinit_interleaved"
     data = org.parent / "test_manifest.jsonl"

@@ -7,11 +7,18 @@ import json
 
 import pytest
 
-from speech_lens.metrics import MATCH_RULES, match_ids
-from speech_lens.patching import word_token_ids
-from speech_lens.prompts import WORD_PIECE_RULE, bare_form_is_spaced, word_piece_ids, word_targets
-from speech_lens.run_lens import LensRunConfig, run_dataset
-from speech_lens.testing import llama2_sentencepiece, random_utterances
+from speech_lens.data.word_targets import (
+    WORD_PIECE_RULE,
+    bare_form_is_spaced,
+    word_piece_ids,
+    word_targets,
+)
+from speech_lens.lens.records import MATCH_RULES, match_ids
+from speech_lens.patching.metrics import word_token_ids
+from speech_lens.runs.lens import run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
+from speech_lens.testing.families import random_utterances
+from speech_lens.testing.tokenizers import llama2_sentencepiece
 
 CORPUS = [
     "the cat sat on the mat and the dog sat on the log",

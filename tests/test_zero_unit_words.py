@@ -12,11 +12,15 @@ import pytest
 import torch
 
 from speech_lens import Utterance, Word, write_manifest
-from speech_lens.distributed import run_distributed
+from speech_lens.data.encoded import SPEECH
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.word_targets import word_targets
 from speech_lens.lens.logit import word_lens, word_lens_batch
-from speech_lens.metrics import aggregate, utterance_record, word_recall
-from speech_lens.prompts import SPEECH, encode_prompt, word_targets
-from speech_lens.run_lens import PARTIAL, LensRunConfig, RunError, run_dataset
+from speech_lens.lens.metrics import aggregate, word_recall
+from speech_lens.lens.records import utterance_record
+from speech_lens.runs.distributed import run_distributed
+from speech_lens.runs.lens import PARTIAL, RunError, run_dataset
+from speech_lens.runs.lens_settings import LensRunConfig
 
 RATE = 25.0  # one unit every 0.04 s; unit k ends at (k + 1) * 0.04
 
@@ -181,7 +185,7 @@ def test_run_dataset_and_sharded_runner_count_words_without_units(tiny_model, tm
 
 
 def test_cli_zero_unit_words(tiny_checkpoint, tmp_path, capsys):
-    from speech_lens.cli import main
+    from speech_lens.cli.main import main
 
     path, kw = tiny_checkpoint("spiritlm")
     assert kw == {}

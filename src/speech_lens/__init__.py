@@ -1,23 +1,16 @@
 """speech_lens: mechanistic interpretability of interleaved speech-text LMs on TransformerLens."""
 
-from speech_lens.adapters import (
-    AdapterError,
-    AdapterSpec,
-    SpeechLM,
-    available_families,
-    detect_family,
-    load_model,
+from speech_lens.audio.tokenizers.lookup import get_speech_tokenizer
+from speech_lens.audio.tokenizers.registry import (
+    FrameUnits,
+    SpeechTokenizer,
+    register_speech_tokenizer,
 )
-from speech_lens.compare import CompareError, compare_runs
-from speech_lens.data import (
-    DataError,
-    LoadReport,
-    UnitStream,
-    Utterance,
-    Word,
-    read_manifest,
-    write_manifest,
-)
+from speech_lens.data.encoded import EncodedPrompt, PromptError, WordSpan, WordTarget
+from speech_lens.data.manifest import LoadReport, read_manifest, write_manifest
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.utterance import DataError, UnitStream, Utterance, Word
+from speech_lens.data.word_targets import word_piece_ids, word_targets
 from speech_lens.guards import NumericError, finite_guard_hooks
 from speech_lens.lens import (
     LensResult,
@@ -27,33 +20,18 @@ from speech_lens.lens import (
     word_lens,
     word_lens_batch,
 )
+from speech_lens.lens.kl import lens_kl
+from speech_lens.lens.train import train_tuned_lens
 from speech_lens.lens.tuned import LensError, TunedLens, TunedLensConfig, lens_from_spec
-from speech_lens.patching import (
-    PatchingError,
-    PatchResult,
-    PositionMap,
-    map_words,
-    patch_sweep,
-    patching_hooks,
-    run_patched,
-)
-from speech_lens.prompts import (
-    EncodedPrompt,
-    PromptError,
-    WordSpan,
-    WordTarget,
-    encode_prompt,
-    word_piece_ids,
-    word_targets,
-)
+from speech_lens.models.checkpoint import detect_family
+from speech_lens.models.load import SpeechLM, load_model
+from speech_lens.models.spec import AdapterError, AdapterSpec, available_families
+from speech_lens.patching.hooks import patching_hooks, run_patched
+from speech_lens.patching.positions import PatchingError, PositionMap, map_words
+from speech_lens.patching.result import PatchResult
+from speech_lens.patching.sweep import patch_sweep
 from speech_lens.provenance import collect_provenance
-from speech_lens.speech_tokenizers import (
-    FrameUnits,
-    SpeechTokenizer,
-    get_speech_tokenizer,
-    register_speech_tokenizer,
-)
-from speech_lens.tuned_train import lens_kl, train_tuned_lens
+from speech_lens.runs.compare import CompareError, compare_runs
 from speech_lens.vocab import UnitBlock, VocabError, VocabLayout
 
 __all__ = [

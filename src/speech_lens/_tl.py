@@ -7,13 +7,19 @@ wrap the live HF model and keep the hook contract (``fn(act, *, hook)``, ``run_w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities import get_act_name
 
+# a TransformerLens hook: fn(activation, *, hook) -> replacement activation or None
+HookFn = Callable[..., Tensor | None]
+
 __all__ = [
+    "HookFn",
     "TransformerBridge",
     "boot_bridge",
     "check_device_map_supported",

@@ -18,6 +18,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from speech_lens.models.devices import free_memory_gb
+from speech_lens.models.memory import estimate_memory
+
 __all__ = [
     "PADDING_SIDES",
     "PaddedBatch",
@@ -106,7 +109,6 @@ def _dtype(model: Any) -> torch.dtype:
 
 
 def _bytes_per_row(model: Any, seq_len: int) -> int:
-    from speech_lens.adapters import estimate_memory
 
     config = model.hf_model.config.to_dict()
     return estimate_memory(config, _dtype(model), seq_len=seq_len).activations
@@ -114,7 +116,6 @@ def _bytes_per_row(model: Any, seq_len: int) -> int:
 
 def _free_bytes(model: Any, memory_budget_gb: float | None) -> tuple[int, str]:
     """Bytes left for activations, and where that number came from (for error messages)."""
-    from speech_lens.adapters import _available_gb, estimate_memory
 
     config = model.hf_model.config.to_dict()
     fixed = estimate_memory(config, _dtype(model), seq_len=1)
@@ -122,7 +123,7 @@ def _free_bytes(model: Any, memory_budget_gb: float | None) -> tuple[int, str]:
         # a stated budget covers everything: the loaded weights and the lens buffers too
         free = memory_budget_gb * 2**30 - fixed.weights - fixed.lens
         return int(free), f"budget {memory_budget_gb:g} GiB minus weights and lens buffers"
-    available = _available_gb(model.device)
+    available = free_memory_gb(model.device)
     if available is None:
         raise ValueError(
             f"cannot measure free memory on {model.device}: pass memory_budget_gb "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from speech_lens.hooks import HookFn
+from speech_lens._tl import HookFn
 
 __all__ = ["NumericError", "finite_guard_hooks", "guarded_hook_names"]
 

@@ -33,7 +33,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from speech_lens.report import atomic_write_text
+from speech_lens.files import atomic_write_text
+from speech_lens.models.checkpoint import lora_base_path, weight_files
 
 FORMAT = 1
 HASH_CACHE = "hashes.json"
@@ -120,9 +121,8 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     A LoRA adapter directory contributes its adapter files and its base checkpoint's weights
     (under ``base/``), since the merged model depends on both.
     """
-    from speech_lens.adapters import _lora_base, _weight_files
 
-    base = _lora_base(path)
+    base = lora_base_path(path)
     if base is not None:
         files = {
             f.name: f
@@ -131,7 +131,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         }
         files["adapter_config.json"] = path / "adapter_config.json"
         return {**files, **{f"base/{n}": f for n, f in checkpoint_files(base).items()}}
-    files = {f.relative_to(path).as_posix(): f for f in _weight_files(path)}
+    files = {f.relative_to(path).as_posix(): f for f in weight_files(path)}
     for idx in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / idx).exists():
             files[idx] = path / idx

@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import align_module_device
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from speech_lens._tl import final_norm_and_unembed
-from speech_lens.adapters import SpeechLM
-from speech_lens.readout import at_least_float32, readout_logits
+from speech_lens.lens.numerics import at_least_float32, readout_logits
+from speech_lens.models.load import SpeechLM
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.pt"
@@ -101,7 +102,6 @@ def exact_unembed_hash(norm: nn.Module, unembed: nn.Module) -> str:
     Changes with any weight change, vocabulary resize or final-norm change, all of which make a
     trained translator meaningless. A dtype change (bf16 vs fp32 load) also changes it.
     """
-    from accelerate.utils import align_module_device
 
     h = hashlib.sha256()
     for part, mod in (("norm", norm), ("unembed", unembed)):
@@ -320,8 +320,6 @@ def unembed_weight(unembed: nn.Module) -> Tensor:
     if not isinstance(w, Tensor):
         raise TypeError(f"unembedding {type(unembed).__name__} has no weight matrix")
     if w.is_meta:  # offloaded under a device map: read it through its accelerate hook
-        from accelerate.utils import align_module_device
-
         with align_module_device(unembed):
             return unembed.get_parameter("weight").detach().clone()
     return w

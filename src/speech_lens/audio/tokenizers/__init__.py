@@ -1,0 +1,1 @@
+"""Speech tokenizers: the protocol and registry, and one module per tokenizer family."""

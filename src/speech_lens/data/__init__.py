@@ -1,0 +1,1 @@
+"""Utterances, unit streams, manifests, alignments and prompts."""

@@ -1,0 +1,69 @@
+"""Lens metric tables: one row per lens row (layer_table) and per word x layer (word_table)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from speech_lens.lens.metrics import DatasetMetrics
+from speech_lens.lens.records import DEFAULT_MATCH, UtteranceRecord
+
+
+def layer_table(m: DatasetMetrics) -> list[dict[str, Any]]:
+    """One row per lens row: recall@k (current / next) with CI, masses at speech positions."""
+    rows = []
+    for i in m.layers:
+        row: dict[str, Any] = {
+            "layer": i,
+            "relative_depth": round(i / m.n_layers, 4),
+            "match": m.match,
+        }
+        for k in m.ks:
+            for name, curves in (("current", m.recall_current), ("next", m.recall_next)):
+                c = curves[k]
+                row[f"recall@{k}_{name}"] = c.mean[i]
+                row[f"recall@{k}_{name}_lo"] = c.lo[i]
+                row[f"recall@{k}_{name}_hi"] = c.hi[i]
+        for g, c in m.mass.items():
+            row[f"{g}_mass"] = c.mean[i]
+        row["unit_top1"] = m.unit_top1.mean[i]
+        for name, c in m.curves.items():
+            row[name] = c.mean[i]
+        rows.append(row)
+    return rows
+
+
+def word_table(
+    records: Sequence[UtteranceRecord],
+    *,
+    match: str = DEFAULT_MATCH,
+    tokenizer: Any = None,
+    top: int = 5,
+) -> list[dict[str, Any]]:
+    """Drill-down rows (utterance, word, layer, ranks, top pooled text tokens)."""
+    rows = []
+    for r in records:
+        cur = r.rank_array(match, "current")
+        nxt = r.rank_array(match, "next")
+        for j, word in enumerate(r.words):
+            for layer in range(r.n_layers + 1):
+                ids = r.top_ids[j][layer][:top]
+                toks = (
+                    tokenizer.convert_ids_to_tokens(ids)
+                    if tokenizer is not None
+                    else [str(i) for i in ids]
+                )
+                rows.append(
+                    {
+                        "utterance": r.utterance_id,
+                        "word_index": r.word_index[j],
+                        "word": word,
+                        "next_word": r.next_words[j],
+                        "layer": layer,
+                        "match": match,
+                        "rank_current": int(cur[layer, j]),
+                        "rank_next": int(nxt[layer, j]),
+                        "top_tokens": " | ".join(str(t) for t in toks),
+                    }
+                )
+    return rows

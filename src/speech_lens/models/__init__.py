@@ -1,0 +1,1 @@
+"""Checkpoint families and loading: spec (TOML schema), checkpoint files, layout, memory, devices, load."""

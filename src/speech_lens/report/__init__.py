@@ -1,0 +1,1 @@
+"""Report building: the HTML report and the figures of each analysis (plotly Figures)."""

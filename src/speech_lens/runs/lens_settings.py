@@ -1,0 +1,147 @@
+"""The lens run's settings: LensRunConfig (what a run records and resumes by), built from CLI
+arguments, and how each utterance is encoded for it."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.word_targets import (
+    WORD_PIECE_RULE,
+    span_settings,
+)
+from speech_lens.lens.numerics import readout_settings
+from speech_lens.lens.records import DEFAULT_MATCH, MATCH_RULES
+from speech_lens.options import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS
+
+MODES = ("speech", "interleaved")
+
+
+SPAN_SEED = "crc32(utterance id) xor seed"  # each interleaved prompt's sampler seed (_prompt_seed)
+
+
+@dataclass(frozen=True)
+class LensRunConfig:
+    checkpoint: str
+    data: str
+    family: str
+    mode: str = "speech"
+    k: int = 10
+    match: str = DEFAULT_MATCH
+    ks: tuple[int, ...] = (1, 5, 10)
+    limit: int | None = None
+    n_boot: int = 1000
+    seed: int = 0
+    lens: str = "logit"  # or "tuned:PATH" (a tuned lens in the tuned-lens format)
+    # interleaved runs only (None otherwise): which words are spoken, with the sampler's
+    # parameters as prompts.span_settings fills them in (lens_config: the family's sampler)
+    span_sampler: str | None = None
+    span_mean: float | None = None
+    speech_fraction: float | None = None
+    zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS  # skip | miss | error (lens.logit)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: one of {MODES}")
+        if self.zero_unit_words not in ZERO_UNIT_WORDS:
+            raise ValueError(
+                f"--zero-unit-words {self.zero_unit_words!r}: one of {ZERO_UNIT_WORDS}"
+            )
+        if self.match not in MATCH_RULES:
+            raise ValueError(f"match rule {self.match!r}: one of {MATCH_RULES}")
+        spans = (self.span_sampler, self.span_mean, self.speech_fraction)
+        if self.mode != "interleaved":
+            if spans != (None, None, None):
+                raise ValueError(
+                    f"span_sampler and its parameters are for interleaved runs, "
+                    f"not {self.mode!r} ones"
+                )
+            return
+        if self.span_sampler is None:
+            raise ValueError(
+                "an interleaved run needs span_sampler (lens_config takes the family's own)"
+            )
+        # the sampler's defaults filled in, so settings and resume key hold the values used
+        filled = span_settings(self.span_sampler, self.span_mean, self.speech_fraction)
+        for name, v in filled.items():
+            object.__setattr__(self, name, v)
+
+    def span_settings(self) -> dict[str, Any]:
+        """How interleaved prompts chose their spoken words (all None in speech mode)."""
+        return {
+            "span_sampler": self.span_sampler,
+            "span_mean": self.span_mean,
+            "speech_fraction": self.speech_fraction,
+            "span_seed": SPAN_SEED if self.mode == "interleaved" else None,
+        }
+
+    def resume_key(self) -> dict[str, Any]:
+        """Settings that change per-utterance records (match, ks, limit do not: they are
+        applied when aggregating, so a finished run can be re-scored without recomputing).
+        The zero-unit-word policy is here too (``error`` refuses what the others record), and
+        the readout (float32, ties against the target): records of another readout differ."""
+        return {
+            "checkpoint": self.checkpoint,
+            "data": self.data,
+            "family": self.family,
+            "mode": self.mode,
+            "k": self.k,
+            "seed": self.seed,
+            "lens": self.lens,
+            "word_pieces": WORD_PIECE_RULE,
+            **self.span_settings(),
+            "zero_unit_words": self.zero_unit_words,
+            **readout_settings(),
+        }
+
+
+def _prompt_seed(cfg: LensRunConfig, uid: str) -> int:
+    # deterministic per utterance, so a resumed interleaved run samples the same spans (SPAN_SEED)
+    return (zlib.crc32(uid.encode()) ^ cfg.seed) & 0x7FFFFFFF
+
+
+def encode_for_lens(model: Any, utt: Any, cfg: LensRunConfig) -> Any:
+
+    if cfg.mode == "interleaved":
+        return encode_prompt(
+            model,
+            utt,
+            mode="interleaved",
+            seed=_prompt_seed(cfg, utt.id),
+            span_sampler=cfg.span_sampler,  # type: ignore[arg-type]  # checked by the config
+            span_mean=cfg.span_mean,
+            speech_fraction=cfg.speech_fraction,
+        )
+    return encode_prompt(model, utt, mode="speech")
+
+
+def lens_config(args: Any, model: Any) -> LensRunConfig:
+    """The run settings of ``speech-lens lens`` (and of the torchrun lens) from its arguments."""
+    return LensRunConfig(
+        checkpoint=str(Path(args.checkpoint).resolve()),
+        data=str(Path(args.data).resolve()),
+        family=model.spec.name,
+        mode=args.mode,
+        k=int(args.k),
+        match=args.match,
+        ks=tuple(sorted({1, 5, int(args.k)})),
+        limit=args.limit,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        lens=getattr(args, "lens", "logit"),
+        span_sampler=_span_sampler(args, model),
+        zero_unit_words=getattr(args, "zero_unit_words", DEFAULT_ZERO_UNIT_WORDS),
+    )
+
+
+def _span_sampler(args: Any, model: Any) -> str | None:
+    """``--span-sampler`` of an interleaved run, else the family's own (its spec's)."""
+    chosen = getattr(args, "span_sampler", None)
+    if args.mode != "interleaved":
+        if chosen is not None:
+            raise ValueError(f"--span-sampler {chosen}: only with --mode interleaved")
+        return None
+    return str(chosen or model.spec.prompt.span_sampler)
