@@ -70,10 +70,10 @@ def _row_sets(n_layers: int) -> tuple[list[int], list[int]]:
 
 def _settings(model: Any, utts: list, budget: float) -> tuple[list[tuple[str, str, Any]], dict]:
     from speech_lens.batching import plan_batches
-    from speech_lens.lens.logit import word_lens, word_lens_batch
     from speech_lens.data.encoded import SPEECH
     from speech_lens.data.prompts import encode_prompt
     from speech_lens.data.word_targets import word_targets
+    from speech_lens.lens.logit import word_lens, word_lens_batch
 
     speech = [encode_prompt(model, u, mode="speech") for u in utts]
     inter = [encode_prompt(model, u, mode="interleaved", seed=i) for i, u in enumerate(utts)]
