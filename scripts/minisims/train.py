@@ -107,7 +107,14 @@ def save_state(
     os.replace(tmp, path)
 
 
-def run(cfg: TrainConfig, out: Path, corpus_path: Path, ckpt_minutes: float, gates: bool) -> None:
+def run(
+    cfg: TrainConfig,
+    out: Path,
+    corpus_path: Path,
+    ckpt_minutes: float,
+    gates: bool,
+    stop_after: int | None = None,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus.load(corpus_path)
     torch.manual_seed(cfg.seed)
@@ -125,7 +132,8 @@ def run(cfg: TrainConfig, out: Path, corpus_path: Path, ckpt_minutes: float, gat
         step = st["step"]
         print(f"resumed at step {step} ({st['tokens']} tokens)", flush=True)
     last_ckpt = time.time()
-    while step < cfg.total_steps:
+    last = cfg.total_steps if stop_after is None else min(cfg.total_steps, step + stop_after)
+    while step < last:
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_scale(cfg, step)
@@ -148,19 +156,22 @@ def run(cfg: TrainConfig, out: Path, corpus_path: Path, ckpt_minutes: float, gat
         }
         print(json.dumps(rec), flush=True)
         crossed = [m for m in cfg.milestones if tokens - cfg.tokens_per_step < m <= tokens]
-        if crossed or time.time() - last_ckpt > ckpt_minutes * 60 or step == cfg.total_steps:
+        if crossed or time.time() - last_ckpt > ckpt_minutes * 60 or step == last:
             save_state(state_path, model, opt, step, cfg, {})
             last_ckpt = time.time()
         for m in crossed:
             snap = out / "milestones" / f"tokens_{m}.pt"
             snap.parent.mkdir(exist_ok=True)
             shutil.copyfile(state_path, snap)
-            if gates:
+            if gates:  # a failing gate must not stop training: the snapshot can be rerun
                 import gates as gate_mod
 
-                gate_mod.evaluate_into(model, out / "gates.json", f"tokens_{m}", step, tokens)
+                try:
+                    gate_mod.evaluate_into(model, out / "gates.json", f"tokens_{m}", step, tokens)
+                except Exception as e:
+                    print(f"gates at {m} tokens failed: {e!r}", flush=True)
                 model.train()
-    print("done", flush=True)
+    print("done" if step == cfg.total_steps else f"stopped at step {step}", flush=True)
 
 
 def bench(corpus_path: Path, steps: int, out: Path) -> None:
@@ -224,13 +235,21 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--no-gates", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
+    ap.add_argument("--stop-after", type=int, help="run: stop (checkpointed) after N more steps")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.mode == "bench":
         bench(a.corpus, a.steps, ROOT / "organisms" / "minisims" / "bench.json")
     else:
-        cfg = TrainConfig(total_tokens=a.total_tokens, bf16=not a.fp32)
-        run(cfg, a.out, a.corpus, a.ckpt_minutes, gates=not a.no_gates)
+        cfg = TrainConfig(
+            total_tokens=a.total_tokens,
+            bf16=not a.fp32,
+            batch_size=a.batch_size,
+            seq_len=a.seq_len,
+        )
+        run(cfg, a.out, a.corpus, a.ckpt_minutes, not a.no_gates, a.stop_after)
 
 
 if __name__ == "__main__":
