@@ -27,23 +27,45 @@ from speech_lens.organisms.corpus import read_jsonl
 EOT = 0  # <|endoftext|>: SmolLM2's document separator, the start token here
 
 
-def smollm_scores(model, tok, clauses: list[list[str]]) -> dict[str, float]:
+def smollm_scores(
+    model, tok, clauses: list[list[str]], vocab: list[str] | None = None
+) -> dict[str, float]:
+    """Open-vocabulary scores; with ``vocab``, also top-1 among the first tokens of " w" for
+    the words w of that closed vocabulary (the organisms' 840 words)."""
     items = [
         ([tok(" " + w, add_special_tokens=False)["input_ids"] for w in ws], None) for ws in clauses
     ]
     seqs, reads = text_sequences(items, EOT)
     ranks, logps = scored(model, seqs, reads, bf16=False)
-    top1, word_nll, k = [], [], 0
+    closed: list[int] = []
+    if vocab is not None:
+        mask = torch.zeros(49152, dtype=torch.bool)
+        for w in vocab:
+            mask[tok(" " + w, add_special_tokens=False)["input_ids"][0]] = True
+        closed, _ = scored(model, seqs, reads, bf16=False, candidates=mask)
+    top1, top1_closed, word_nll, k = [], [], [], 0
     for words, _ in items:
         for w in words[1:]:
             top1.append(ranks[k] == 1)
+            if closed:
+                top1_closed.append(closed[k] == 1)
             word_nll.append(-sum(logps[k : k + len(w)]))
             k += len(w)
+    extra = {}
+    if top1_closed:
+        extra["next_word_top1_among_organism_words"] = round(sum(top1_closed) / len(top1), 4)
     return {
+        **extra,
         "next_word_top1": round(sum(top1) / len(top1), 4),
         "word_perplexity": round(math.exp(sum(word_nll) / len(word_nll)), 2),
         "n": len(top1),
     }
+
+
+def organism_words() -> list[str]:
+    vocab = json.loads((ROOT / "organisms" / "text_lm" / "tokenizer.json").read_text())
+    ids = vocab["model"]["vocab"]
+    return [w for w, i in ids.items() if 3 <= i < ids["[Text]"]]
 
 
 @torch.no_grad()
@@ -101,7 +123,7 @@ def main() -> None:
         "load_seconds": round(t_load, 1),
         "params": sum(p.numel() for p in model.parameters()),
         "smollm2_cased": smollm_scores(model, tok, cased),
-        "smollm2_lower": smollm_scores(model, tok, lower),
+        "smollm2_lower": smollm_scores(model, tok, lower, organism_words()),
         "text_lm": text_lm_scores(lower),
         "bf16_vs_fp32": bf16_agreement(model, tok, cased),
     }

@@ -58,9 +58,12 @@ def scored(
     reads: list[list[tuple[int, int]]],
     bf16: bool,
     batch: int = 32,
+    candidates: torch.Tensor | None = None,
 ) -> tuple[list[int], list[float]]:
-    """For each (position, target token) in reads: rank of the target among text ids at that
-    position, and its log-probability over the full vocabulary."""
+    """For each (position, target token) in reads: rank of the target among text ids (or among
+    the ``candidates`` mask over text ids) at that position, and its log-probability over the
+    full vocabulary."""
+    mask = torch.ones(N_BASE_TOKENS, dtype=torch.bool) if candidates is None else candidates
     ranks: list[int] = []
     logps: list[float] = []
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -73,7 +76,7 @@ def scored(
             tgt = torch.tensor([t for _, t in rd])
             row = lg[i, pos]
             text = row[:, :N_BASE_TOKENS]
-            ranks += ((text > text.gather(1, tgt[:, None])).sum(1) + 1).tolist()
+            ranks += (((text > text.gather(1, tgt[:, None])) & mask).sum(1) + 1).tolist()
             logps += row.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1).tolist()
     return ranks, logps
 
