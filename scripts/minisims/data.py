@@ -15,7 +15,10 @@ and at every modality change, speech spans = deduplicated ``<Un..>`` of the word
 BPE ids of the words. Mix: text-only 0.2, interleaved 0.55, speech-only 0.25 (slamkit's ratios);
 interleaved speech spans are Poisson(5)-word spans until >= 30% of the words are speech (slamkit:
 Poisson(10), 30%; shorter spans here because a ~100-word passage should switch modality a few
-times). A batch is a pure function of (seed, step).
+times). Half of the single-modality examples drop their leading marker: slamkit scores speech
+as bare units (speech_lens's sims prompt convention, ``speech_only_marker = false``), while an
+interleaved prompt opens with one; both forms are then in distribution. A batch is a pure function
+of (seed, step).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ VOCAB = TEXT_ID + 1
 FRAME_RATE = 25.0
 MIX = (("text", 0.2), ("interleaved", 0.55), ("speech", 0.25))
 SPAN_MEAN, SPEECH_SHARE = 5.0, 0.3
+BARE_SHARE = 0.5  # single-modality examples without their leading marker
 CASED_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 STRESS = str.maketrans("", "", "ˈˌ")
 VOWELS = set("aeiouyæɑɒɔəɛɜɪʊʌɚɐᵻɵøœɯ")
@@ -175,13 +179,13 @@ def example(c: Corpus, rng: np.random.Generator, seq_len: int) -> list[int]:
         words += c.train[k % len(c.train)]
         if len(words) >= seq_len:  # >= 1 token per word: enough
             break
-    if MIX[kind][0] == "text":
-        mask = np.zeros(len(words), dtype=bool)
-    elif MIX[kind][0] == "speech":
-        mask = np.ones(len(words), dtype=bool)
-    else:
-        mask = speech_mask(len(words), rng)
-    return render(c, words, mask)[:seq_len]
+    if MIX[kind][0] == "interleaved":
+        return render(c, words, speech_mask(len(words), rng))[:seq_len]
+    mask = np.full(len(words), MIX[kind][0] == "speech")
+    toks = render(c, words, mask)
+    if rng.random() < BARE_SHARE:  # slamkit's test-mode strings: no leading marker
+        toks = toks[1:]
+    return toks[:seq_len]
 
 
 def batch(c: Corpus, seed: int, step: int, size: int, seq_len: int) -> np.ndarray:
