@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT, SHIPPED, load_base, write_json_atomic
+from common import ROOT, SHIPPED, load_base, sha256, write_json_atomic
 
 from data import FRAME_RATE, N_UNITS, Corpus, build_corpus, cased_clauses
 from speech_lens.organisms import corpus as org_corpus
@@ -93,6 +93,8 @@ def main() -> None:
     SHIPPED.mkdir(parents=True, exist_ok=True)
     org_corpus.write_jsonl(SHIPPED / "test_manifest.jsonl", recs)
     stats = {**unit_stats(c), "test_utterances": len(recs)}
+    # a resumed training run needs this exact stream (rebuilds are deterministic: checked)
+    stats["corpus_sha256"] = sha256(a.data / "corpus.json")
     stats["test_words"] = sum(len(r["words"]) for r in recs)
     write_json_atomic(SHIPPED / "u0_units.json", stats)
     print(json.dumps({k: v for k, v in stats.items() if k != "phonemes"}))
