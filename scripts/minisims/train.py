@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from common import ROOT, write_json_atomic
+from common import ROOT, sha256, write_json_atomic
 from model import build, load_trainable, trainable_state
 
 from data import VOCAB, Corpus, batch
@@ -117,6 +117,7 @@ def run(
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus.load(corpus_path)
+    corpus_sha = sha256(corpus_path)
     torch.manual_seed(cfg.seed)
     model, _ = build(cfg.seed, cfg.lora_rank)
     opt = optimizer(model, cfg)
@@ -126,6 +127,8 @@ def run(
         st = torch.load(state_path, weights_only=False)
         if st["config"] != asdict(cfg):
             raise RuntimeError(f"{state_path}: saved with config {st['config']}, not {asdict(cfg)}")
+        if st.get("corpus_sha256", corpus_sha) != corpus_sha:
+            raise RuntimeError(f"{state_path}: trained on another corpus than {corpus_path}")
         load_trainable(model, st["trainable"])
         opt.load_state_dict(st["optimizer"])
         torch.set_rng_state(st["torch_rng"])
@@ -157,7 +160,7 @@ def run(
         print(json.dumps(rec), flush=True)
         crossed = [m for m in cfg.milestones if tokens - cfg.tokens_per_step < m <= tokens]
         if crossed or time.time() - last_ckpt > ckpt_minutes * 60 or step == last:
-            save_state(state_path, model, opt, step, cfg, {})
+            save_state(state_path, model, opt, step, cfg, {"corpus_sha256": corpus_sha})
             last_ckpt = time.time()
         for m in crossed:
             snap = out / "milestones" / f"tokens_{m}.pt"
