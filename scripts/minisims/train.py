@@ -107,6 +107,22 @@ def save_state(
     os.replace(tmp, path)
 
 
+def claim_run_dir(out: Path) -> None:
+    """Refuse a second trainer on the same state (it would overwrite the first one's
+    checkpoints): OUT/train.pid names the live owner."""
+    pid_file = out / "train.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text().strip() or 0)
+        alive = True
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, ValueError):
+            alive = False
+        if alive and pid != os.getpid():
+            raise RuntimeError(f"{out}: process {pid} is already training here ({pid_file})")
+    pid_file.write_text(f"{os.getpid()}\n")
+
+
 def run(
     cfg: TrainConfig,
     out: Path,
@@ -116,6 +132,7 @@ def run(
     stop_after: int | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(out)
     corpus = Corpus.load(corpus_path)
     corpus_sha = sha256(corpus_path)
     torch.manual_seed(cfg.seed)
