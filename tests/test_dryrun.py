@@ -113,6 +113,7 @@ def test_demo_dry_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "dry run: speech-lens demo" in text and "organisms" in text
     assert "lens: " in text and "patching: " in text and "estimated time:" in text
+    assert f"torch threads: {torch.get_num_threads()} " in text
     assert not out.exists()
 
 

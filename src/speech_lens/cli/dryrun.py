@@ -68,6 +68,8 @@ class DryRunPlan:
     memory: MemoryEstimate | None
     available_gb: float | None
     stages: tuple[Stage, ...]
+    # the calibration's timings depend on it
+    torch_threads: int = dataclasses.field(default_factory=torch.get_num_threads)
 
     @property
     def seconds(self) -> float:
@@ -86,6 +88,7 @@ class DryRunPlan:
                 f"(measured on {s.calibrated_on}) = {_duration(s.seconds)}"
             )
         lines.append(f"  estimated time: {_duration(self.seconds)}")
+        lines.append(f"  torch threads: {self.torch_threads} (the calibration ran with these)")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -105,6 +108,7 @@ class DryRunPlan:
                 for s in self.stages
             ],
             "seconds": self.seconds,
+            "torch_threads": self.torch_threads,
         }
 
 

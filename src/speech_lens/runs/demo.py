@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from speech_lens.data.manifest import read_manifest
@@ -33,6 +34,7 @@ from speech_lens.report.lens import compare_figure, lens_heatmap, modality_figur
 from speech_lens.runs.demo_sections import (
     K,
     Organism,
+    SummarySources,
     asr_section,
     curve_peak,
     describe_organism,
@@ -40,6 +42,7 @@ from speech_lens.runs.demo_sections import (
     lens_metrics,
     patching_section,
     summary_row,
+    summary_sources,
     tuned_section,
 )
 
@@ -107,8 +110,9 @@ def run_demo(
             f"text ids only, match rule 'first'"
         ),
     )
-    rows = [summary_row(o, metrics[o.name]) for o in orgs]
-    overview_section(rep, rows)
+    sources = summary_sources(len(test), orgs, results)
+    rows = [summary_row(o, metrics[o.name], sources) for o in orgs]
+    overview_section(rep, rows, sources, orgs)
     comparison_sections(rep, orgs, metrics)
     control_sections(rep, orgs, metrics)
     organism_sections(rep, orgs, metrics, interleaved)
@@ -123,6 +127,7 @@ def run_demo(
         "organisms": {o.name: metrics[o.name].to_json() for o in orgs},
         "table": rows,
         "seconds": round(time.time() - t0, 1),
+        "torch_threads": torch.get_num_threads(),  # the timing above depends on it
         "provenance": provs,
     }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=1))
@@ -150,7 +155,9 @@ def lens_every_organism(
     return models, metrics, interleaved
 
 
-def overview_section(rep: Report, rows: list[dict[str, Any]]) -> None:
+def overview_section(
+    rep: Report, rows: list[dict[str, Any]], src: SummarySources, orgs: list[Organism]
+) -> None:
     rep.add_section(
         "What this shows",
         text=(
@@ -159,7 +166,10 @@ def overview_section(rep: Report, rows: list[dict[str, Any]]) -> None:
             "on-disk format. The ablation grid crosses initialisation (a text-pretrained LM vs "
             "random) with data (interleaved speech-text vs speech-only), as in the paper. The "
             "positive control is trained with an auxiliary loss that plants the current word's "
-            "text token at one middle layer: it validates the tool and is not a replication. "
+            f"text token at one middle layer through {control_readout(orgs)}, the very readout "
+            "the logit lens computes at that row: finding it there validates the plumbing "
+            "(hooks, positions, word targets, pooling), not the lens's sensitivity to a signal "
+            "the model encodes in some other way, and it is not a replication. "
             "Every number below is measured; small organisms trained for minutes need not show "
             "the paper's effect, and the table says what they show.\n\n"
             "Rows: 0 = embeddings, n = the model's output. Peaks exclude row 0."
@@ -167,10 +177,21 @@ def overview_section(rep: Report, rows: list[dict[str, Any]]) -> None:
         tables=[
             Table(
                 rows,
-                caption="per organism: lens peaks (speech-only prompts), gates and spoken knowledge",
+                caption=(
+                    "per organism: lens peaks (speech-only prompts) recomputed here on the "
+                    f"held-out utterances of this run [{src.lens}]; gates [{src.gates}] and "
+                    f"spoken knowledge [{src.knowledge}] read from organisms/results.json, "
+                    "measured when the organisms were built"
+                ),
             )
         ],
     )
+
+
+def control_readout(orgs: list[Organism]) -> str:
+    """The planted readout as the lens computes it, e.g. ``lm_head(final_norm(h_3))``."""
+    layers = sorted({o.aux_layer for o in orgs if o.aux_layer is not None})
+    return " / ".join(f"lm_head(final_norm(h_{n}))" for n in layers) or "lm_head(final_norm(h_L))"
 
 
 def comparison_sections(
@@ -215,7 +236,9 @@ def control_sections(rep: Report, orgs: list[Organism], metrics: dict[str, Datas
             text=(
                 f"Trained with an auxiliary loss reading the current word through the final norm "
                 f"and unembedding at the residual entering block {o.aux_layer} (lens row "
-                f"{o.aux_layer}) at speech positions. The lens finds current-word Recall@{K} = "
+                f"{o.aux_layer}) at speech positions, lm_head(final_norm(h_{o.aux_layer})): the very "
+                "readout the logit lens computes at that row, so this validates the plumbing, not "
+                f"the lens's sensitivity. The lens finds current-word Recall@{K} = "
                 f"{cur:.3f} peaking at row {layer + 1}"
                 + (
                     f"; the same recipe without the auxiliary loss ({twin.name}) peaks at "

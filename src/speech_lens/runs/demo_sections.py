@@ -84,7 +84,34 @@ def _crossover(m: DatasetMetrics) -> int | str:
     return "never"
 
 
-def summary_row(o: Organism, m: DatasetMetrics) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SummarySources:
+    """Where the summary table's columns come from and on how much data (in their labels): the
+    lens columns are recomputed by the demo, gates and knowledge are read from results.json."""
+
+    lens: str  # e.g. "recomputed: 150 utt."
+    gates: str  # e.g. "results.json: 300 utt."
+    knowledge: str  # e.g. "results.json: 48 facts"
+
+
+def summary_sources(
+    n_lens: int, orgs: Sequence[Organism], results: dict[str, Any]
+) -> SummarySources:
+    """Labels from the data actually used: ``n_lens`` utterances lensed here (``--limit``), the
+    held-out set the gates ran on and the facts the knowledge test asked (``results.json``)."""
+    n_gate = results.get("corpus", {}).get("test", {}).get("utterances", "?")
+    facts = sorted(
+        {o.measured["knowledge"].get("n_facts") for o in orgs if o.measured.get("knowledge")}
+        - {None}
+    )
+    return SummarySources(
+        lens=f"recomputed: {n_lens} utt.",
+        gates=f"results.json: {n_gate} utt.",
+        knowledge=f"results.json: {'/'.join(map(str, facts)) or '?'} facts",
+    )
+
+
+def summary_row(o: Organism, m: DatasetMetrics, src: SummarySources) -> dict[str, Any]:
     cur1, l1 = curve_peak(m.recall_current[1].mean[1:])
     cur5, l5 = curve_peak(m.recall_current[K].mean[1:])
     nxt5, ln = curve_peak(m.recall_next[K].mean[1:])
@@ -93,15 +120,15 @@ def summary_row(o: Organism, m: DatasetMetrics) -> dict[str, Any]:
     return {
         "organism": o.name,
         "role": o.label,
-        "cur@1 peak (layer)": f"{cur1:.3f} ({l1 + 1})",
-        f"cur@{K} peak (layer)": f"{cur5:.3f} ({l5 + 1})",
-        f"next@{K} peak (layer)": f"{nxt5:.3f} ({ln + 1})",
-        "units overtake text at layer": _crossover(m),
-        "next word after speech / text prefix": _pair(
+        f"cur@1 peak (layer) [{src.lens}]": f"{cur1:.3f} ({l1 + 1})",
+        f"cur@{K} peak (layer) [{src.lens}]": f"{cur5:.3f} ({l5 + 1})",
+        f"next@{K} peak (layer) [{src.lens}]": f"{nxt5:.3f} ({ln + 1})",
+        f"units overtake text at layer [{src.lens}]": _crossover(m),
+        f"next word after speech / text prefix [{src.gates}]": _pair(
             gates, "next_word_after_speech_prefix", "next_word_after_text_prefix"
         ),
-        "transcription acc": _fmt(gates.get("transcription_word_acc")),
-        "spoken knowledge acc": _fmt(know.get("speech_acc")),
+        f"transcription acc [{src.gates}]": _fmt(gates.get("transcription_word_acc")),
+        f"spoken knowledge acc [{src.knowledge}]": _fmt(know.get("speech_acc")),
     }
 
 
@@ -141,14 +168,17 @@ def knowledge_section(
         k = o.measured.get("knowledge")
         if not k:
             continue
-        strength = curve_peak(metrics[o.name].recall_current[K].mean[1:])[0]
+        m = metrics[o.name]
+        strength = curve_peak(m.recall_current[K].mean[1:])[0]
         rows.append(
             {
                 "organism": o.name,
                 "facts": k.get("n_facts"),
                 "accuracy from text": _fmt(k.get("text_acc")),
                 "accuracy from speech": _fmt(k.get("speech_acc")),
-                f"transcription strength (peak cur@{K})": f"{strength:.3f}",
+                f"transcription strength (peak cur@{K}, recomputed: {m.n_utterances} utt.)": (
+                    f"{strength:.3f}"
+                ),
             }
         )
         if o.saw_speech and o.aux_layer is None and k.get("speech_acc") is not None:
@@ -158,7 +188,8 @@ def knowledge_section(
         "Facts about a small synthetic world appear only in the text training data; the test "
         "plays the prompt in speech and compares the likelihood of the correct and a "
         "counterfactual spoken completion (the paper's Common-Sense Facts Audio setup). "
-        "Measured when the organisms were built (organisms/knowledge.py)."
+        "The accuracies were measured when the organisms were built (organisms/knowledge.py, "
+        "read from results.json); the transcription strength is recomputed by this demo."
     )
     if len(xs) >= 3 and np.std(xs) > 0 and np.std(ys) > 0:
         r = float(np.corrcoef(xs, ys)[0, 1])
