@@ -278,6 +278,7 @@ EXACT_FIELDS = (
     "word_index",
     "next_words",
     "words_without_units",  # zero-unit-word policy fields (fix-lens): ids and counts, exact
+    "target_ids",  # each word's hit token ids per match rule (mismatched-word baseline): ids
     "n_utterance_words",
 )
 RECORD_FIELDS = {*EXACT_FIELDS, "n_speech_positions", "ranks", "top_ids", "mass_sums", "unit_top1"}

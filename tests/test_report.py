@@ -73,9 +73,15 @@ def test_runner_outputs_and_resume(tmp_path, tiny_model):
     assert len(rows) == m.n_words * (model.n_layers + 1)
     assert {r["utterance"] for r in rows} == {"u0", "u1", "u2"} and rows[0]["match"] == "first"
     with (out / "layers.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == model.n_layers + 1
+        layers = list(csv.DictReader(f))
+    assert len(layers) == model.n_layers + 1
+    # the mismatched-word baseline goes end to end: metrics.json, layers.csv, the recall figure
+    assert sorted(info["metrics"]["recall_mismatched"]) == ["1", "5"]
+    base = [float(r["recall@5_mismatched"]) for r in layers]
+    assert base == pytest.approx(m.recall_mismatched[5].mean)
     html = (out / "report.html").read_text()
     assert not SCRIPT_SRC.search(html) and "One utterance: u0" in html
+    assert "current word R@5 (mismatched-word baseline)" in html
     # a finished run reruns with another matching rule without computing anything
     again = LensRunConfig(**{**cfg.__dict__, "match": "any"})
     m2 = run_dataset(

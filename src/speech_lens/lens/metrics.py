@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from speech_lens.lens.mismatch import has_targets, mismatched_hits
 from speech_lens.lens.records import (
     DEFAULT_MATCH,
     MATCH_RULES,
@@ -119,6 +120,9 @@ class DatasetMetrics:
     n_words_without_units: int = 0  # spoken words with no unit position (skipped or missed)
     # registered (non-built-in) speech-position metrics by name (lens/registry.py)
     curves: dict[str, Curve] = field(default_factory=dict)
+    # current-word Recall@k against a random other word's target (lens/mismatch.py): the chance
+    # level of the same top-k; empty for records without target ids or k beyond the stored top-k
+    recall_mismatched: dict[int, Curve] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
@@ -134,6 +138,9 @@ class DatasetMetrics:
         d["recall_next"] = {str(k): v for k, v in d["recall_next"].items()}
         if not d["curves"]:
             del d["curves"]  # metrics.json without registered metrics is unchanged
+        d["recall_mismatched"] = {str(k): v for k, v in d["recall_mismatched"].items()}
+        if not d["recall_mismatched"]:
+            del d["recall_mismatched"]
         return d
 
     @classmethod
@@ -144,6 +151,8 @@ class DatasetMetrics:
         d["mass"] = {g: Curve(**v) for g, v in d["mass"].items()}
         d["unit_top1"] = Curve(**d["unit_top1"])
         d["curves"] = {name: Curve(**v) for name, v in d.get("curves", {}).items()}
+        mismatched = d.get("recall_mismatched", {})
+        d["recall_mismatched"] = {int(k): Curve(**v) for k, v in mismatched.items()}
         return cls(**d)
 
 
@@ -184,6 +193,8 @@ def aggregate(
     positions. Each bootstrap replicate redraws utterances with replacement (``seed``).
     Spoken words with no unit position are counted (``n_words_without_units``) and left out of
     Recall@k (``zero_unit_words="skip"``) or scored as misses, current and next word (``"miss"``).
+    The mismatched-word baseline (``recall_mismatched``, ``lens/mismatch.py``) scores each word's
+    stored top-k against another word's target (draw seeded by ``seed``), over the same words.
     """
     if match not in MATCH_RULES:
         raise ValueError(f"unknown match rule {match!r}; one of {MATCH_RULES}")
@@ -210,6 +221,7 @@ def aggregate(
         rn[k], n_next = recall_curve(
             records, match, "next", int(k), weights, alpha, zero_unit_words
         )
+    mismatched = mismatched_curves(records, match, ks, seed, weights, alpha, zero_unit_words)
     npos = np.array([r.n_speech_positions for r in records], dtype=np.float64)
     mass, top1, curves = position_curves(records, npos, weights, alpha)
     return DatasetMetrics(
@@ -231,6 +243,7 @@ def aggregate(
         zero_unit_words=zero_unit_words,
         n_words_without_units=sum(len(r.words_without_units) for r in records),
         curves=curves,
+        recall_mismatched=mismatched,
     )
 
 
@@ -252,15 +265,42 @@ def recall_curve(
     scored (with the words that have no unit position under ``"miss"``)."""
     u, rows = len(records), records[0].n_layers + 1
     hits = np.zeros((u, rows))
-    count = np.zeros(u)
     for i, r in enumerate(records):
         a = r.rank_array(match, which)  # [row, word]
-        valid = a >= 0
-        hits[i] = ((a < k) & valid).sum(1)
-        count[i] = valid[0].sum() if a.shape[1] else 0
+        hits[i] = ((a < k) & (a >= 0)).sum(1)
+    count = scored_words(records, match, which, zero_unit_words)
+    return _ratio_curve(hits, count, weights, alpha), int(count.sum())
+
+
+def scored_words(
+    records: Sequence[UtteranceRecord], match: str, which: str, zero_unit_words: str
+) -> np.ndarray:
+    """Per utterance, the words Recall@k of the ``which`` word scores (its denominator)."""
+    count = np.zeros(len(records))
+    for i, r in enumerate(records):
+        a = r.rank_array(match, which)
+        count[i] = (a[0] >= 0).sum() if a.shape[1] else 0
         n = r.n_utterance_words or len(r.words) + len(r.words_without_units)
         count[i] += scored_without_units(r.words_without_units, n, which, zero_unit_words)
-    return _ratio_curve(hits, count, weights, alpha), int(count.sum())
+    return count
+
+
+def mismatched_curves(
+    records: Sequence[UtteranceRecord],
+    match: str,
+    ks: Sequence[int],
+    seed: int,
+    weights: np.ndarray,
+    alpha: float,
+    zero_unit_words: str,
+) -> dict[int, Curve]:
+    """The mismatched-word baseline per k over the words current-word Recall@k scores (none
+    for records without target ids, i.e. written before it)."""
+    if not has_targets(records, match) or len({w for r in records for w in r.words}) < 2:
+        return {}
+    count = scored_words(records, match, "current", zero_unit_words)
+    hits = mismatched_hits(records, match, ks, seed)
+    return {k: _ratio_curve(h, count, weights, alpha) for k, h in hits.items()}
 
 
 def position_curves(

@@ -47,7 +47,8 @@ class UtteranceRecord:
     (unit) positions; ``unit_top1[row]``: how many of them have a speech unit as top-1 overall.
     ``words_without_units``: utterance word indices of spoken words with no unit position (not
     in ``words``); ``n_utterance_words``: the utterance's word count (which of them have a next
-    word).
+    word). ``target_ids[rule][j]``: the token ids that count as a hit for spoken word ``j`` under
+    ``rule`` (``match_ids``; empty in records written before the mismatched-word baseline).
     """
 
     utterance_id: str
@@ -64,6 +65,8 @@ class UtteranceRecord:
     n_utterance_words: int = 0
     # registered (non-built-in) speech-position metrics: name -> row sums (lens/registry.py)
     position_sums: dict[str, list[float]] = field(default_factory=dict)
+    # rule -> per spoken word its hit ids: what the mismatched-word baseline scores (lens/mismatch)
+    target_ids: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -107,6 +110,7 @@ def utterance_record(
             for j, t in enumerate(w.next)
         ]
         ranks[rule] = {"current": cur, "next": nxt}
+    targets = {rule: [list(match_ids(t, rule)) for t in w.current] for rule in MATCH_RULES}
     sums, unit_top1, others = position_sums(result, col, layout)
     return UtteranceRecord(
         utterance_id=prompt.utterance_id,
@@ -122,6 +126,7 @@ def utterance_record(
         words_without_units=list(w.no_unit_words),
         n_utterance_words=len(prompt.words),
         position_sums=others,
+        target_ids=targets,
     )
 
 

@@ -10,7 +10,8 @@ from speech_lens.lens.records import DEFAULT_MATCH, UtteranceRecord
 
 
 def layer_table(m: DatasetMetrics) -> list[dict[str, Any]]:
-    """One row per lens row: recall@k (current / next) with CI, masses at speech positions."""
+    """One row per lens row: recall@k (current / next, and the mismatched-word baseline where
+    computed) with CI, masses at speech positions."""
     rows = []
     for i in m.layers:
         row: dict[str, Any] = {
@@ -24,6 +25,11 @@ def layer_table(m: DatasetMetrics) -> list[dict[str, Any]]:
                 row[f"recall@{k}_{name}"] = c.mean[i]
                 row[f"recall@{k}_{name}_lo"] = c.lo[i]
                 row[f"recall@{k}_{name}_hi"] = c.hi[i]
+            if k in m.recall_mismatched:  # the baseline: absent from older metrics
+                c = m.recall_mismatched[k]
+                row[f"recall@{k}_mismatched"] = c.mean[i]
+                row[f"recall@{k}_mismatched_lo"] = c.lo[i]
+                row[f"recall@{k}_mismatched_hi"] = c.hi[i]
         for g, c in m.mass.items():
             row[f"{g}_mass"] = c.mean[i]
         row["unit_top1"] = m.unit_top1.mean[i]

@@ -105,7 +105,8 @@ def recall_figure(
     which: Sequence[str] = ("current", "next"),
     relative_depth: bool = False,
 ) -> go.Figure:
-    """Recall@k per layer for the current word (implicit transcription) and the next word."""
+    """Recall@k per layer for the current word (implicit transcription) and the next word; the
+    current word's mismatched-word baseline, where computed, as a dash-dot trace in its colour."""
     ms = _as_list(metrics)
     fig = go.Figure()
     i = 0
@@ -124,6 +125,16 @@ def recall_figure(
                     PALETTE[i % len(PALETTE)],
                     "solid" if w == "current" else "dash",
                 )
+                if w == "current" and k in m.recall_mismatched:
+                    # the chance level of the same top-k: scored against another word's target
+                    band(
+                        fig,
+                        _x(m, relative_depth),
+                        m.recall_mismatched[k],
+                        f"{name} (mismatched-word baseline)",
+                        PALETTE[i % len(PALETTE)],
+                        "dashdot",
+                    )
                 i += 1
     m0 = ms[0]
     _layout(
