@@ -14,7 +14,7 @@ a chance band of about +-0.055 instead of +-0.14. Version 2 contains every versi
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 PEOPLE = (
@@ -100,7 +100,7 @@ class World:
     version: int
     people: tuple[str, ...]
     values: dict[str, tuple[str, ...]]  # relation -> its answer category
-    fact_templates: dict[str, tuple[str, ...]]  # {p} person, {x} (v1: {c} / {j}) answer
+    fact_templates: Mapping[str, tuple[str, ...]]  # {p} person, {x} (v1: {c} / {j}) answer
     filler_templates: tuple[str, ...]
     filler_slots: dict[str, tuple[str, ...]]  # filler slot -> its words, drawn in this order
     prompts: dict[str, str]

@@ -17,9 +17,11 @@ the noise is coupled across doses: the substitutions at p are a subset of those 
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -132,3 +134,11 @@ class UnitNoise:
         """Deduplicated noisy units of one word occurrence: the same for the same (seed,
         utterance, occurrence); ``p = 0`` returns ``dedup(units)``."""
         return dedup(self.edit(units, utterance, occurrence)[0])
+
+
+def load_lexicon(path: str | Path) -> dict[str, list[int]]:
+    """U0 unit ids of every word of ``u0_lexicon.json`` (written by ``build_corpus.py u0``)."""
+    raw = json.loads(Path(path).read_text())
+    if tuple(raw.get("phonemes", ())) != U0_PHONEMES:
+        raise ValueError(f"{path}: field 'phonemes' is not the U0 inventory of u0.py")
+    return {w: phoneme_ids(ph, w) for w, ph in raw["words"].items()}
