@@ -28,6 +28,25 @@ from speech_lens.organisms.corpus import read_jsonl
 from speech_lens.organisms.unit_classifiers import BigramBayes, Example, NearestString, accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
+WHAT = (
+    "Unit->word classification of U0 (espeak-ng phonemes, organisms/u0_lexicon.json) at unit "
+    "noise p. Every word occurrence is its own noisy rendition. Train: every word occurrence of "
+    "the spoken training sentences (speech_train + fillers of the data folder's text.json, "
+    "utterance ids train-NNNNN), no subsampling. Test: the 1,698 words of the 300 held-out "
+    "clauses (organisms/test_manifest.jsonl, its utterance ids). Noise keys (seed, utterance, "
+    "occurrence) are those a U0 organism's data would use, so train and test renditions differ."
+)
+NOISE = (
+    "speech_lens.organisms.u0.UnitNoise: per original unit, substitute by another unit of its "
+    "phonetic class with probability p, else delete with p/4; after it insert with p/4 a unit of "
+    "its class (not itself); then merge repeats; a word left empty keeps its first unit."
+)
+CLASSIFIERS = {
+    "nearest_string": "exact edit-distance 1-NN over distinct training strings; the strings at "
+    "the minimal distance vote with their training token counts",
+    "bigram_bayes": "multinomial naive Bayes over unit bigrams with word-boundary symbols, "
+    "add-one smoothing, training word frequencies as prior",
+}
 
 
 def renditions(
@@ -89,9 +108,14 @@ def main() -> None:
     done = {(c["p"], c["seed"]): c for c in old.get("cells", [])}
     res = {
         "unit_set": "U0",
-        "what": __doc__.split("\n\n")[1].strip(),
-        "noise": u0.__doc__.split("\n\n")[1].strip(),
-        "phoneme_classes": {k: list(v) for k, v in u0.PHONEME_CLASSES.items()},
+        "what": WHAT,
+        "noise": NOISE,
+        "classifiers": CLASSIFIERS,
+        "phoneme_classes": {k: " ".join(v) for k, v in u0.PHONEME_CLASSES.items()},
+        "lexicon": str(a.lexicon.relative_to(ROOT))
+        if a.lexicon.is_relative_to(ROOT)
+        else str(a.lexicon),
+        "test_manifest": a.test.name,
         "world_version": meta.get("world_version", 1),
         "train_sentences": len(train),
         "test_utterances": len(test),
@@ -103,9 +127,28 @@ def main() -> None:
             c = done.get((p, seed)) or cell(train, test, lex, p, seed)
             res["cells"].append(c)
             print(json.dumps(c), flush=True)
+            res["summary"] = summary(res["cells"])
             tmp = a.out.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
             os.replace(tmp, a.out)
+
+
+def summary(cells: list[dict]) -> list[dict]:
+    """Per p: both accuracies averaged over the seeds (and their range)."""
+    out = []
+    for p in sorted({c["p"] for c in cells}):
+        cs = [c for c in cells if c["p"] == p]
+        row: dict = {
+            "p": p,
+            "seeds": [c["seed"] for c in cs],
+            "n_test_words": cs[0]["n_test_words"],
+        }
+        for k in ("nearest_string_acc", "bigram_bayes_acc"):
+            xs = [c[k] for c in cs]
+            row[k] = round(sum(xs) / len(xs), 4)
+            row[k + "_range"] = [min(xs), max(xs)]
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":
