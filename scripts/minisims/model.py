@@ -131,9 +131,7 @@ def merged_lm(model: Any, vocab: ExtendedVocab) -> Any:
     return out.eval()
 
 
-def save_unitlm(
-    lm: Any, directory: Path, base_name: str = BASE_NAME
-) -> Path:
+def save_unitlm(lm: Any, directory: Path, base_name: str = BASE_NAME) -> Path:
     """slamkit ``UnitLM`` layout: nested ``base_config`` (vocab_size as before the resize),
     ``lm.``-prefixed tied safetensors, no tokenizer files (ids rebuilt from the base tokenizer +
     add_tokens(<Un0>..<Un499>, <speech>, <text>))."""

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
 
 from speech_lens.files import atomic_write_bytes
@@ -103,7 +105,7 @@ class UnitDelta:
             }
         return {
             "format": FORMAT_VERSION,
-            "base": vars(self.base),
+            "base": asdict(self.base),
             "base_vocab_size": self.base_vocab_size,
             "units": {"count": self.n_units, "pattern": self.unit_pattern},
             "markers": list(self.markers),
@@ -131,10 +133,10 @@ def check_delta(d: UnitDelta, source: str) -> None:
             )
 
 
-def write_unit_delta(path: str | Path, delta: UnitDelta, dtype: torch.dtype = torch.float16) -> Path:
+def write_unit_delta(
+    path: str | Path, delta: UnitDelta, dtype: torch.dtype = torch.float16
+) -> Path:
     """Write ``delta`` in format 1 (tensors cast to ``dtype``), atomically."""
-    from safetensors.torch import save
-
     check_delta(delta, str(path))
     tensors = {ROWS_KEY: delta.new_rows.to(dtype).contiguous()}
     for module, (a, b) in sorted(delta.lora_weights.items()):
@@ -146,8 +148,6 @@ def write_unit_delta(path: str | Path, delta: UnitDelta, dtype: torch.dtype = to
 
 def read_unit_delta(path: str | Path) -> UnitDelta:
     """Read and check a format-1 unit delta; the error names the file and the field."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise DeltaError(f"unit delta {path} does not exist")

@@ -26,16 +26,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from speech_lens.models.delta import DeltaError, UnitDelta, read_unit_delta
+from speech_lens.models.load import SpeechLM, load_model
 from speech_lens.models.tokenizer_cache import atomic_cache_dir, cache_root
-
-if TYPE_CHECKING:
-    from speech_lens.models.load import SpeechLM
 
 REBUILD_VERSION = 1  # in the unit_lm cache key: bump when the written folder changes
 
@@ -49,8 +49,6 @@ class RebuiltUnitLM:
     family: str = "sims"
 
     def load(self, **kwargs: Any) -> SpeechLM:
-        from speech_lens.models.load import load_model
-
         return load_model(
             self.path, family=self.family, base_tokenizer=self.base_tokenizer, **kwargs
         )
@@ -93,10 +91,8 @@ def _dequantised(gguf: Path, digest: str, root: Path) -> tuple[Path, Path]:
     target = root / "gguf_fp32" / f"{gguf.stem}-{_key(versions)}"
 
     def write(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         model.config.quantization_config = None  # dequantised: plain float32 weights from here
@@ -109,9 +105,7 @@ def _dequantised(gguf: Path, digest: str, root: Path) -> tuple[Path, Path]:
     return target / "model", target / "tokenizer"
 
 
-def rebuild_unit_lm(
-    delta_path: str | Path, cache_dir: str | Path | None = None
-) -> RebuiltUnitLM:
+def rebuild_unit_lm(delta_path: str | Path, cache_dir: str | Path | None = None) -> RebuiltUnitLM:
     """The full checkpoint of a unit delta, rebuilt from its installed base on first use.
 
     The base GGUF must have the sha256 the delta names (else :class:`DeltaError` naming the file
@@ -158,9 +152,7 @@ def rebuild_unit_lm(
 
 def build_unit_lm_folder(base_dir: Path, delta: UnitDelta, out: Path) -> Path:
     """Base HF model folder + delta -> ``UnitLM`` folder ``out`` (float32, tied)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     embed = model.get_input_embeddings()
     if not model.config.tie_word_embeddings:
         raise DeltaError(f"{base_dir}: the base's embeddings are untied; deltas need a tied base")
@@ -175,8 +167,7 @@ def build_unit_lm_folder(base_dir: Path, delta: UnitDelta, out: Path) -> Path:
             f"{embed.weight.shape[1]}"
         )
     merge_lora(model, delta)
-    names = {id(p): n for n, p in model.named_parameters()}
-    embed_name = names[id(embed.weight)]
+    embed_name = {id(m): n for n, m in model.named_modules()}[id(embed)] + ".weight"
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
     state[embed_name] = torch.cat([embed.weight.detach(), delta.new_rows.float()])
     base_cfg = model.config.to_dict()
@@ -207,8 +198,9 @@ def merge_lora(model: nn.Module, delta: UnitDelta) -> None:
         if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in delta.lora.target_modules
     }
     targets.discard("lm_head")  # tied to the embedding, which the new rows extend instead
-    missing, unknown = sorted(targets - set(delta.lora_weights)), sorted(
-        set(delta.lora_weights) - targets
+    missing, unknown = (
+        sorted(targets - set(delta.lora_weights)),
+        sorted(set(delta.lora_weights) - targets),
     )
     if missing or unknown:
         raise DeltaError(
@@ -229,8 +221,6 @@ def merge_lora(model: nn.Module, delta: UnitDelta) -> None:
 
 def write_unit_lm(out: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
     """slamkit's layout: config.json + ``lm.``-prefixed safetensors (tied head not stored)."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"_from_model_config": True}))
