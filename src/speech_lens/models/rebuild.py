@@ -125,22 +125,28 @@ def rebuild_unit_lm(delta_path: str | Path, cache_dir: str | Path | None = None)
             f"{_version(src.package)}); install the release the delta names"
         )
     root = Path(cache_dir) if cache_dir else cache_root()
-    prov = {
-        "delta": str(delta_path),
+    key = {
         "delta_sha256": file_sha256(delta_path),
         "gguf_sha256": digest,
         "transformers": _version("transformers"),
         "rebuild_version": REBUILD_VERSION,
     }
-    target = root / "unit_lm" / f"{delta_path.stem}-{_key(prov | {'delta': ''})}"
+    target = root / "unit_lm" / f"{delta_path.stem}-{_key(key)}"
     rebuilt = RebuiltUnitLM(target / "unitlm", target / "base_tokenizer")
     if target.is_dir():
         return rebuilt
     model_dir, tok_dir = _dequantised(gguf, digest, root)
-    prov |= {"gguf": str(gguf), src.package: _version(src.package), "torch": torch.__version__}
+    prov = {"delta": str(delta_path), "gguf": str(gguf), **key, "torch": torch.__version__}
+    prov[src.package] = _version(src.package)
 
     def write(tmp: Path) -> None:
         t0 = time.perf_counter()
+        n_tok = len(AutoTokenizer.from_pretrained(str(tok_dir)))
+        if n_tok != delta.base_vocab_size:  # unit ids start at len(base tokenizer)
+            raise DeltaError(
+                f"{gguf}: its tokenizer has {n_tok} tokens, but the delta's metadata field "
+                f"base_vocab_size is {delta.base_vocab_size}"
+            )
         build_unit_lm_folder(model_dir, delta, tmp / "unitlm")
         shutil.copytree(tok_dir, tmp / "base_tokenizer")
         info = prov | {"seconds": round(time.perf_counter() - t0, 2), "training": delta.training}
