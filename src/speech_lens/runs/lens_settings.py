@@ -15,6 +15,7 @@ from speech_lens.data.word_targets import (
 )
 from speech_lens.lens.numerics import readout_settings
 from speech_lens.lens.records import DEFAULT_MATCH, MATCH_RULES
+from speech_lens.lens.rows import check_layers, selected_rows
 from speech_lens.options import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS
 
 MODES = ("speech", "interleaved")
@@ -42,10 +43,16 @@ class LensRunConfig:
     span_mean: float | None = None
     speech_fraction: float | None = None
     zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS  # skip | miss | error (lens.logit)
+    # lens rows read (sorted, holding the output row: lens/rows.py); None = every row
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: one of {MODES}")
+        if self.layers is not None:  # the model's row count is checked by the run
+            rows = tuple(int(i) for i in self.layers)
+            check_layers(rows, max(rows, default=0) + 1)
+            object.__setattr__(self, "layers", rows)
         if self.zero_unit_words not in ZERO_UNIT_WORDS:
             raise ValueError(
                 f"--zero-unit-words {self.zero_unit_words!r}: one of {ZERO_UNIT_WORDS}"
@@ -95,7 +102,16 @@ class LensRunConfig:
             **self.span_settings(),
             "zero_unit_words": self.zero_unit_words,
             **readout_settings(),
+            # only for a selection, so a full run resumes a partial run written before selections
+            **({} if self.layers is None else {"layers": list(self.layers)}),
         }
+
+    def rows(self, n_layers: int) -> tuple[int, ...]:
+        """The lens rows read on a model of ``n_layers`` layers; refuses a selection that does
+        not fit it (naming ``--layers``)."""
+        if self.layers is None:
+            return tuple(range(n_layers + 1))
+        return check_layers(self.layers, n_layers + 1)
 
 
 def _prompt_seed(cfg: LensRunConfig, uid: str) -> int:
@@ -134,6 +150,11 @@ def lens_config(args: Any, model: Any) -> LensRunConfig:
         lens=getattr(args, "lens", "logit"),
         span_sampler=_span_sampler(args, model),
         zero_unit_words=getattr(args, "zero_unit_words", DEFAULT_ZERO_UNIT_WORDS),
+        layers=selected_rows(
+            model.n_layers + 1,
+            stride=getattr(args, "layer_stride", None),
+            layers=getattr(args, "layers", None),
+        ),
     )
 
 
