@@ -285,3 +285,38 @@ def test_a_selection_that_does_not_fit_the_model_is_refused_before_any_work(deep
     run_dataset(model, utts, out, _cfg(path, layers=STRIDE3), progress=False)
     with pytest.raises(RunError, match="differing: layers"):
         run_dataset(model, utts, out, _cfg(path), progress=False)
+
+
+def test_lens_kl_at_a_stride_is_the_full_kl_at_those_rows(deep):
+    from speech_lens import lens_kl
+    from speech_lens.lens.train_data import held_out_table
+    from speech_lens.report.tuned import kl_figure
+
+    _, _, model = deep
+    tuned = _random_tuned(model)
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, model.layout.vocab_size, (n,), generator=g) for n in (9, 14, 6)]
+    _, unembed = final_norm_and_unembed(model.bridge)
+    calls: list[int] = []
+    handle = unembed.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        for lens in (None, tuned):
+            calls.clear()
+            full = lens_kl(model, lens, seqs, batch_size=8)
+            n_full = len(calls)
+            calls.clear()
+            sub = lens_kl(model, lens, seqs, batch_size=8, layers=STRIDE3)
+            # one batch: the final distribution, then one readout per block row read
+            assert (n_full, len(calls)) == (1 + N_LAYERS, 1 + len(STRIDE3) - 1)
+            assert full.shape == (N_LAYERS + 1,) and sub.shape == (len(STRIDE3),)
+            torch.testing.assert_close(sub, full[list(STRIDE3)], rtol=0, atol=0)
+            assert float(sub[-1]) == 0.0 and bool((sub[:-1] > 0).all())
+    finally:
+        handle.remove()
+    fig = kl_figure(sub, sub, layers=STRIDE3)
+    assert all(list(t.x) == list(STRIDE3) for t in fig.data)
+    table = held_out_table(sub, sub, layers=STRIDE3).splitlines()
+    assert [int(line.split()[0]) for line in table[1:]] == list(STRIDE3)
+    for bad in ([3, 0], [], [0, 8]):
+        with pytest.raises(ValueError, match="layers"):
+            lens_kl(model, None, seqs, layers=bad)
