@@ -18,9 +18,10 @@ Routes, each a pass over every utterance one by one as ``speech-lens lens`` runs
 
 One process: a warm-up pass of every route (not measured), then ``--rounds`` rounds, each running
 every route once in a rotating order (load from other jobs then hits every route alike).
-Reported per route: seconds per utterance (median and min-max over rounds); ratios
-stride1 / strideN and strideN / forward taken within a round. The load average (other jobs: the
-machine is shared) is recorded at the start and end.
+Reported per route: wall and CPU seconds per utterance (median and min-max over rounds; CPU
+time, this process's own, is less inflated by other jobs on the shared cores than wall time);
+ratios of wall time stride1 / strideN and strideN / forward taken within a round. The load
+average is recorded at the start and end.
 """
 
 from __future__ import annotations
@@ -116,9 +117,12 @@ def worker(spec: dict) -> dict:
         for r in range(spec["rounds"]):
             order = ROUTES[r % len(ROUTES) :] + ROUTES[: r % len(ROUTES)]
             for route in order:
+                cpu0 = time.process_time()  # this process's CPU time: less load-bound than wall
                 seconds, extra = measure_call(fns[route])
-                calls.append({"round": r, "route": route, "seconds": seconds, "extra_mb": extra})
-                print(f"    round {r} {route}: {seconds:.2f}s", file=sys.stderr, flush=True)
+                cpu = time.process_time() - cpu0
+                calls.append({"round": r, "route": route, "seconds": seconds, "cpu_seconds": cpu,
+                              "extra_mb": extra})  # fmt: skip
+                print(f"    round {r} {route}: {seconds:.2f}s wall, {cpu:.2f}s CPU", file=sys.stderr, flush=True)  # fmt: skip
     return {
         "calls": calls,
         "rows": {k: list(v) for k, v in rows.items()},
@@ -132,10 +136,12 @@ def worker(spec: dict) -> dict:
 
 
 def summarise(calls: list[dict[str, Any]], n_utts: int) -> dict[str, Any]:
-    """Seconds per utterance per route; within-round ratios."""
+    """Wall and CPU seconds per utterance per route; within-round ratios of wall time."""
     rounds = sorted({c["round"] for c in calls})
     by = {(c["round"], c["route"]): c["seconds"] for c in calls}
+    cpu = {(c["round"], c["route"]): c["cpu_seconds"] for c in calls}
     per_utt = {route: spread_stats([by[r, route] / n_utts for r in rounds]) for route in ROUTES}
+    cpu_utt = {route: spread_stats([cpu[r, route] / n_utts for r in rounds]) for route in ROUTES}
     ratios = {}
     for s in STRIDES[1:]:
         ratios[f"stride1/stride{s}"] = spread_stats(
@@ -145,7 +151,8 @@ def summarise(calls: list[dict[str, Any]], n_utts: int) -> dict[str, Any]:
         ratios[f"stride{s}/forward"] = spread_stats(
             [by[r, f"stride{s}"] / by[r, "forward"] for r in rounds]
         )
-    return {"seconds_per_utterance": per_utt, "ratios": ratios}
+    return {"seconds_per_utterance": per_utt, "cpu_seconds_per_utterance": cpu_utt,
+            "ratios": ratios}  # fmt: skip
 
 
 def main() -> None:
@@ -189,7 +196,8 @@ def main() -> None:
     bench_meta.write_json_atomic(out_path, bench_meta.finish(doc))
     print(f"wrote {out_path}")
     for route, st in doc["seconds_per_utterance"].items():
-        print(f"{route}: {st['median']:.3f} s/utt (min {st['min']:.3f}, max {st['max']:.3f})")
+        c = doc["cpu_seconds_per_utterance"][route]
+        print(f"{route}: {st['median']:.3f} s/utt wall (min {st['min']:.3f}, max {st['max']:.3f}), {c['median']:.3f} s/utt CPU")  # fmt: skip
     for name, st in doc["ratios"].items():
         print(f"{name}: {st['median']:.2f}x (min {st['min']:.2f}, max {st['max']:.2f})")
 

@@ -242,6 +242,36 @@ def batched() -> str:
     return "\n".join([note, "", head, *rows])
 
 
+def stride() -> str:
+    doc = _json(BENCH / "stride_minisims.json")
+    per, ra = doc["seconds_per_utterance"], doc["ratios"]
+    n_rows = doc["n_layers"] + 1
+    head = (
+        "| route | lens rows read | s / utterance, median (min–max) | stride 1 / this | "
+        "this / forward |\n|---|---|---|---|---|"
+    )
+    rows = [f"| forward only | – | {_span(per['forward'], '{:.3f}')} | – | 1.00x |"]
+    for key, read in doc["rows"].items():
+        speed = "1.00x" if key == "stride1" else _span(ra[f"stride1/{key}"], unit="x")
+        rows.append(
+            f"| `--layer-stride {key.removeprefix('stride')}` | {len(read)} of {n_rows}"
+            f"{'' if len(read) == n_rows else ': ' + ', '.join(map(str, read))} "
+            f"| {_span(per[key], '{:.3f}')} | {speed} | {_span(ra[f'{key}/forward'], unit='x')} |"
+        )
+    s, d = doc["settings"], doc["dims"]
+    units = doc["units_per_utt"]
+    note = (
+        f"`{doc['command']}` → `benchmarks/results/stride_minisims.json` ({doc['started'][:10]}; "
+        f"random weights in mini-SIMS's shape: {doc['n_layers']} layers, d {d['hidden_size']}, "
+        f"GQA {d['num_attention_heads']}/{d['num_key_value_heads']}, vocab {doc['vocab']:,}; "
+        f"{doc['n_utts']} utterances of {s['words']} words, {min(units)}–{max(units)} unit "
+        f"positions; `speech-lens lens`'s per-utterance path, batch 1, positions=\"speech\", "
+        f"k=10; {s['threads']} thread(s), one process, a warm-up pass of each route, then "
+        f"{s['rounds']} rounds in rotating order; ratios within a round; {_load(doc)})."
+    )
+    return "\n".join([note, "", head, *rows])
+
+
 def demo_timing() -> str:
     doc = _json(BENCH / "demo_timing.json")
     d, dry = doc["demo"], doc["dry_run"]
@@ -267,6 +297,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "demo_timing": ("README.md", demo_timing),
     "lens_routes": ("README.md", lens_routes),
     "batched": ("README.md", batched),
+    "stride": ("README.md", stride),
     "organism_table": ("organisms/README.md", organisms_table),
     "other_mass": ("organisms/README.md", other_mass),
 }
