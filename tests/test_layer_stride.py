@@ -320,3 +320,21 @@ def test_lens_kl_at_a_stride_is_the_full_kl_at_those_rows(deep):
     for bad in ([3, 0], [], [0, 8]):
         with pytest.raises(ValueError, match="layers"):
             lens_kl(model, None, seqs, layers=bad)
+
+
+def test_sharded_runner_reads_the_selected_rows_and_refuses_other_shards(deep, tmp_path):
+    from speech_lens.runs.distributed import DistContext, merge_shards, run_distributed
+
+    path, _, model = deep
+    utts, cfg = random_utterances(3, seed=7), _cfg(path, layers=STRIDE3)
+    # rank 1 of 2 writes its shard; the one-rank rerun does the rest and merges
+    assert (
+        run_distributed(model, utts, tmp_path / "d", cfg, DistContext(1, 2), progress=False) is None
+    )
+    m = run_distributed(model, utts, tmp_path / "d", cfg, progress=False)
+    assert m is not None and m.layers == list(STRIDE3)
+    run_dataset(model, utts, tmp_path / "one", cfg, progress=False)
+    for name in ("layers.csv", "words.csv", PARTIAL):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    with pytest.raises(RunError, match="written with other settings"):
+        merge_shards(model, utts, tmp_path / "d", _cfg(path))

@@ -49,9 +49,13 @@ class LensRunConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: one of {MODES}")
-        if self.layers is not None:  # the model's row count is checked by the run
+        if self.layers is not None:  # the model's row count is checked by the run (rows())
             rows = tuple(int(i) for i in self.layers)
-            check_layers(rows, max(rows, default=0) + 1)
+            if not rows or rows[0] < 0 or list(rows) != sorted(set(rows)):
+                raise ValueError(
+                    f"--layers {rows}: strictly increasing lens rows >= 0, at least one "
+                    "(layers=None reads every row)"
+                )
             object.__setattr__(self, "layers", rows)
         if self.zero_unit_words not in ZERO_UNIT_WORDS:
             raise ValueError(
