@@ -39,8 +39,9 @@ SMOKE_DIMS = dict(
 )
 
 
-def _synthetic_utterances(model: Any, n: int) -> list:
-    """``n`` utterances of 3..8 words (0.3 s each) with random units at the family's rate."""
+def synthetic_utterances(model: Any, n: int, n_words: int | None = None) -> list:
+    """``n`` utterances of 3..8 words (or ``n_words`` each; 0.3 s a word) with random units at
+    the family's rate."""
     import torch
 
     from speech_lens import Utterance, Word
@@ -50,10 +51,10 @@ def _synthetic_utterances(model: Any, n: int) -> list:
     g = torch.Generator().manual_seed(0)
     out = []
     for j in range(n):
-        n_words = 3 + j % 6
-        picks = torch.randint(0, len(words), (n_words,), generator=g).tolist()
+        m = n_words if n_words is not None else 3 + j % 6
+        picks = torch.randint(0, len(words), (m,), generator=g).tolist()
         ws = tuple(Word(words[p], 0.3 * i, 0.3 * (i + 1)) for i, p in enumerate(picks))
-        units = torch.randint(0, model.layout.units.count, (round(0.3 * n_words * rate),), generator=g)  # fmt: skip
+        units = torch.randint(0, model.layout.units.count, (round(0.3 * m * rate),), generator=g)  # fmt: skip
         out.append(Utterance(f"s{j}", ws, tuple(units.tolist()), None, rate))
     return out
 
@@ -127,7 +128,7 @@ def worker(spec: dict) -> dict:
     if spec.get("manifest"):
         utts = list(read_manifest(spec["manifest"], layout=model.layout))[: spec["n_utts"]]
     else:
-        utts = _synthetic_utterances(model, spec["n_utts"])
+        utts = synthetic_utterances(model, spec["n_utts"])
     runs, info = _settings(model, utts, spec["budget"])
     times: dict[str, list[float]] = {key: [] for key, _, _ in runs}
     with torch.no_grad():

@@ -98,7 +98,7 @@ def _routes(model: Any, seq: int) -> dict[str, Any]:
     return {"forward": forward, "lens": lens, "naive": naive}
 
 
-def _measure(fn: Any) -> tuple[float, float]:
+def measure_call(fn: Any) -> tuple[float, float]:
     bench_meta.release_free_memory()
     bench_meta.reset_peak_rss()
     rss0 = bench_meta.rss_kb("VmRSS")
@@ -124,7 +124,7 @@ def worker(spec: dict) -> dict:
         for r in range(spec["rounds"]):
             order = ROUTES[r % 3 :] + ROUTES[: r % 3]
             for route in order:
-                seconds, extra = _measure(fns[route])
+                seconds, extra = measure_call(fns[route])
                 calls.append({"round": r, "route": route, "seconds": seconds, "extra_mb": extra})
                 print(f"    round {r} {route}: {seconds:.2f}s {extra:.0f} MB", file=sys.stderr, flush=True)  # fmt: skip
     return {
@@ -145,7 +145,7 @@ def flop_floor(dims: dict[str, int], n_layers: int, vocab: int, seq: int) -> flo
     return 1 + n_layers * 2 * h * vocab / forward
 
 
-def _stats(xs: list[float]) -> dict[str, Any]:
+def spread_stats(xs: list[float]) -> dict[str, Any]:
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
             "q1": q[0], "q3": q[2], "values": xs}  # fmt: skip
@@ -157,22 +157,24 @@ def summarise(calls: list[dict[str, Any]], floor: float) -> dict[str, Any]:
     by = {(c["round"], c["route"]): c for c in calls}
     routes = {
         route: {
-            "seconds": _stats([by[r, route]["seconds"] for r in rounds]),
-            "extra_mb": _stats([by[r, route]["extra_mb"] for r in rounds]),
+            "seconds": spread_stats([by[r, route]["seconds"] for r in rounds]),
+            "extra_mb": spread_stats([by[r, route]["extra_mb"] for r in rounds]),
         }
         for route in ROUTES
     }
     ratios: dict[str, Any] = {}
     for a, b in (("lens", "forward"), ("naive", "forward"), ("lens", "naive")):
         vals = [by[r, a]["seconds"] / by[r, b]["seconds"] for r in rounds]
-        entry = _stats(vals)
+        entry = spread_stats(vals)
         if b == "forward":
             entry["flop_floor"] = floor
             entry["rounds_below_floor"] = sum(v < floor for v in vals)
             entry["median_below_floor"] = entry["median"] < floor
         ratios[f"{a}/{b}"] = entry
     over = {
-        route: _stats([by[r, route]["extra_mb"] - by[r, "forward"]["extra_mb"] for r in rounds])
+        route: spread_stats(
+            [by[r, route]["extra_mb"] - by[r, "forward"]["extra_mb"] for r in rounds]
+        )
         for route in ("lens", "naive")
     }
     flagged = [k for k, v in ratios.items() if v.get("median_below_floor")]

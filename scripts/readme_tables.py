@@ -242,6 +242,42 @@ def batched() -> str:
     return "\n".join([note, "", head, *rows])
 
 
+def stride() -> str:
+    doc = _json(BENCH / "stride_minisims.json")
+    wall, cpu, ra = doc["seconds_per_utterance"], doc["cpu_seconds_per_utterance"], doc["ratios"]
+    n_rows = doc["n_layers"] + 1
+    head = (
+        "| route | lens rows read | wall s / utterance | CPU s / utterance | stride 1 / this "
+        "(wall) | this / forward (wall) |\n|---|---|---|---|---|---|"
+    )
+    rows = [
+        f"| forward only | – | {_span(wall['forward'], '{:.3f}')} "
+        f"| {_span(cpu['forward'], '{:.3f}')} | – | 1.00x |"
+    ]
+    for key, read in doc["rows"].items():
+        speed = "1.00x" if key == "stride1" else _span(ra[f"stride1/{key}"], unit="x")
+        listed = "" if len(read) == n_rows else ": " + ", ".join(map(str, read))
+        rows.append(
+            f"| `--layer-stride {key.removeprefix('stride')}` | {len(read)} of {n_rows}{listed} "
+            f"| {_span(wall[key], '{:.3f}')} | {_span(cpu[key], '{:.3f}')} | {speed} "
+            f"| {_span(ra[f'{key}/forward'], unit='x')} |"
+        )
+    s, d = doc["settings"], doc["dims"]
+    units = doc["units_per_utt"]
+    note = (
+        f"`{doc['command']}` → `benchmarks/results/stride_minisims.json` ({doc['started'][:10]}; "
+        f"random weights in mini-SIMS's shape: {doc['n_layers']} layers, d {d['hidden_size']}, "
+        f"GQA {d['num_attention_heads']}/{d['num_key_value_heads']}, vocab {doc['vocab']:,}; "
+        f"{doc['n_utts']} utterances of {s['words']} words, {_range(units, '{:d}')} unit "
+        f"positions; the per-utterance path of `speech-lens lens` (batch 1, speech positions), "
+        f"k=10; {s['threads']} thread(s), one process, a warm-up pass of each route, then "
+        f"{s['rounds']} rounds in rotating order; median (min–max) over rounds, ratios within a "
+        f"round; the cores are shared with other jobs ({_load(doc)}), so wall time runs above "
+        f"CPU time)."
+    )
+    return "\n".join([note, "", head, *rows])
+
+
 def demo_timing() -> str:
     doc = _json(BENCH / "demo_timing.json")
     d, dry = doc["demo"], doc["dry_run"]
@@ -267,6 +303,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "demo_timing": ("README.md", demo_timing),
     "lens_routes": ("README.md", lens_routes),
     "batched": ("README.md", batched),
+    "stride": ("README.md", stride),
     "organism_table": ("organisms/README.md", organisms_table),
     "other_mass": ("organisms/README.md", other_mass),
 }

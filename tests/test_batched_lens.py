@@ -262,9 +262,10 @@ def test_speech_positions_give_the_same_records(tiny_model, mode):
         b = utterance_record(part, p, model.layout).to_json()
         _check_records(model, p, t, a, [b], ties, SUM_CLOSE)
     ties.check(f"records, all positions vs unit positions ({mode})")
+    # a layer subset: its record states the rows it holds (tests/test_layer_stride.py)
     sub = word_lens(model, p, t, k=5, layers=[1])
-    with pytest.raises(ValueError, match="every layer"):
-        utterance_record(sub, p, model.layout)
+    assert utterance_record(sub, p, model.layout).layers == [1]
+    assert a["layers"] == list(range(model.n_layers + 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,6 +281,7 @@ EXACT_FIELDS = (
     "words_without_units",  # zero-unit-word policy fields (fix-lens): ids and counts, exact
     "target_ids",  # each word's hit token ids per match rule (mismatched-word baseline): ids
     "n_utterance_words",
+    "layers",  # the lens rows read (layer selection): ints, exact
 )
 RECORD_FIELDS = {*EXACT_FIELDS, "n_speech_positions", "ranks", "top_ids", "mass_sums", "unit_top1"}
 # masses come from an fp32 softmax (the lens casts logits to fp32, also for an fp64 model) and

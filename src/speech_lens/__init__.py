@@ -15,6 +15,7 @@ from speech_lens.guards import NumericError, finite_guard_hooks
 from speech_lens.lens import (
     LensResult,
     WordLensResult,
+    layer_stride,
     logit_lens,
     logit_lens_batch,
     word_lens,
@@ -72,6 +73,7 @@ __all__ = [
     "encode_prompt",
     "finite_guard_hooks",
     "get_speech_tokenizer",
+    "layer_stride",
     "lens_from_spec",
     "lens_kl",
     "load_model",

@@ -44,3 +44,21 @@ def parse_batch_size(text: str) -> int | str:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a positive integer or 'auto'")
     return int(text)
+
+
+def add_layer_selection(p: argparse.ArgumentParser) -> None:
+    """``--layer-stride`` / ``--layers``: which lens rows a lens run reads (lens/rows.py)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--layer-stride",
+        type=int,
+        metavar="N",
+        help="read lens rows 0, N, 2N, ... and always the output row (default 1: every row); "
+        "rows not read are never unembedded",
+    )
+    g.add_argument(
+        "--layers",
+        metavar="ROWS",
+        help="read these lens rows only: increasing, with the output row, e.g. 0,10,20-30 "
+        "(0 = embeddings, n_layers = output)",
+    )

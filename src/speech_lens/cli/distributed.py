@@ -10,6 +10,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from speech_lens.cli import dryrun
+from speech_lens.cli.common import add_layer_selection
 from speech_lens.data.manifest import read_manifest
 from speech_lens.data.utterance import DataError
 from speech_lens.guards import NumericError
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=["skip", "miss", "error"],
                 help="spoken words with no unit position (as speech-lens lens)",
             )
+        if name != "tuned-lens":
+            add_layer_selection(s)
         if name == "lens":
             s.add_argument("--restart", action="store_true", help="discard finished shards")
             s.add_argument("--no-guard", action="store_true", help="skip the NaN/inf checks")

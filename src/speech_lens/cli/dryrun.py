@@ -28,6 +28,7 @@ from speech_lens.data.prompts import encode_prompt
 from speech_lens.data.word_targets import word_targets
 from speech_lens.lens.kl import lens_kl
 from speech_lens.lens.logit import word_lens
+from speech_lens.lens.rows import describe_rows
 from speech_lens.lens.train import TrainConfig, config_from_args, train_tuned_lens
 from speech_lens.lens.train_data import encode_training_data, split_heldout
 from speech_lens.lens.tuned import lens_from_spec
@@ -182,6 +183,7 @@ def plan_lens(args: Any, model: Any = None, done: set[str] | None = None) -> Dry
         ("model", f"{model.path} ({model.spec.name}, {model.n_layers} layers)"),
         ("data", f"{args.data}: {len(utts)} utterances, {len(done)} already in {args.out}"),
         ("lens", f"{args.lens}, {args.mode} prompts, k={args.k}, match {args.match}"),
+        ("lens rows", describe_rows(cfg.layers, model.n_layers + 1)),
         ("batches", f"{len(batches)} (batch size {size}: up to {widest} utterances)"),
         ("longest prompt", f"{longest} tokens"),
     )

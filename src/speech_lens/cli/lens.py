@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from speech_lens.cli.common import add_dry_run, add_model_args, run_dry_run
+from speech_lens.cli.common import add_dry_run, add_layer_selection, add_model_args, run_dry_run
 from speech_lens.data.manifest import read_manifest
 from speech_lens.models.load import load_from_args
-from speech_lens.runs.lens import RunError, parse_batch_size, run_dataset
+from speech_lens.runs.lens import RunError, parse_batch_size, peak_layer, run_dataset
 from speech_lens.runs.lens_settings import lens_config
 
 
@@ -39,10 +39,10 @@ def cli_lens(args: Any) -> int:
     if reader.report.n_skipped:
         print(reader.report.summary(), file=sys.stderr)
     k = int(args.k)
-    best = max(m.layers, key=lambda i: m.recall_current[k].mean[i])
+    best, i = peak_layer(m, k)
     print(
         f"{m.n_utterances} utterances, {m.n_words} words; current-word Recall@{k} "
-        f"(match {m.match}) peaks at layer {best}: {m.recall_current[k].mean[best]:.3f}; "
+        f"(match {m.match}) peaks at layer {best}: {m.recall_current[k].mean[i]:.3f}; "
         f"wrote {Path(args.out) / 'report.html'}"
     )
     return 0
@@ -82,6 +82,7 @@ def add_lens(sub: Any) -> None:
         "--memory-budget", type=float, help="GiB for --batch-size auto (default: free memory)"
     )
     p.add_argument("--padding-side", choices=("right", "left"), default="right")
+    add_layer_selection(p)
     p.add_argument(
         "--zero-unit-words",
         choices=("skip", "miss", "error"),

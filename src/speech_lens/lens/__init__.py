@@ -2,10 +2,12 @@
 
 from speech_lens.lens.logit import logit_lens, logit_lens_batch, word_lens, word_lens_batch
 from speech_lens.lens.results import LensResult, WordLensResult
+from speech_lens.lens.rows import layer_stride
 
 __all__ = [
     "LensResult",
     "WordLensResult",
+    "layer_stride",
     "logit_lens",
     "logit_lens_batch",
     "word_lens",

@@ -67,8 +67,10 @@ def stream_layers(
     mask: Bool[Tensor, "batch pos"],
     fn: LayerFn,
     chunk: int = 512,
+    layers: Sequence[int] | None = None,
 ) -> None:
-    """Call ``fn(layer, resid_pre[mask], final_dist[mask])`` for layer 0..n_layers-1.
+    """Call ``fn(layer, resid_pre[mask], final_dist[mask])`` for layer 0..n_layers-1 (or for
+    the blocks among ``layers``; pass 2 then stops at the last of them).
 
     Two frozen passes (see module docstring); only one layer's residual is alive at a time.
     Pass 1 stops at the last block's output and unembeds it ``chunk`` positions at a time.
@@ -76,7 +78,10 @@ def stream_layers(
     bridge = model.bridge
     tokens = tokens.to(model.device)
     mask = mask.to(model.device)
-    last = model.n_layers - 1
+    read = [i for i in (range(model.n_layers) if layers is None else layers) if i < model.n_layers]
+    if not read:  # only the output row: its KL is 0 by definition, nothing to stream
+        return
+    last = max(read)
     with torch.no_grad():
         got: list[Tensor] = []
 
@@ -84,21 +89,20 @@ def stream_layers(
             got.append(act[mask])
             raise _StopForward  # the model's own unembedding of all positions is not needed
 
+        final_name = resid_post_name(model.n_layers - 1)
         with contextlib.suppress(_StopForward):
-            bridge.run_with_hooks(
-                tokens, fwd_hooks=[(resid_post_name(last), final_resid)], use_cache=False
-            )
+            bridge.run_with_hooks(tokens, fwd_hooks=[(final_name, final_resid)], use_cache=False)
         if not got:  # pragma: no cover - would mean the bridge skipped a block
-            raise RuntimeError(f"the hook on {resid_post_name(last)} never fired")
+            raise RuntimeError(f"the hook on {final_name} never fired")
         final = FinalDist.from_residual(model, got.pop(), chunk)
 
-        def read(act: Tensor, *, hook: Any, layer: int) -> None:
+        def read_layer(act: Tensor, *, hook: Any, layer: int) -> None:
             fn(layer, act[mask], final)
             if layer == last:
                 raise _StopForward
 
         hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
-            (resid_pre_name(i), functools.partial(read, layer=i)) for i in range(model.n_layers)
+            (resid_pre_name(i), functools.partial(read_layer, layer=i)) for i in read
         ]
         try:
             bridge.run_with_hooks(tokens, fwd_hooks=hooks, use_cache=False)
@@ -134,21 +138,29 @@ def lens_kl(
     batch_size: int = 8,
     chunk_tokens: int = 512,
     progress: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> Float[Tensor, " layer"]:
     """Mean KL(final ‖ lens) per token at ``resid_pre`` of every layer (``lens=None``: logit lens).
 
     Returns ``n_layers + 1`` values; the last row reads the final residual and is 0 by definition.
+    ``layers``: the lens rows to read (sorted, e.g. ``layer_stride``); then one value per row
+    read, in that order, and rows not read are never unembedded.
     """
     model.require_eval()
     seqs = [s for s in sequences if len(s) > 0]
     if not seqs:
         raise TrainError("no sequences to evaluate")
-    total = torch.zeros(model.n_layers + 1, dtype=torch.float64)
+    rows = list(range(model.n_layers + 1)) if layers is None else [int(i) for i in layers]
+    if not rows or rows != sorted(set(rows)) or rows[0] < 0 or rows[-1] > model.n_layers:
+        raise ValueError(
+            f"layers {rows}: sorted lens rows in 0..{model.n_layers}, at least one, no repeats"
+        )
+    total = torch.zeros(len(rows), dtype=torch.float64)
     n_tok = 0
 
     def fn(layer: int, h: Tensor, final: FinalDist) -> None:
         for s in range(0, h.shape[0], chunk_tokens):
-            total[layer] += float(
+            total[rows.index(layer)] += float(
                 kl_sum(lens, model, layer, h[s : s + chunk_tokens], final[s : s + chunk_tokens])
             )
 
@@ -157,5 +169,5 @@ def lens_kl(
         tokens, mask = pad_right(batch)
         n_tok += int(mask.sum())
         with torch.no_grad():
-            stream_layers(model, tokens, mask, fn, chunk_tokens)
+            stream_layers(model, tokens, mask, fn, chunk_tokens, layers=rows)
     return (total / n_tok).float()

@@ -97,10 +97,14 @@ class Curve:
 
 @dataclass(frozen=True)
 class DatasetMetrics:
-    """Per-layer curves over a data set; ``match``, ``ks`` and bootstrap settings recorded."""
+    """Per-layer curves over a data set; ``match``, ``ks`` and bootstrap settings recorded.
+
+    ``layers``: the lens row (true index, 0 = embeddings, ``n_layers`` = output) of each curve
+    entry; every row unless the run read a selection (``lens/rows.py``)."""
 
     label: str
     n_layers: int
+    layers: list[int] = field(default_factory=list, kw_only=True)
     match: str
     ks: list[int]
     n_utterances: int
@@ -124,9 +128,9 @@ class DatasetMetrics:
     # level of the same top-k; empty for records without target ids or k beyond the stored top-k
     recall_mismatched: dict[int, Curve] = field(default_factory=dict)
 
-    @property
-    def layers(self) -> list[int]:
-        return list(range(self.n_layers + 1))
+    def __post_init__(self) -> None:
+        if not self.layers:  # every row: metrics written before layer selection, or a full run
+            object.__setattr__(self, "layers", list(range(self.n_layers + 1)))
 
     @property
     def relative_depth(self) -> list[float]:
@@ -201,11 +205,15 @@ def aggregate(
     check_policy(zero_unit_words)
     if not records:
         raise ValueError("aggregate: no utterance records")
-    n_layers = records[0].n_layers
+    n_layers, rows = records[0].n_layers, records[0].row_layers
     for r in records:
         if r.n_layers != n_layers:
             raise ValueError(
                 f"utterance {r.utterance_id}: {r.n_layers} layers, others have {n_layers}"
+            )
+        if r.row_layers != rows:
+            raise ValueError(
+                f"utterance {r.utterance_id}: lens rows {r.row_layers}, others have {rows}"
             )
     rng = np.random.default_rng(seed)
     u = len(records)
@@ -227,6 +235,7 @@ def aggregate(
     return DatasetMetrics(
         label=label,
         n_layers=n_layers,
+        layers=rows,
         match=match,
         ks=[int(k) for k in ks],
         n_utterances=u,
@@ -263,7 +272,7 @@ def recall_curve(
 ) -> tuple[Curve, int]:
     """Recall@k of the ``which`` word (hits over all words pooled) and the number of words
     scored (with the words that have no unit position under ``"miss"``)."""
-    u, rows = len(records), records[0].n_layers + 1
+    u, rows = len(records), len(records[0].row_layers)
     hits = np.zeros((u, rows))
     for i, r in enumerate(records):
         a = r.rank_array(match, which)  # [row, word]

@@ -57,7 +57,7 @@ def mismatched_hits(
     words = [w for r in records for w in r.words]
     targets = [set(ids) for r in records for ids in r.target_ids[match]]
     partner = mismatched_partners(words, seed)
-    rows = records[0].n_layers + 1
+    rows = len(records[0].row_layers)
     hits = {int(k): np.zeros((len(records), rows)) for k in ks if k <= stored_k(records)}
     g = 0
     for i, r in enumerate(records):

@@ -49,10 +49,13 @@ class UtteranceRecord:
     in ``words``); ``n_utterance_words``: the utterance's word count (which of them have a next
     word). ``target_ids[rule][j]``: the token ids that count as a hit for spoken word ``j`` under
     ``rule`` (``match_ids``; empty in records written before the mismatched-word baseline).
+    ``layers``: the lens rows read (true indices, 0 = embeddings, ``n_layers`` = output), one per
+    ``[row]`` entry above; empty in records written before layer selection (every row).
     """
 
     utterance_id: str
     n_layers: int
+    layers: list[int] = field(default_factory=list, kw_only=True)
     words: list[str]
     word_index: list[int]
     next_words: list[str]
@@ -78,11 +81,16 @@ class UtteranceRecord:
     def from_json(cls, d: dict[str, Any]) -> UtteranceRecord:
         return cls(**d)
 
+    @property
+    def row_layers(self) -> list[int]:
+        """The lens row of each ``[row]`` entry (every row for records without ``layers``)."""
+        return list(self.layers) or list(range(self.n_layers + 1))
+
     def rank_array(self, rule: str, which: str) -> np.ndarray:
         """``[row, word]`` ranks (-1 = no target)."""
         r = self.ranks[rule][which]
         if not r:
-            return np.zeros((self.n_layers + 1, 0), dtype=np.int64)
+            return np.zeros((len(self.row_layers), 0), dtype=np.int64)
         return np.asarray(r, dtype=np.int64).T
 
 
@@ -95,8 +103,6 @@ def utterance_record(
         raise ValueError(
             f"utterance {prompt.utterance_id}: the lens result has no word readout (use word_lens)"
         )
-    if result.layers is not None:
-        raise ValueError(f"utterance {prompt.utterance_id}: the lens must read every layer")
     # only unit positions are read here, so a lens restricted to them (positions="speech") will do
     speech = prompt.positions_of(SPEECH)
     col = torch.searchsorted(result.positions, speech).clamp(max=len(result.positions) - 1)
@@ -115,6 +121,7 @@ def utterance_record(
     return UtteranceRecord(
         utterance_id=prompt.utterance_id,
         n_layers=result.n_layers,
+        layers=list(result.row_layers),
         words=list(w.words),
         word_index=list(w.word_index),
         next_words=[t.word if t is not None else "" for t in w.next],

@@ -13,10 +13,11 @@ def layer_table(m: DatasetMetrics) -> list[dict[str, Any]]:
     """One row per lens row: recall@k (current / next, and the mismatched-word baseline where
     computed) with CI, masses at speech positions."""
     rows = []
-    for i in m.layers:
+    # i: index into the curves; layer: the row's true lens row (a selection skips some)
+    for i, layer in enumerate(m.layers):
         row: dict[str, Any] = {
-            "layer": i,
-            "relative_depth": round(i / m.n_layers, 4),
+            "layer": layer,
+            "relative_depth": round(layer / m.n_layers, 4),
             "match": m.match,
         }
         for k in m.ks:
@@ -52,8 +53,8 @@ def word_table(
         cur = r.rank_array(match, "current")
         nxt = r.rank_array(match, "next")
         for j, word in enumerate(r.words):
-            for layer in range(r.n_layers + 1):
-                ids = r.top_ids[j][layer][:top]
+            for i, layer in enumerate(r.row_layers):
+                ids = r.top_ids[j][i][:top]
                 toks = (
                     tokenizer.convert_ids_to_tokens(ids)
                     if tokenizer is not None
@@ -67,8 +68,8 @@ def word_table(
                         "next_word": r.next_words[j],
                         "layer": layer,
                         "match": match,
-                        "rank_current": int(cur[layer, j]),
-                        "rank_next": int(nxt[layer, j]),
+                        "rank_current": int(cur[i, j]),
+                        "rank_next": int(nxt[i, j]),
                         "top_tokens": " | ".join(str(t) for t in toks),
                     }
                 )

@@ -102,10 +102,12 @@ def data_fingerprint(sequences: Sequence[Tensor]) -> str:
     return h.hexdigest()
 
 
-def held_out_table(logit_kl: Tensor, tuned_kl: Tensor) -> str:
-    """Plain-text table of per-layer held-out KL, logit lens vs tuned lens."""
+def held_out_table(logit_kl: Tensor, tuned_kl: Tensor, layers: Sequence[int] | None = None) -> str:
+    """Plain-text table of per-layer held-out KL, logit lens vs tuned lens (``layers``: the
+    true row of each value when ``lens_kl`` read a selection)."""
+    rows = range(len(logit_kl)) if layers is None else layers
     lines = [f"{'layer':>5}  {'logit lens':>11}  {'tuned lens':>11}  {'ratio':>6}"]
-    for i, (a, b) in enumerate(zip(logit_kl.tolist(), tuned_kl.tolist(), strict=True)):
+    for i, a, b in zip(rows, logit_kl.tolist(), tuned_kl.tolist(), strict=True):
         ratio = f"{b / a:6.3f}" if a > 0 and not math.isnan(a) else "     -"
         lines.append(f"{i:>5}  {a:11.4f}  {b:11.4f}  {ratio}")
     return "\n".join(lines)

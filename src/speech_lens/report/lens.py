@@ -301,7 +301,7 @@ def lens_heatmap(
         go.Heatmap(
             z=z.tolist(),
             x=list(range(len(pos))),
-            y=rows,
+            y=result.layer_labels,  # true lens rows: a layer selection shows only those read
             text=text,
             texttemplate="%{text}",
             textfont={"size": 9},
@@ -323,11 +323,7 @@ def lens_heatmap(
             "tickangle": -60,
             "tickfont": {"size": 8},
         },
-        yaxis={
-            "title": "layer (0 = embeddings)",
-            "tickvals": rows,
-            "ticktext": result.layer_labels,
-        },
+        yaxis={"title": "layer (0 = embeddings)", "type": "category"},
         template="plotly_white",
         height=max(360, 26 * result.n_rows + 200),
         width=max(700, 34 * len(pos) + 160),

@@ -6,7 +6,9 @@ same: data set hash, lens kind, every recorded setting (mode, k, ks, match rule,
 limit, seed, n_boot, ...) and the package versions. Differences that are intended are named with
 ``--allow FIELD[,FIELD]`` (``--allow versions`` allows every package version); all others are
 refused with the differing values per run. The model identity (checkpoint hash, family,
-geometry) is expected to differ and is not compared.
+geometry) is expected to differ and is not compared, nor are the lens rows a run read
+(``--layer-stride`` / ``--layers``): a strided run's curves are sampled at fewer depths (each
+row at its true index), not computed differently.
 
 Across tokenizer kinds the match rule must be ``first-spaced`` (``CROSS_FAMILY_MATCH``): under
 SentencePiece's dummy prefix (SpiritLM, SpeechGPT) a bare word is tokenized as its spaced form,
@@ -34,11 +36,15 @@ import plotly.graph_objects as go
 
 from speech_lens.files import atomic_write_text
 from speech_lens.lens.metrics import DatasetMetrics
+from speech_lens.lens.rows import describe_rows
 from speech_lens.provenance import FORMAT, provenance_table
 from speech_lens.report.compare import QUANTITIES, depth_figure
 from speech_lens.report.html import Report, Table
 
 CROSS_FAMILY_MATCH = "first-spaced"
+# settings recorded but not compared: the lens rows a run read (``--layer-stride`` / ``--layers``)
+# change where its curves are sampled, not their values; the runs line up on relative depth
+SAMPLING_SETTINGS = ("layers",)
 
 
 class CompareError(ValueError):
@@ -106,7 +112,7 @@ def compared_fields(prov: dict[str, Any]) -> dict[str, Any]:
         # an in-memory data set has no hash: then its name has to match
         "data": data.get("sha256") or data.get("path"),
         "lens": prov["lens"].get("kind"),
-        **prov["settings"],
+        **{k: v for k, v in prov["settings"].items() if k not in SAMPLING_SETTINGS},
         **{f"versions.{k}": v for k, v in prov["versions"].items()},
     }
 
@@ -191,13 +197,13 @@ def table_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         m, k = r.metrics, r.k
-        for i in m.layers:
+        for i, layer in enumerate(m.layers):  # i: index into the curves
             row: dict[str, Any] = {
                 "model": r.label,
                 "family": r.provenance["model"].get("family"),
                 "n_layers": m.n_layers,
-                "layer": i,
-                "relative_depth": i / m.n_layers,
+                "layer": layer,
+                "relative_depth": layer / m.n_layers,
                 "k": k,
             }
             for q, (_, get) in QUANTITIES.items():
@@ -273,6 +279,7 @@ def build_report(cmp: Comparison) -> Report:
                     "model": r.label,
                     "family": r.provenance["model"].get("family"),
                     "n_layers": r.metrics.n_layers,
+                    "lens rows read": describe_rows(r.metrics.layers, r.metrics.n_layers + 1),
                     "checkpoint sha256": str(r.provenance["model"].get("sha256"))[:16],
                     "lens": r.provenance["lens"].get("kind"),
                     "k": r.k,

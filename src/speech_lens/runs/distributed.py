@@ -229,6 +229,7 @@ def run_distributed(
     if cfg.limit is not None:
         utts = utts[: cfg.limit]
     check_inputs(model, utts, cfg)
+    cfg.rows(model.n_layers)  # a selection that does not fit the model: refused on every rank
     if restart and ctx.rank == 0:
         clear_shards(out)
     ctx.barrier()  # nobody reads the shards while rank 0 clears them
@@ -254,6 +255,7 @@ def run_distributed(
             prompt,
             word_targets(model, u),
             k=cfg.k,
+            layers=cfg.rows(model.n_layers),
             positions="speech",
             fwd_hooks=hooks,
             zero_unit_words=cfg.zero_unit_words,

@@ -31,6 +31,7 @@ from speech_lens.lens.logit import logit_lens, word_lens_batch
 from speech_lens.lens.metrics import DatasetMetrics, aggregate
 from speech_lens.lens.numerics import readout_settings
 from speech_lens.lens.records import UtteranceRecord, utterance_record
+from speech_lens.lens.rows import describe_rows
 from speech_lens.lens.tables import layer_table, word_table
 from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.provenance import POOLING, collect_provenance, provenance_rows, stable
@@ -70,7 +71,9 @@ def read_partial(
             if obj.get("header") != cfg.resume_key():
                 raise RunError(
                     f"{path} was written with other settings {obj.get('header')}; "
-                    f"these are {cfg.resume_key()}. Use another --out or --restart."
+                    f"these are {cfg.resume_key()} (differing: "
+                    f"{', '.join(_differing(obj.get('header'), cfg.resume_key()))}). "
+                    "Use another --out or --restart."
                 )
         else:
             rec = UtteranceRecord.from_json(obj)
@@ -79,6 +82,12 @@ def read_partial(
     if repair and len(good) != sum(1 for ln in lines if ln.strip()):
         atomic_write_text(path, "".join(g + "\n" for g in good))
     return done
+
+
+def _differing(header: Any, key: dict[str, Any]) -> list[str]:
+    """The resume-key fields whose values differ (a missing field counts as differing)."""
+    old = header if isinstance(header, dict) else {}
+    return [n for n in dict.fromkeys([*old, *key]) if old.get(n, ...) != key.get(n, ...)]
 
 
 def _append(path: Path, obj: dict[str, Any]) -> None:
@@ -105,6 +114,7 @@ def lens_batch(
         [word_targets(model, u) for u in utts],
         k=cfg.k,
         lens=lens,
+        layers=cfg.rows(model.n_layers),
         positions="speech",
         padding_side=padding_side,
         zero_unit_words=cfg.zero_unit_words,
@@ -135,6 +145,7 @@ def run_dataset(
     uninterrupted run's records and outputs byte for byte.
     """
 
+    cfg.rows(model.n_layers)  # a selection that does not fit the model: refused before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL
@@ -239,6 +250,7 @@ def write_outputs(
         **cfg.span_settings(),
         "zero_unit_words": metrics.zero_unit_words,
         **readout_settings(),
+        "layers": list(metrics.layers),  # the rows read; `compare` lines them up by depth
     }
     prov = collect_provenance(model, data=cfg.data, lens=cfg.lens, settings=settings)
     # a property of the model, not a setting: `compare` reads it to tell which match rules
@@ -272,7 +284,7 @@ def build_report(
     first: Any,
 ) -> Report:
     k = cfg.k if cfg.k in metrics.ks else max(metrics.ks)
-    best = max(metrics.layers, key=lambda i: metrics.recall_current[k].mean[i])
+    best, i = peak_layer(metrics, k)
     rep = Report(
         f"speech_lens {'logit lens' if cfg.lens == 'logit' else 'tuned lens'}: "
         f"{Path(cfg.checkpoint).name}",
@@ -284,7 +296,8 @@ def build_report(
             f"{metrics.n_utterances} utterances, {metrics.n_words} spoken words "
             f"({metrics.n_next_words} with a next word), {metrics.n_speech_positions} unit "
             f"positions; {model.n_layers} layers (row 0 = embeddings, row {model.n_layers} = "
-            "the model's output).\n\n"
+            f"the model's output); lens rows read: "
+            f"{describe_rows(metrics.layers, model.n_layers + 1)}.\n\n"
             f"{_zero_unit_text(metrics)}\n\n"
             f"Word matching rule: {metrics.match} (first sub-token, spaced or bare form, unless "
             "the rule says otherwise; a lone leading word-boundary piece ▁ / Ġ is skipped). "
@@ -294,8 +307,8 @@ def build_report(
             f"Confidence bands: {int(metrics.ci * 100)}% percentile bootstrap over utterances, "
             f"{metrics.n_boot} draws, seed {metrics.seed}.\n\n"
             f"Current-word Recall@{k} peaks at layer {best}: "
-            f"{metrics.recall_current[k].mean[best]:.3f} "
-            f"[{metrics.recall_current[k].lo[best]:.3f}, {metrics.recall_current[k].hi[best]:.3f}]."
+            f"{metrics.recall_current[k].mean[i]:.3f} "
+            f"[{metrics.recall_current[k].lo[i]:.3f}, {metrics.recall_current[k].hi[i]:.3f}]."
         ),
     )
     rep.add_section(
@@ -313,7 +326,8 @@ def build_report(
         figures=[modality_figure(metrics)],
     )
     prompt = encode_for_lens(model, first, cfg)
-    res = logit_lens(model, prompt.tokens, k=5, lens=lens_from_spec(cfg.lens, model))
+    lens = lens_from_spec(cfg.lens, model)
+    res = logit_lens(model, prompt.tokens, k=5, lens=lens, layers=cfg.rows(model.n_layers))
     rep.add_section(
         f"One utterance: {first.id}",
         text="Top text token per layer and position; colour: probability mass on speech units.",
@@ -325,6 +339,13 @@ def build_report(
         tables=[Table(words, caption="words.csv (first rows)", max_rows=300)],
     )
     return rep
+
+
+def peak_layer(metrics: DatasetMetrics, k: int) -> tuple[int, int]:
+    """(lens row, index into the curves) where current-word Recall@k peaks."""
+    curve = metrics.recall_current[k].mean
+    i = max(range(len(metrics.layers)), key=lambda j: curve[j])
+    return metrics.layers[i], i
 
 
 def _zero_unit_text(metrics: DatasetMetrics) -> str:

@@ -15,6 +15,7 @@ from speech_lens.data.word_targets import (
 )
 from speech_lens.lens.numerics import readout_settings
 from speech_lens.lens.records import DEFAULT_MATCH, MATCH_RULES
+from speech_lens.lens.rows import check_layers, selected_rows
 from speech_lens.options import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS
 
 MODES = ("speech", "interleaved")
@@ -42,10 +43,20 @@ class LensRunConfig:
     span_mean: float | None = None
     speech_fraction: float | None = None
     zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS  # skip | miss | error (lens.logit)
+    # lens rows read (sorted, holding the output row: lens/rows.py); None = every row
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: one of {MODES}")
+        if self.layers is not None:  # the model's row count is checked by the run (rows())
+            rows = tuple(int(i) for i in self.layers)
+            if not rows or rows[0] < 0 or list(rows) != sorted(set(rows)):
+                raise ValueError(
+                    f"--layers {rows}: strictly increasing lens rows >= 0, at least one "
+                    "(layers=None reads every row)"
+                )
+            object.__setattr__(self, "layers", rows)
         if self.zero_unit_words not in ZERO_UNIT_WORDS:
             raise ValueError(
                 f"--zero-unit-words {self.zero_unit_words!r}: one of {ZERO_UNIT_WORDS}"
@@ -95,7 +106,16 @@ class LensRunConfig:
             **self.span_settings(),
             "zero_unit_words": self.zero_unit_words,
             **readout_settings(),
+            # only for a selection, so a full run resumes a partial run written before selections
+            **({} if self.layers is None else {"layers": list(self.layers)}),
         }
+
+    def rows(self, n_layers: int) -> tuple[int, ...]:
+        """The lens rows read on a model of ``n_layers`` layers; refuses a selection that does
+        not fit it (naming ``--layers``)."""
+        if self.layers is None:
+            return tuple(range(n_layers + 1))
+        return check_layers(self.layers, n_layers + 1)
 
 
 def _prompt_seed(cfg: LensRunConfig, uid: str) -> int:
@@ -134,6 +154,11 @@ def lens_config(args: Any, model: Any) -> LensRunConfig:
         lens=getattr(args, "lens", "logit"),
         span_sampler=_span_sampler(args, model),
         zero_unit_words=getattr(args, "zero_unit_words", DEFAULT_ZERO_UNIT_WORDS),
+        layers=selected_rows(
+            model.n_layers + 1,
+            stride=getattr(args, "layer_stride", None),
+            layers=getattr(args, "layers", None),
+        ),
     )
 
 
