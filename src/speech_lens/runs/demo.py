@@ -31,6 +31,7 @@ from speech_lens.models.spec import AdapterError
 from speech_lens.provenance import POOLING, collect_provenance, provenance_table
 from speech_lens.report.html import Report, Table
 from speech_lens.report.lens import compare_figure, lens_heatmap, modality_figure, recall_figure
+from speech_lens.runs.demo_minisims import minisims_section
 from speech_lens.runs.demo_sections import (
     K,
     Organism,
@@ -84,6 +85,7 @@ def run_demo(
     organisms: str | Path | None = None,
     limit: int | None = 150,
     patch_utterances: int = 20,
+    minisims_utterances: int = 40,
     progress: bool = True,
 ) -> Path:
     """Analyse every shipped organism and write ``out/report.html`` (+ ``out/demo.json``)."""
@@ -121,11 +123,15 @@ def run_demo(
     asr_section(rep, results)
     tuned_section(rep, orgs, models, test, say)
     patching_section(rep, orgs, models, test[:patch_utterances], out, say)
+    minisims = minisims_section(
+        rep, root / "minisims", metrics, out, say, limit=minisims_utterances
+    )
     provs = provenance_section(rep, orgs, models, root / "test_manifest.jsonl", limit)
 
     summary = {
         "organisms": {o.name: metrics[o.name].to_json() for o in orgs},
         "table": rows,
+        "minisims": minisims,
         "seconds": round(time.time() - t0, 1),
         "torch_threads": torch.get_num_threads(),  # the timing above depends on it
         "provenance": provs,

@@ -53,15 +53,17 @@ def lens_metrics(
     lens: Any = None,
     label: str = "",
     n_boot: int = 500,
+    layers: Sequence[int] | None = None,
 ) -> DatasetMetrics:
-    """Word-level lens curves over ``utts`` (speech-only or interleaved prompts)."""
+    """Word-level lens curves over ``utts`` (speech-only or interleaved prompts), at the lens
+    rows ``layers`` (default every row)."""
     records = []
     for i, u in enumerate(utts):
         if mode == "interleaved":
             prompt = encode_prompt(model, u, mode="interleaved", seed=i)
         else:
             prompt = encode_prompt(model, u, mode="speech")
-        res = word_lens(model, prompt, word_targets(model, u), k=10, lens=lens)
+        res = word_lens(model, prompt, word_targets(model, u), k=10, lens=lens, layers=layers)
         records.append(utterance_record(res, prompt, model.layout))
     return aggregate(records, ks=(1, 5, 10), n_boot=n_boot, seed=0, label=label)
 
