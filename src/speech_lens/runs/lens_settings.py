@@ -4,11 +4,14 @@ arguments, and how each utterance is encoded for it."""
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.scramble import scramble_words
+from speech_lens.data.utterance import Utterance
 from speech_lens.data.word_targets import (
     WORD_PIECE_RULE,
     span_settings,
@@ -42,6 +45,8 @@ class LensRunConfig:
     span_mean: float | None = None
     speech_fraction: float | None = None
     zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS  # skip | miss | error (lens.logit)
+    # the scrambled-word-order control (data/scramble.py): the seed, None for the data as it is
+    scramble_words: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -95,7 +100,17 @@ class LensRunConfig:
             **self.span_settings(),
             "zero_unit_words": self.zero_unit_words,
             **readout_settings(),
+            # only when set: runs of the data as it is resume from partial files written before
+            **({} if self.scramble_words is None else {"scramble_words": self.scramble_words}),
         }
+
+
+def lens_utterances(utterances: Iterable[Utterance], cfg: LensRunConfig) -> list[Utterance]:
+    """The utterances as the run lenses them: with ``cfg.scramble_words`` their words shuffled
+    (seeded per utterance), each word's units moving with it (``data.scramble``)."""
+    if cfg.scramble_words is None:
+        return list(utterances)
+    return [scramble_words(u, cfg.scramble_words) for u in utterances]
 
 
 def _prompt_seed(cfg: LensRunConfig, uid: str) -> int:
@@ -134,6 +149,7 @@ def lens_config(args: Any, model: Any) -> LensRunConfig:
         lens=getattr(args, "lens", "logit"),
         span_sampler=_span_sampler(args, model),
         zero_unit_words=getattr(args, "zero_unit_words", DEFAULT_ZERO_UNIT_WORDS),
+        scramble_words=getattr(args, "scramble_words", None),
     )
 
 
