@@ -3,10 +3,12 @@ unit alone, and the leave-one-utterance-out frequency prior, each against an ind
 
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -254,11 +256,14 @@ def _direct_prior(records, which: str, k: int) -> list[int]:
 
 @pytest.mark.parametrize("which", ["current", "next"])
 def test_prior_equals_a_direct_count(which):
-    records = [_record(f"s{i}", s, 0, 0) for i, s in enumerate(SENTENCES * 2)]
-    m = aggregate(records, ks=(1, 2, 3), n_boot=50, seed=1)
+    # "zebra" in one utterance only; k = 10 lists every id of the others (a short list)
+    sentences = (*SENTENCES, *SENTENCES[:3], ("dog", "a", "sat"))
+    records = [_record(f"s{i}", s, 0, 0) for i, s in enumerate(sentences)]
+    m = aggregate(records, ks=(1, 2, 3, 10), n_boot=50, seed=1)
     prior = m.recall_prior_current if which == "current" else m.recall_prior_next
     n = m.n_words if which == "current" else m.n_next_words
-    for k in (1, 2, 3):
+    assert prior[10].mean[0] < 1  # the lone zebra is never listed for its own utterance
+    for k in (1, 2, 3, 10):
         direct = sum(_direct_prior(records, which, k))
         assert len(set(prior[k].mean)) == 1  # flat: the prior reads no layer
         assert prior[k].mean[0] * n == pytest.approx(direct, abs=1e-9)
@@ -295,3 +300,70 @@ def test_prior_leaves_the_utterance_out_and_spends_one_slot_per_word():
         r.target_ids["first"] = ids
     m = aggregate(records, ks=(1,), n_boot=10)
     assert m.recall_prior_current[1].mean[0] == pytest.approx((1 + 1 + 1 + 0) / 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: a tiny-model lens run writes them, and they match a recount from its records
+# ------------------------------------------------------------------------------------------------
+
+
+def test_lens_run_writes_the_confounds_and_they_match_a_recount(tiny_model, tmp_path):
+    from speech_lens.runs.lens import PARTIAL, run_dataset
+    from speech_lens.runs.lens_settings import LensRunConfig
+    from speech_lens.testing.families import random_utterances
+
+    model = tiny_model("spiritlm")
+    # words the lens lists at their first or last unit (k = 200 of 32k: see _listed_words), so
+    # the recount counts hits; three utterances of "the cat sat on a mat" give the prior words
+    k = 200
+    utts = [_listed_words(model, u, k) for u in random_utterances(3, prefix="w")]
+    utts += random_utterances(3)
+    cfg = LensRunConfig(
+        checkpoint="tiny", data="mem", family="spiritlm", k=k, ks=(1, 5, k), n_boot=50
+    )
+    out = tmp_path / "run"
+    m = run_dataset(model, utts, out, cfg, progress=False)
+    lines = (out / PARTIAL).read_text().splitlines()[1:]
+    records = [UtteranceRecord.from_json(json.loads(ln)) for ln in lines]
+    info = json.loads((out / "metrics.json").read_text())["metrics"]
+    with (out / "layers.csv").open() as f:
+        layers = list(csv.DictReader(f))
+    for name, curves, which in (
+        ("first_unit", m.recall_first_unit, "first"),
+        ("last_unit", m.recall_last_unit, "last"),
+    ):
+        assert sorted(info[f"recall_{name}"], key=int) == ["1", "5", "200"]
+        for k in (1, 5, 200):
+            hits = sum(
+                (np.asarray(r.unit_ranks["first"][which]) < k).sum(0) for r in records
+            )  # [word, row] per record, summed over words and records
+            assert np.asarray(curves[k].mean) * m.n_words == pytest.approx(hits, abs=1e-9)
+            assert k < 200 or hits.sum() > 0  # the lens lists some words there
+            for part, values in (
+                ("", curves[k].mean),
+                ("_lo", curves[k].lo),
+                ("_hi", curves[k].hi),
+            ):
+                got = [float(r[f"recall@{k}_{name}{part}"]) for r in layers]
+                assert got == pytest.approx(values)
+    for which, curves, n in (
+        ("current", m.recall_prior_current, m.n_words),
+        ("next", m.recall_prior_next, m.n_next_words),
+    ):
+        assert sorted(info[f"recall_prior_{which}"], key=int) == ["1", "5", "200"]
+        for k in (1, 5, 200):
+            direct = sum(_direct_prior(records, which, k))
+            assert curves[k].mean == pytest.approx([direct / n] * (model.n_layers + 1))
+            assert [float(r[f"recall@{k}_{which}_prior"]) for r in layers] == pytest.approx(
+                curves[k].mean
+            )
+        assert curves[5].mean[0] > 0  # six utterances of "the cat sat on a mat": the prior hits
+    html = (out / "report.html").read_text()
+    for name in (
+        "current word R@5 (first unit only)",
+        "current word R@5 (last unit only)",
+        "current word R@5 (frequency prior)",
+        "next word R@5 (frequency prior)",
+    ):
+        assert name in html
+    assert "Frequency prior (flat, long dash-dot)" in html

@@ -17,6 +17,7 @@ denominator as the recall it accompanies (a word without unit position scored as
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -102,7 +103,8 @@ def prior_hits(
     hits = {k: np.zeros((len(records), rows)) for k in ks}
     for i, (targets, listed) in enumerate(zip(per_utt, lists, strict=True)):
         slot = {t: n for n, t in enumerate(listed)}  # id -> its list position
-        first = [min((slot[t] for t in ts if t in slot), default=len(listed)) for ts in targets]
+        # a word none of whose ids is listed is a miss at every k (the list may be short)
+        first = [min((slot[t] for t in ts if t in slot), default=math.inf) for ts in targets]
         for k, h in hits.items():
             h[i] = sum(1 for s in first if s < k)
     return hits
