@@ -16,6 +16,10 @@ so ``first`` has one candidate there and two on byte-level BPE: across them comp
 Ranks count ties against the target (``readout.TIE_RULE``). A spoken word with no unit position
 is recorded (``UtteranceRecord.words_without_units``) and, by the ``zero_unit_words`` policy of
 :func:`aggregate`, left out of Recall@k (``skip``) or scored as a miss (``miss``).
+
+Beside each Recall@k curve (issue 17 §1): the mismatched-word baseline (``lens/mismatch.py``), the
+frequency prior of the current and the next word (``lens/prior.py``) and current-word Recall@k
+read at each word's first / last unit alone (``lens/unit_edges.py``), over the same words.
 """
 
 from __future__ import annotations
@@ -265,7 +269,10 @@ def aggregate(
         n_words_without_units=sum(len(r.words_without_units) for r in records),
         curves=curves,
         recall_mismatched=mismatched,
-        **confounds,
+        recall_first_unit=confounds.get("recall_first_unit", {}),
+        recall_last_unit=confounds.get("recall_last_unit", {}),
+        recall_prior_current=confounds.get("recall_prior_current", {}),
+        recall_prior_next=confounds.get("recall_prior_next", {}),
     )
 
 
