@@ -17,7 +17,7 @@ from speech_lens import Utterance, Word, encode_prompt, word_lens, word_targets
 from speech_lens._tl import final_norm_and_unembed, resid_pre_name
 from speech_lens.data.encoded import SPEECH
 from speech_lens.lens.metrics import DatasetMetrics, aggregate
-from speech_lens.lens.prior import prior_lists
+from speech_lens.lens.prior import LEAVE_ONE_OUT, prior_lists
 from speech_lens.lens.readout import MASS_GROUPS
 from speech_lens.lens.records import UtteranceRecord, match_ids, utterance_record
 from speech_lens.lens.tables import layer_table
@@ -367,3 +367,75 @@ def test_lens_run_writes_the_confounds_and_they_match_a_recount(tiny_model, tmp_
     ):
         assert name in html
     assert "Frequency prior (flat, long dash-dot)" in html
+
+
+# ------------------------------------------------------------------------------------------------
+# the prior fit on a training manifest
+# ------------------------------------------------------------------------------------------------
+
+
+def test_prior_fit_on_a_training_manifest(tiny_model, tmp_path):
+    from speech_lens import write_manifest
+    from speech_lens.lens.prior import manifest_prior
+    from speech_lens.runs.compare import CompareError, compare_runs
+    from speech_lens.runs.lens import PARTIAL, run_dataset
+    from speech_lens.runs.lens_settings import LensRunConfig
+    from speech_lens.testing.families import random_utterances
+
+    model = tiny_model("spiritlm")
+    train = random_utterances(5, prefix="t", seed=3)
+    path = tmp_path / "train.jsonl"
+    write_manifest(path, train)
+    fitted = manifest_prior(model, train, source=str(path))
+    # the counts: every word's hit ids (current) and every word after another (next)
+    for rule in ("first", "any"):
+        for which, skip in (("current", 0), ("next", 1)):
+            direct = Counter(
+                tuple(sorted(set(match_ids(t, rule))))
+                for u in train
+                for t in word_targets(model, u)[skip:]
+            )
+            assert fitted.counts[rule][which] == direct
+    cfg = dict(checkpoint="tiny", data="mem", family="spiritlm", k=5, ks=(1, 5), n_boot=20)
+    utts = random_utterances(4)
+    out = tmp_path / "run"
+    m = run_dataset(
+        model, utts, out, LensRunConfig(**cfg, prior_manifest=str(path)), progress=False
+    )
+    records = [
+        UtteranceRecord.from_json(json.loads(x))
+        for x in (out / PARTIAL).read_text().splitlines()[1:]
+    ]
+    assert m.prior_source == str(path)
+    for which, n in (("current", m.n_words), ("next", m.n_next_words)):
+        words = [
+            [
+                set(t)
+                for t in getattr(r, "target_ids" if which == "current" else "next_target_ids")[
+                    "first"
+                ]
+                if t
+            ]
+            for r in records
+        ]
+        counts = fitted.counts["first"][which]
+        for k in (1, 5):
+            # the k most frequent training targets (one hit id per word on SentencePiece)
+            assert all(len(t) == 1 for t in counts)
+            top = {t[0] for t, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:k]}
+            direct = sum(1 for ws in words for t in ws if t & top)
+            got = (m.recall_prior_current if which == "current" else m.recall_prior_next)[k]
+            assert got.mean == pytest.approx([direct / n] * (model.n_layers + 1))
+    info = json.loads((out / "metrics.json").read_text())
+    assert info["metrics"]["prior_source"] == str(path)
+    assert info["provenance"]["settings"]["prior"].startswith("manifest sha256:")
+    assert f"The priors are fit on: {path}" in (out / "report.html").read_text()
+    # a run whose prior leaves each utterance out is not compared with it unless allowed
+    loo = tmp_path / "loo"
+    run_dataset(model, utts, loo, LensRunConfig(**cfg), progress=False)
+    assert (
+        json.loads((loo / "metrics.json").read_text())["metrics"]["prior_source"] == LEAVE_ONE_OUT
+    )
+    with pytest.raises(CompareError, match="prior"):
+        compare_runs([out, loo])
+    assert compare_runs([out, loo], allow=["prior"]).allowed["prior"][1] == LEAVE_ONE_OUT

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from speech_lens.lens.mismatch import has_targets, mismatched_hits, stored_k
-from speech_lens.lens.prior import has_prior_targets, prior_hits
+from speech_lens.lens.prior import LEAVE_ONE_OUT, FittedPrior, has_prior_targets, prior_hits
 from speech_lens.lens.records import (
     DEFAULT_MATCH,
     MATCH_RULES,
@@ -41,6 +41,7 @@ from speech_lens.lens.records import (
 )
 from speech_lens.lens.registry import LENS_METRICS, MASS_METRICS
 from speech_lens.lens.results import LensResult
+from speech_lens.lens.unit_edges import edge_hits
 from speech_lens.options import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS
 
 # ------------------------------------------------------------------------------------------------
@@ -135,6 +136,7 @@ class DatasetMetrics:
     recall_last_unit: dict[int, Curve] = field(default_factory=dict)
     recall_prior_current: dict[int, Curve] = field(default_factory=dict)
     recall_prior_next: dict[int, Curve] = field(default_factory=dict)
+    prior_source: str = ""  # what the priors are fit on: LEAVE_ONE_OUT or a training manifest
 
     @property
     def layers(self) -> list[int]:
@@ -154,6 +156,8 @@ class DatasetMetrics:
             d[key] = {str(k): v for k, v in d[key].items()}
             if not d[key]:
                 del d[key]
+        if not d["prior_source"]:
+            del d["prior_source"]
         return d
 
     @classmethod
@@ -209,6 +213,7 @@ def aggregate(
     ci: float = 0.95,
     label: str = "",
     zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
+    prior: FittedPrior | None = None,
 ) -> DatasetMetrics:
     """Per-layer Recall@k (current, next word) and modality mass with utterance-bootstrap CIs.
 
@@ -218,7 +223,8 @@ def aggregate(
     Recall@k (``zero_unit_words="skip"``) or scored as misses, current and next word (``"miss"``).
     The mismatched-word baseline (``recall_mismatched``, ``lens/mismatch.py``) scores each word's
     stored top-k against another word's target (draw seeded by ``seed``), over the same words;
-    ``confound_curves`` adds the first / last-unit recall and the frequency priors.
+    ``confound_curves`` adds the first / last-unit recall and the frequency priors (fit on the
+    other utterances, or on the word counts of a training manifest: ``prior``).
     """
     if match not in MATCH_RULES:
         raise ValueError(f"unknown match rule {match!r}; one of {MATCH_RULES}")
@@ -246,7 +252,8 @@ def aggregate(
             records, match, "next", int(k), weights, alpha, zero_unit_words
         )
     mismatched = mismatched_curves(records, match, ks, seed, weights, alpha, zero_unit_words)
-    confounds = confound_curves(records, match, ks, weights, alpha, zero_unit_words)
+    confounds = confound_curves(records, match, ks, weights, alpha, zero_unit_words, prior)
+    prior_source = prior.source if prior is not None else LEAVE_ONE_OUT
     npos = np.array([r.n_speech_positions for r in records], dtype=np.float64)
     mass, top1, curves = position_curves(records, npos, weights, alpha)
     return DatasetMetrics(
@@ -273,6 +280,7 @@ def aggregate(
         recall_last_unit=confounds.get("recall_last_unit", {}),
         recall_prior_current=confounds.get("recall_prior_current", {}),
         recall_prior_next=confounds.get("recall_prior_next", {}),
+        prior_source=prior_source if "recall_prior_current" in confounds else "",
     )
 
 
@@ -339,6 +347,7 @@ def confound_curves(
     weights: np.ndarray,
     alpha: float,
     zero_unit_words: str,
+    prior: FittedPrior | None = None,
 ) -> dict[str, dict[int, Curve]]:
     """``recall_first_unit`` / ``recall_last_unit`` (each k up to the stored top-k) and
     ``recall_prior_current`` / ``recall_prior_next``, over the words (and denominators) of the
@@ -348,32 +357,19 @@ def confound_curves(
         count = scored_words(records, match, "current", zero_unit_words)
         scorable = [int(k) for k in ks if k <= stored_k(records)]
         for edge in ("first", "last"):
-            hits = edge_hits(records, match, edge, scorable)
+            ranks = [r.unit_ranks[match][edge] for r in records]
+            hits = edge_hits(ranks, records[0].n_layers + 1, scorable)
             out[f"recall_{edge}_unit"] = {
                 k: _ratio_curve(h, count, weights, alpha) for k, h in hits.items()
             }
     for which in ("current", "next"):
         if has_prior_targets(records, match, which):
             den = scored_words(records, match, which, zero_unit_words)
-            hits = prior_hits(records, match, which, ks)
+            hits = prior_hits(records, match, which, ks, prior)
             out[f"recall_prior_{which}"] = {
                 k: _ratio_curve(h, den, weights, alpha) for k, h in hits.items()
             }
     return out
-
-
-def edge_hits(
-    records: Sequence[UtteranceRecord], match: str, edge: str, ks: Sequence[int]
-) -> dict[int, np.ndarray]:
-    """Per k, ``[utterance, row]`` counts of words whose current-word rank at their ``edge``
-    ("first" / "last") unit position is below k (``UtteranceRecord.unit_ranks``)."""
-    rows = records[0].n_layers + 1
-    ranks = [
-        np.asarray(r.unit_ranks[match][edge], dtype=np.int64).reshape(-1, rows) for r in records
-    ]
-    return {
-        k: np.stack([((a >= 0) & (a < k)).sum(0) for a in ranks]).astype(np.float64) for k in ks
-    }
 
 
 def position_curves(

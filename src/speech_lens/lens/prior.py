@@ -13,19 +13,29 @@ on one word. The current-word prior counts the spoken words current-word Recall@
 next-word prior the next words next-word Recall@k scores, each over the same words and the same
 denominator as the recall it accompanies (a word without unit position scored as a miss under
 ``zero_unit_words="miss"`` is a miss of the prior too: its ids are not recorded).
+
+Given a training manifest (``speech-lens lens --prior-manifest TRAIN.jsonl``,
+:func:`manifest_prior`) the list is fit once on its words instead (every word for the current-word prior, every word
+after another for the next-word prior) and scores every utterance alike: the prior of a model's
+own training text, as the organisms' gates define it. ``DatasetMetrics.prior_source`` says which.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from speech_lens.lens.records import UtteranceRecord
+from speech_lens.data.utterance import Utterance
+from speech_lens.data.word_targets import word_targets
+from speech_lens.lens.records import MATCH_RULES, UtteranceRecord, match_ids
 
 WHICH = ("current", "next")
+LEAVE_ONE_OUT = "leave-one-utterance-out"  # DatasetMetrics.prior_source without a training manifest
 
 
 def word_targets_of(
@@ -66,17 +76,69 @@ def greedy_list(
     return chosen
 
 
-def prior_lists(
-    records: Sequence[UtteranceRecord], match: str, which: str, k: int
-) -> list[list[int]]:
-    """Per utterance, the prior's top-k token ids fit on the other utterances (module doc)."""
-    per_utt = word_targets_of(records, match, which)
-    keys = sorted({t for ts in per_utt for t in ts})
+HitIds = tuple[int, ...]  # one word's hit ids under a match rule, sorted
+
+
+@dataclass(frozen=True)
+class FittedPrior:
+    """Word counts of a training manifest, by match rule and word (``"current"``: every word,
+    ``"next"``: every word after another), the prior's list is fit on; ``source`` names it."""
+
+    source: str
+    counts: dict[str, dict[str, Counter[HitIds]]]
+
+
+def manifest_prior(model: Any, utterances: Iterable[Utterance], source: str) -> FittedPrior:
+    """The word counts of ``utterances`` (a training manifest) in ``model``'s hit ids."""
+    current: Counter[str] = Counter()
+    following: Counter[str] = Counter()
+    for u in utterances:
+        current.update(w.text for w in u.words)
+        following.update(w.text for w in u.words[1:])
+    if not current:
+        raise ValueError(f"{source}: no words to count for the frequency prior")
+    words = sorted(current)
+    targets = dict(zip(words, word_targets(model, words), strict=True))
+    counts: dict[str, dict[str, Counter[HitIds]]] = {}
+    for rule in MATCH_RULES:
+        ids = {w: tuple(sorted(set(match_ids(targets[w], rule)))) for w in words}
+        counts[rule] = {"current": Counter(), "next": Counter()}
+        for which, by_word in (("current", current), ("next", following)):
+            for w, n in by_word.items():
+                counts[rule][which][ids[w]] += n
+    return FittedPrior(source, counts)
+
+
+def key_pairs(keys: Sequence[HitIds]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The ids held by ``keys`` (sorted) and, per (key, id) pair, the key's and the id's index."""
     key_of = {t: i for i, t in enumerate(keys)}
     ids = sorted({i for t in keys for i in t})
     id_of = {i: n for n, i in enumerate(ids)}
     pair_key = np.array([key_of[t] for t in keys for _ in t], dtype=np.int64)
     pair_id = np.array([id_of[i] for t in keys for i in t], dtype=np.int64)
+    return ids, pair_key, pair_id
+
+
+def prior_lists(
+    records: Sequence[UtteranceRecord],
+    match: str,
+    which: str,
+    k: int,
+    fitted: FittedPrior | None = None,
+) -> list[list[int]]:
+    """Per utterance, the prior's top-k token ids fit on the other utterances, or on the
+    ``fitted`` training counts, one list for all (module doc)."""
+    if fitted is not None:
+        counts = fitted.counts[match][which]
+        keys = sorted(counts)
+        ids, pair_key, pair_id = key_pairs(keys)
+        weights = np.array([counts[t] for t in keys], dtype=np.float64)
+        listed = [ids[n] for n in greedy_list(weights, pair_key, pair_id, len(ids), k)]
+        return [listed for _ in records]
+    per_utt = word_targets_of(records, match, which)
+    keys = sorted({t for ts in per_utt for t in ts})
+    key_of = {t: i for i, t in enumerate(keys)}
+    ids, pair_key, pair_id = key_pairs(keys)
     total = np.zeros(len(keys))
     own = [Counter(key_of[t] for t in ts) for ts in per_utt]
     for c in own:
@@ -92,13 +154,17 @@ def prior_lists(
 
 
 def prior_hits(
-    records: Sequence[UtteranceRecord], match: str, which: str, ks: Sequence[int]
+    records: Sequence[UtteranceRecord],
+    match: str,
+    which: str,
+    ks: Sequence[int],
+    fitted: FittedPrior | None = None,
 ) -> dict[int, np.ndarray]:
     """Per k, ``[utterance, row]`` counts of the words whose hit ids meet the utterance's prior
     list (the same at every row: the prior reads no layer)."""
     ks = [int(k) for k in ks]
     per_utt = word_targets_of(records, match, which)
-    lists = prior_lists(records, match, which, max(ks, default=0))
+    lists = prior_lists(records, match, which, max(ks, default=0), fitted)
     rows = records[0].n_layers + 1
     hits = {k: np.zeros((len(records), rows)) for k in ks}
     for i, (targets, listed) in enumerate(zip(per_utt, lists, strict=True)):

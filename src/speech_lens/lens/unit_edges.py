@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,3 +66,15 @@ def unit_edge_ranks(
             for rule, per_word in targets.items():
                 out[rule][edge].append(listed_rank(ids, lp, per_word[j]).tolist())
     return out
+
+
+def edge_hits(
+    ranks: Sequence[Sequence[Sequence[int]]], n_rows: int, ks: Sequence[int]
+) -> dict[int, np.ndarray]:
+    """Per k, ``[utterance, row]`` counts of words whose rank at one unit position is below k;
+    ``ranks[u][j][row]``: utterance u's ``unit_ranks[rule][edge]``."""
+    arrays = [np.asarray(r, dtype=np.int64).reshape(-1, n_rows) for r in ranks]
+    return {
+        int(k): np.stack([((a >= 0) & (a < k)).sum(0) for a in arrays]).astype(np.float64)
+        for k in ks
+    }

@@ -36,7 +36,13 @@ from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.provenance import POOLING, collect_provenance, provenance_rows, stable
 from speech_lens.report.html import Report, Table
 from speech_lens.report.lens import lens_heatmap, modality_figure, recall_figure
-from speech_lens.runs.lens_settings import LensRunConfig, encode_for_lens, lens_utterances
+from speech_lens.runs.lens_settings import (
+    LensRunConfig,
+    encode_for_lens,
+    lens_utterances,
+    prior_setting,
+    training_prior,
+)
 
 PARTIAL = "partial.jsonl"
 
@@ -198,6 +204,7 @@ def run_dataset(
         seed=cfg.seed,
         label=Path(cfg.checkpoint).name,
         zero_unit_words=cfg.zero_unit_words,
+        prior=training_prior(model, cfg),
     )
     write_outputs(model, out, cfg, metrics, records, utts[0])
     return metrics
@@ -241,6 +248,7 @@ def write_outputs(
         "zero_unit_words": metrics.zero_unit_words,
         **readout_settings(),
         "scramble_words": cfg.scramble_words,  # `compare` refuses a control beside a plain run
+        "prior": prior_setting(cfg),
     }
     prov = collect_provenance(model, data=cfg.data, lens=cfg.lens, settings=settings)
     # a property of the model, not a setting: `compare` reads it to tell which match rules
@@ -303,7 +311,7 @@ def build_report(
     )
     rep.add_section(
         "Implicit transcription and next-word prediction",
-        text=RECALL_TEXT,
+        text=RECALL_TEXT + f" The priors are fit on: {metrics.prior_source or 'not computed'}.",
         figures=[recall_figure(metrics)],
     )
     rep.add_section(
@@ -334,8 +342,9 @@ RECALL_TEXT = (
     "Recall@k per layer of the spoken word (solid) and the next word (dashed), each with its "
     "baselines in its colour (where the run computed them). Frequency prior (flat, long "
     "dash-dot): a readout that ignores its input and always lists the same k text ids, those "
-    "that hit the most words of the other utterances (leave one utterance out; greedy, so one "
-    "word's spaced and bare forms do not take two slots). Mismatched-word baseline (dash-dot, "
+    "that hit the most words of the other utterances (leave one utterance out) or of a training "
+    "manifest (--prior-manifest); greedy, so one word's spaced and bare forms do not take two "
+    "slots. Mismatched-word baseline (dash-dot, "
     "current word): the same pooled top-k scored against another word of the data set. First "
     "unit only (dotted) / last unit only (long dashes): current-word Recall@k read at the "
     "word's first or last unit position alone; at a word's onset the next token in text space "
