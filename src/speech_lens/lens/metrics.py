@@ -358,7 +358,7 @@ def confound_curves(
         scorable = [int(k) for k in ks if k <= stored_k(records)]
         for edge in ("first", "last"):
             ranks = [r.unit_ranks[match][edge] for r in records]
-            hits = edge_hits(ranks, records[0].n_layers + 1, scorable)
+            hits = edge_hits(ranks, len(records[0].unit_top1), scorable)  # rows held
             out[f"recall_{edge}_unit"] = {
                 k: _ratio_curve(h, count, weights, alpha) for k, h in hits.items()
             }

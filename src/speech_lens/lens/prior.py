@@ -165,7 +165,7 @@ def prior_hits(
     ks = [int(k) for k in ks]
     per_utt = word_targets_of(records, match, which)
     lists = prior_lists(records, match, which, max(ks, default=0), fitted)
-    rows = records[0].n_layers + 1
+    rows = len(records[0].unit_top1)  # the lens rows the records hold
     hits = {k: np.zeros((len(records), rows)) for k in ks}
     for i, (targets, listed) in enumerate(zip(per_utt, lists, strict=True)):
         slot = {t: n for n, t in enumerate(listed)}  # id -> its list position

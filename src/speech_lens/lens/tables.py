@@ -26,10 +26,11 @@ def layer_table(m: DatasetMetrics) -> list[dict[str, Any]]:
     last-unit recall and the frequency priors where computed) with CI, masses at speech
     positions."""
     rows = []
-    for i in m.layers:
+    # i: index into the curves; layer: the row's true lens row (a selection skips some)
+    for i, layer in enumerate(m.layers):
         row: dict[str, Any] = {
-            "layer": i,
-            "relative_depth": round(i / m.n_layers, 4),
+            "layer": layer,
+            "relative_depth": round(layer / m.n_layers, 4),
             "match": m.match,
         }
         for k in m.ks:

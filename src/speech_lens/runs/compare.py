@@ -209,13 +209,13 @@ def table_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     for r in runs:
         m, k = r.metrics, r.k
         curves = run_curves(m, k)
-        for i in m.layers:
+        for i, layer in enumerate(m.layers):  # i: index into the curves
             row: dict[str, Any] = {
                 "model": r.label,
                 "family": r.provenance["model"].get("family"),
                 "n_layers": m.n_layers,
-                "layer": i,
-                "relative_depth": i / m.n_layers,
+                "layer": layer,
+                "relative_depth": layer / m.n_layers,
                 "k": k,
             }
             for q, c in curves.items():
