@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name != "tuned-lens":
             add_layer_selection(s)
+            s.add_argument(
+                "--scramble-words",
+                type=int,
+                metavar="SEED",
+                help="the scrambled-word-order control (as speech-lens lens)",
+            )
+            s.add_argument(
+                "--prior-manifest",
+                type=Path,
+                help="fit the frequency prior on this manifest (as speech-lens lens)",
+            )
         if name == "lens":
             s.add_argument("--restart", action="store_true", help="discard finished shards")
             s.add_argument("--no-guard", action="store_true", help="skip the NaN/inf checks")

@@ -90,5 +90,19 @@ def add_lens(sub: Any) -> None:
         help="spoken words with no unit position: leave out of Recall@k and count them (skip), "
         "score them as misses (miss), or stop with an error naming the word (error)",
     )
+    p.add_argument(
+        "--scramble-words",
+        type=int,
+        metavar="SEED",
+        help="control run: shuffle each utterance's words (seeded), each word's units moving "
+        "with it; next-word Recall@k should fall to its frequency prior, transcription not",
+    )
+    p.add_argument(
+        "--prior-manifest",
+        type=Path,
+        metavar="TRAIN.jsonl",
+        help="fit the frequency prior on this (training) manifest's words instead of leaving "
+        "each utterance out of its own",
+    )
     add_dry_run(p)
     p.set_defaults(func=go)
