@@ -17,7 +17,8 @@ from speech_lens.guards import NumericError
 from speech_lens.lens.metrics import DatasetMetrics
 from speech_lens.lens.train import config_from_args
 from speech_lens.lens.train_data import TrainError, encode_training_data
-from speech_lens.models.load import DTYPES, load_from_args
+from speech_lens.models.from_args import load_from_args
+from speech_lens.models.load import DTYPES
 from speech_lens.models.spec import AdapterError
 from speech_lens.options import SPAN_SAMPLERS
 from speech_lens.runs.distributed import (

@@ -33,7 +33,8 @@ from speech_lens.lens.train import TrainConfig, config_from_args, train_tuned_le
 from speech_lens.lens.train_data import encode_training_data, split_heldout
 from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.models.devices import free_memory_gb
-from speech_lens.models.load import DTYPES, load_from_args, load_model
+from speech_lens.models.from_args import load_from_args
+from speech_lens.models.load import DTYPES, load_model
 from speech_lens.models.memory import MemoryEstimate, estimate_memory
 from speech_lens.runs.demo import REPO_ORGANISMS, find_organisms
 from speech_lens.runs.lens import PARTIAL, RunError, lens_batch, parse_batch_size, read_partial

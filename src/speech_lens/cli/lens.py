@@ -9,7 +9,7 @@ from typing import Any
 
 from speech_lens.cli.common import add_dry_run, add_layer_selection, add_model_args, run_dry_run
 from speech_lens.data.manifest import read_manifest
-from speech_lens.models.load import load_from_args
+from speech_lens.models.from_args import load_from_args
 from speech_lens.runs.lens import RunError, parse_batch_size, peak_layer, run_dataset
 from speech_lens.runs.lens_settings import lens_config
 
