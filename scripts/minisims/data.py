@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from common import N_BASE_TOKENS, write_json_atomic
 
+from speech_lens.organisms.u0 import dedup
+
 N_UNITS = 500  # SIMS's unit block (<Un0>..<Un499>); U0 fills the first len(phonemes) of it
 SPEECH_ID = N_BASE_TOKENS + N_UNITS
 TEXT_ID = SPEECH_ID + 1
@@ -128,10 +130,6 @@ def build_corpus(deb: Path, out: Path, tokenizer: Any) -> Corpus:
     )
     write_json_atomic(out, c.__dict__)
     return c
-
-
-def dedup(units: list[int]) -> list[int]:
-    return [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
 
 
 def speech_span(c: Corpus, words: list[int]) -> list[int]:

@@ -26,6 +26,7 @@ from common import N_BASE_TOKENS, ROOT, SHIPPED, write_json_atomic
 
 from data import SPEECH_ID, TEXT_ID, Corpus, dedup
 from speech_lens.organisms.corpus import read_jsonl, word_units
+from speech_lens.organisms.unit_classifiers import edit_distance
 
 
 def test_items(c: Corpus, manifest: Path) -> list[tuple[list[list[int]], list[list[int]]]]:
@@ -155,16 +156,6 @@ def _text_first_ranks(
 
 def _mean(xs: list) -> float:
     return round(sum(xs) / max(1, len(xs)), 4)
-
-
-def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def unit_classifier(c: Corpus, manifest: Path) -> dict[str, float]:

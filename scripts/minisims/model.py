@@ -20,6 +20,11 @@ from torch import Tensor, nn
 from data import N_UNITS, VOCAB
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def lora_alpha(rank: int) -> int:
+    return 2 * rank  # LoRA scaling alpha / rank = 2 at every rank
 
 
 class ExtendedVocab(nn.Module):
@@ -122,7 +127,7 @@ def build(
 
         cfg = LoraConfig(
             r=lora_rank,
-            lora_alpha=2 * lora_rank,
+            lora_alpha=lora_alpha(lora_rank),
             lora_dropout=0.0,
             target_modules=list(LORA_TARGETS),
         )
@@ -167,9 +172,7 @@ def merged_lm(model: Any, vocab: ExtendedVocab) -> Any:
     return out.eval()
 
 
-def save_unitlm(
-    lm: Any, directory: Path, base_name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-) -> Path:
+def save_unitlm(lm: Any, directory: Path, base_name: str = BASE_NAME) -> Path:
     """slamkit ``UnitLM`` layout: nested ``base_config`` (vocab_size as before the resize),
     ``lm.``-prefixed tied safetensors, no tokenizer files (ids rebuilt from the base tokenizer +
     add_tokens(<Un0>..<Un499>, <speech>, <text>))."""

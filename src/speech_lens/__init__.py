@@ -24,7 +24,9 @@ from speech_lens.lens.kl import lens_kl
 from speech_lens.lens.train import train_tuned_lens
 from speech_lens.lens.tuned import LensError, TunedLens, TunedLensConfig, lens_from_spec
 from speech_lens.models.checkpoint import detect_family
+from speech_lens.models.delta import DeltaError
 from speech_lens.models.load import SpeechLM, load_model
+from speech_lens.models.rebuild import rebuild_unit_lm
 from speech_lens.models.spec import AdapterError, AdapterSpec, available_families
 from speech_lens.patching.hooks import patching_hooks, run_patched
 from speech_lens.patching.positions import PatchingError, PositionMap, map_words
@@ -39,6 +41,7 @@ __all__ = [
     "AdapterSpec",
     "CompareError",
     "DataError",
+    "DeltaError",
     "EncodedPrompt",
     "FrameUnits",
     "LensError",
@@ -78,6 +81,7 @@ __all__ = [
     "patch_sweep",
     "patching_hooks",
     "read_manifest",
+    "rebuild_unit_lm",
     "register_speech_tokenizer",
     "run_patched",
     "train_tuned_lens",

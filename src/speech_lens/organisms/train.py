@@ -44,6 +44,8 @@ class TrainConfig:
     span_probs: tuple[float, ...] = (0.7, 0.3)  # interleaving span length 1, 2, ... words
     aux_layer: int | None = None  # positive control: plant the current word at this layer
     aux_weight: float = 0.0
+    # rotated control: the auxiliary loss reads lm_head(norm(Q h)), Q = aux_rotation(d, seed)
+    aux_rotation_seed: int | None = None
     save_every_s: float = 150.0
 
     @classmethod
@@ -171,17 +173,41 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def aux_rotation(d_model: int, seed: int) -> torch.Tensor:
+    """The rotated control's fixed random orthogonal Q [d, d]: QR of a seeded fp64 Gaussian,
+    column signs fixed by R's diagonal (so Q is Haar-distributed and unique), cast to fp32.
+    Rebuilt from (d_model, aux_rotation_seed) of the run's config, which every checkpoint keeps."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d_model, d_model, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def rotation_of(cfg: TrainConfig) -> torch.Tensor | None:
+    if cfg.aux_rotation_seed is None:
+        return None
+    return aux_rotation(cfg.d_model, cfg.aux_rotation_seed)
+
+
 def losses(
-    model: Any, toks: torch.Tensor, cur: torch.Tensor, cfg: TrainConfig
+    model: Any,
+    toks: torch.Tensor,
+    cur: torch.Tensor,
+    cfg: TrainConfig,
+    rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token loss, and the positive control's auxiliary loss: the current word from
+    lm_head(norm(h)) at layer ``aux_layer`` at unit positions -- the logit lens's own readout --
+    or, given ``rotation`` Q, from lm_head(norm(Q h)), which the logit lens does not compute."""
     aux = cfg.aux_layer is not None and cfg.aux_weight > 0
     out = model(input_ids=toks, output_hidden_states=aux)
     lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten())
     if not aux:
         return lm, None
-    h = out.hidden_states[cfg.aux_layer]
     mask = cur >= 0
-    z = model.lm_head(model.model.norm(h[mask]))
+    h = out.hidden_states[cfg.aux_layer][mask]
+    if rotation is not None:
+        h = h @ rotation.T  # rows are hidden states: (Q h)^T = h^T Q^T
+    z = model.lm_head(model.model.norm(h))
     return lm, F.cross_entropy(z, cur[mask])
 
 
@@ -230,6 +256,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, runs: str | Path = "runs") -> 
         if st.get("done"):
             return rd
     model.train()
+    rotation = rotation_of(cfg)
     last_save, t0 = time.time(), time.time() - wall
     log = (rd / "log.jsonl").open("a")
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, mininterval=30)
@@ -237,7 +264,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, runs: str | Path = "runs") -> 
         toks, cur = batch(data, cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        lm, aux = losses(model, toks, cur, cfg)
+        lm, aux = losses(model, toks, cur, cfg, rotation)
         loss = lm + cfg.aux_weight * aux if aux is not None else lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
