@@ -39,6 +39,7 @@ class TrainConfig:
     warmup_steps: int = 30
     total_tokens: int = 2_000_000
     bf16: bool = True
+    init: str = "mean"
     milestones: tuple[int, ...] = (250_000, 500_000, 1_000_000, 2_000_000)
 
     @property
@@ -136,13 +137,15 @@ def run(
     corpus = Corpus.load(corpus_path)
     corpus_sha = sha256(corpus_path)
     torch.manual_seed(cfg.seed)
-    model, _ = build(cfg.seed, cfg.lora_rank)
+    model, _ = build(cfg.seed, cfg.lora_rank, init=cfg.init, phonemes=corpus.phonemes)
     opt = optimizer(model, cfg)
     state_path = out / "state.pt"
     step = 0
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)
-        if st["config"] != asdict(cfg):
+        saved = {"init": "mean", **st["config"]}  # states from before the init option
+        saved["milestones"] = tuple(saved["milestones"])
+        if saved != asdict(cfg):
             raise RuntimeError(f"{state_path}: saved with config {st['config']}, not {asdict(cfg)}")
         if st.get("corpus_sha256", corpus_sha) != corpus_sha:
             raise RuntimeError(f"{state_path}: trained on another corpus than {corpus_path}")
@@ -257,6 +260,10 @@ def main() -> None:
     ap.add_argument("--no-gates", action="store_true")
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
+    ap.add_argument("--init", choices=["mean", "graphemes"], default=TrainConfig.init)
+    ap.add_argument("--lora-rank", type=int, default=TrainConfig.lora_rank)
+    ap.add_argument("--lr-rows", type=float, default=TrainConfig.lr_rows)
+    ap.add_argument("--lr-lora", type=float, default=TrainConfig.lr_lora)
     ap.add_argument("--stop-after", type=int, help="run: stop (checkpointed) after N more steps")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -268,6 +275,10 @@ def main() -> None:
             bf16=not a.fp32,
             batch_size=a.batch_size,
             seq_len=a.seq_len,
+            init=a.init,
+            lora_rank=a.lora_rank,
+            lr_rows=a.lr_rows,
+            lr_lora=a.lr_lora,
         )
         run(cfg, a.out, a.corpus, a.ckpt_minutes, not a.no_gates, a.stop_after)
 
