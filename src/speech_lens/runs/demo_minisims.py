@@ -151,7 +151,7 @@ def intro_section(
             f"vs after the same prefix in text {last.get('next_word_after_text_prefix@1')}."
         )
     rep.add_section(
-        "mini-SIMS: a pretrained 135M LM that learned to hear",
+        "mini-SIMS: SmolLM2-135M extended with speech units, trained here",
         text=text,
         figures=[recall_figure(m), modality_figure(m)],
         tables=[Table(layer_table(m), caption="mini-SIMS, speech-only prompts, rows read")],
