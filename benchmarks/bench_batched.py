@@ -186,19 +186,13 @@ def _subjects(args: argparse.Namespace, root: Path) -> list[tuple[str, str, dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--name", default="batched", help="benchmarks/results/<name>.json")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=5)
+    bench_meta.add_run_args(ap, threads=1)
     ap.add_argument("--organism-utts", type=int, default=96)
     ap.add_argument("--qwen-utts", type=int, default=6)
     ap.add_argument("--qwen-layers", type=int, default=2, help="0: organism only")
     ap.add_argument("--memory-budget", type=float, default=4.0, help="GiB, for batch 'auto'")
-    ap.add_argument("--root", type=Path, help="where the random checkpoint goes (default: temp)")
-    ap.add_argument("--out-dir", type=Path, default=bench_meta.RESULTS)
-    ap.add_argument("--smoke", action="store_true", help="tiny widths, to check the script runs")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if bench_meta.ran_as_worker(args, worker):
         return
     out_path = args.out_dir / f"{args.name}.json"
     settings = {"threads": args.threads, "rounds": args.rounds, "k": 10,

@@ -216,18 +216,10 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--llama-layers", type=int, default=4)
     ap.add_argument("--qwen-layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5, help="measured rounds after the warm-up")
-    ap.add_argument("--root", type=Path, help="where the random checkpoints go (default: temp)")
-    ap.add_argument("--out-dir", type=Path, default=bench_meta.RESULTS)
-    ap.add_argument("--smoke", action="store_true", help="tiny widths, to check the script runs")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    bench_meta.add_run_args(ap, threads=2)
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if bench_meta.ran_as_worker(args, worker):
         return
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
     from speech_lens.testing import build_family
 
     out_path = args.out_dir / f"{args.name}.json"

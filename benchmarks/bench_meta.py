@@ -7,6 +7,7 @@ the load average at the start and end of a run is part of every artifact.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import datetime as dt
@@ -16,6 +17,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -115,3 +117,26 @@ def rss_kb(key: str = "VmRSS") -> int:
 
 def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def add_run_args(ap: argparse.ArgumentParser, *, threads: int, rounds: bool = True) -> None:
+    """The options every benchmark script shares (threads, rounds, where the random checkpoints
+    and the results go, a smoke mode, and the hidden ``--worker`` that measures in a subprocess)."""
+    ap.add_argument("--threads", type=int, default=threads)
+    if rounds:
+        ap.add_argument("--rounds", type=int, default=5, help="measured rounds after the warm-up")
+    ap.add_argument("--root", type=Path, help="where the random checkpoints go (default: temp)")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--smoke", action="store_true", help="tiny widths, to check the script runs")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def ran_as_worker(args: argparse.Namespace, worker: Callable[[dict[str, Any]], Any]) -> bool:
+    """In a ``--worker`` subprocess: measure, print the JSON result and say so (the caller
+    returns). Otherwise check the shared options."""
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return True
+    if getattr(args, "rounds", 1) < 1:
+        raise SystemExit("--rounds must be >= 1")
+    return False

@@ -158,20 +158,12 @@ def summarise(calls: list[dict[str, Any]], n_utts: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--name", default="stride_minisims", help="benchmarks/results/<name>.json")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=5, help="measured rounds after the warm-up")
+    bench_meta.add_run_args(ap, threads=1)
     ap.add_argument("--utts", type=int, default=20)
     ap.add_argument("--words", type=int, default=8, help="words per utterance (0.3 s each)")
-    ap.add_argument("--root", type=Path, help="where the random checkpoint goes (default: temp)")
-    ap.add_argument("--out-dir", type=Path, default=bench_meta.RESULTS)
-    ap.add_argument("--smoke", action="store_true", help="tiny widths, to check the script runs")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if bench_meta.ran_as_worker(args, worker):
         return
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
     root = args.root or Path(tempfile.mkdtemp(prefix="speech-lens-bench-"))
     path, tok = build_subject(root, args.smoke)
     settings = {"threads": args.threads, "rounds": args.rounds, "utts": args.utts,
