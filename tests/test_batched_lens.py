@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from near_ties import TOL, Ties, check_ranks, check_topk, rank_window
+from random_lens import random_tuned
 from speech_lens import Utterance, Word
 from speech_lens._tl import final_norm_and_unembed, resid_pre_name
 from speech_lens.data.encoded import SPEECH
@@ -24,7 +25,6 @@ from speech_lens.data.prompts import encode_prompt
 from speech_lens.data.word_targets import word_targets
 from speech_lens.lens.logit import logit_lens, logit_lens_batch, word_lens, word_lens_batch
 from speech_lens.lens.records import match_ids, utterance_record
-from speech_lens.lens.tuned import TunedLens
 from speech_lens.runs.lens import PARTIAL, run_dataset
 from speech_lens.runs.lens_settings import LensRunConfig
 
@@ -84,15 +84,6 @@ def _utterances(model, n: int, seed: int = 5, prefix: str = "u") -> list[Utteran
     return out
 
 
-def _random_tuned(model) -> TunedLens:
-    lens = TunedLens.from_model(model)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in lens.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return lens
-
-
 # ------------------------------------------------------------------------------------------------
 # logit lens
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +127,7 @@ def test_logit_lens_batch_equals_single(family, tiny_model):
 def test_tuned_lens_layers_and_user_hook_batched(tiny_model):
     """A tuned lens with non-zero translators, a layer subset, and a user's ablation hook."""
     model = tiny_model("sims-qwen")
-    lens = _random_tuned(model)
+    lens = random_tuned(model)
     seqs = _seqs(model, seed=4)
 
     # zero-ablate block 0's MLP output in every row of the batch: changes rows >= 1
@@ -207,7 +198,7 @@ def _pooled_reference(model, prompt, lens=None, ref=None) -> list[torch.Tensor]:
 
 def test_word_lens_batch_equals_single(family, tiny_model):
     model = tiny_model(family)
-    lens = _random_tuned(model) if family == "spiritlm" else None
+    lens = random_tuned(model) if family == "spiritlm" else None
     utts = _utterances(model, 3)
     prompts = [encode_prompt(model, u, mode="speech") for u in utts]
     assert len({len(p) for p in prompts}) == len(prompts)  # mixed lengths

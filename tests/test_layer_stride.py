@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from random_lens import random_tuned
 from speech_lens import layer_stride, load_model, write_manifest
 from speech_lens._tl import final_norm_and_unembed
 from speech_lens.data.prompts import encode_prompt
@@ -18,7 +19,6 @@ from speech_lens.lens.logit import word_lens
 from speech_lens.lens.metrics import aggregate
 from speech_lens.lens.records import UtteranceRecord, utterance_record
 from speech_lens.lens.rows import check_layers, parse_layers, selected_rows
-from speech_lens.lens.tuned import TunedLens
 from speech_lens.report.lens import lens_heatmap, modality_figure, recall_figure
 from speech_lens.runs.compare import compare_runs
 from speech_lens.runs.lens import PARTIAL, RunError, run_dataset
@@ -94,21 +94,12 @@ def test_layer_lists_and_ranges():
 # ------------------------------------------------------------------------------------------------
 
 
-def _random_tuned(model) -> TunedLens:
-    lens = TunedLens.from_model(model)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in lens.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return lens
-
-
 @pytest.mark.parametrize("tuned", [False, True])
 def test_strided_word_lens_equals_the_full_rows(deep, tuned):
     """The selected rows are the full run's rows (same forward, same per-row readout: equal);
     the unembedding runs once per selected row, never for the others."""
     _, _, model = deep
-    lens = _random_tuned(model) if tuned else None
+    lens = random_tuned(model) if tuned else None
     _, unembed = final_norm_and_unembed(model.bridge)
     calls: list[int] = []
     handle = unembed.register_forward_hook(lambda m, i, o: calls.append(int(i[0].shape[-2])))
@@ -293,7 +284,7 @@ def test_lens_kl_at_a_stride_is_the_full_kl_at_those_rows(deep):
     from speech_lens.report.tuned import kl_figure
 
     _, _, model = deep
-    tuned = _random_tuned(model)
+    tuned = random_tuned(model)
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, model.layout.vocab_size, (n,), generator=g) for n in (9, 14, 6)]
     _, unembed = final_norm_and_unembed(model.bridge)
