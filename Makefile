@@ -16,8 +16,10 @@ $(BIN)/speech-lens:
 
 install: $(BIN)/speech-lens
 
+# One torch thread unless OMP_NUM_THREADS says otherwise: the organisms are too small to gain from
+# two, and on cores shared with other jobs two threads can be many times slower (README, demo).
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/speech-lens demo --out demo_report
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/speech-lens demo --out demo_report
 
 # The suite under two threads, then the float-order-sensitive tests again under one thread
 # (another summation order: tests that only pass with one order of float sums fail here).
