@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "organisms" / "results.json"
 BENCH = REPO / "benchmarks" / "results"
@@ -309,7 +311,9 @@ def minisims() -> str:
     scr = {r["layer"]: r for r in _csv_rows(ms / "lens_v2_scrambled" / "layers.csv")}
     cfg = _json(ms / "lens_v2" / "metrics.json")["metrics"]
     gates = _json(ms / "gates_v2.json")
-    g = max((v for k, v in gates.items() if k.startswith("tokens_")), key=lambda v: v["tokens"])
+    with safe_open(str(ms / "delta.safetensors"), "pt") as f:  # the gate of the shipped delta
+        trained = json.loads(f.metadata()["speech_lens.delta"])["training"]["tokens"]
+    g = next(v for k, v in gates.items() if k.startswith("tokens_") and v["tokens"] == trained)
 
     def ci(r: dict[str, str], key: str) -> str:
         return f"{float(r[key]):.3f} [{float(r[key + '_lo']):.3f}, {float(r[key + '_hi']):.3f}]"

@@ -32,7 +32,13 @@ def test_readmes_match_committed_artifacts(capsys):
 def repo_copy(tmp_path: Path, monkeypatch):
     """The READMEs and their artifacts in a temporary tree, the script pointed at it."""
     tables = _load_script()
-    for rel in ("README.md", "organisms/README.md", "organisms/results.json"):
+    minisims = ("gates_v2.json", "delta.safetensors", "lens_v2/layers.csv", "lens_v2/metrics.json")
+    for rel in (
+        "README.md",
+        "organisms/README.md",
+        "organisms/results.json",
+        *(f"organisms/minisims/{f}" for f in (*minisims, "lens_v2_scrambled/layers.csv")),
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
     shutil.copytree(REPO / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
@@ -57,10 +63,14 @@ def test_check_fails_when_an_artifact_changes_and_write_repairs_it(repo_copy, ca
     doc = json.loads(res.read_text())
     doc["frequency_baseline"]["cur@1"] = 0.5
     res.write_text(json.dumps(doc))
+    gates = root / "organisms" / "minisims" / "gates_v2.json"
+    doc = json.loads(gates.read_text())
+    doc["tokens_500000"]["next_word_after_speech_prefix@1"] = 0.777  # the shipped delta's gate
+    gates.write_text(json.dumps(doc))
     capsys.readouterr()
     assert tables.main(["--check"]) == 1
     diff = capsys.readouterr().out
-    assert "9.99x" in diff and "cur@1 0.500" in diff
+    assert "9.99x" in diff and "cur@1 0.500" in diff and "spoken prefix top-1 0.777" in diff
     assert "9.99x" not in (root / "README.md").read_text()  # --check writes nothing
     assert tables.main([]) == 0
     assert "9.99x" in (root / "README.md").read_text()

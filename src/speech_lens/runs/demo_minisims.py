@@ -28,6 +28,7 @@ from speech_lens.lens.metrics import DatasetMetrics
 from speech_lens.lens.rows import layer_stride
 from speech_lens.lens.tables import layer_table
 from speech_lens.lens.tuned import TunedLens
+from speech_lens.models.delta import read_unit_delta
 from speech_lens.models.load import SpeechLM
 from speech_lens.models.rebuild import rebuild_unit_lm
 from speech_lens.report.html import Report, Table
@@ -123,9 +124,10 @@ def intro_section(
     t_load: float,
     t_lens: float,
 ) -> None:
-    gates = ms.measured("gates.json")
-    last: dict[str, Any] = max(
-        (v for k, v in gates.items() if k.startswith("tokens_")), default={}, key=_tokens
+    trained = int(read_unit_delta(ms.delta).training.get("tokens", -1))
+    gates = ms.measured("gates_v2.json")
+    last = next(
+        (v for v in gates.values() if isinstance(v, dict) and v.get("tokens") == trained), {}
     )
     cur, at = curve_peak(m.recall_current[K].mean[1:])
     nxt, at_n = curve_peak(m.recall_next[K].mean[1:])
@@ -146,7 +148,8 @@ def intro_section(
     )
     if last:
         text += (
-            f"\n\nGate at {last.get('tokens')} training tokens (organisms/minisims/gates.json): "
+            f"\n\nGate at the shipped delta's {trained:,} training tokens "
+            "(organisms/minisims/gates_v2.json): "
             f"next word after a spoken prefix top-1 {last.get('next_word_after_speech_prefix@1')} "
             f"vs after the same prefix in text {last.get('next_word_after_text_prefix@1')}."
         )
@@ -156,10 +159,6 @@ def intro_section(
         figures=[recall_figure(m), modality_figure(m)],
         tables=[Table(layer_table(m), caption="mini-SIMS, speech-only prompts, rows read")],
     )
-
-
-def _tokens(gate: dict[str, Any]) -> int:
-    return int(gate.get("tokens", 0))
 
 
 def tuned_lens_section(
