@@ -121,7 +121,9 @@ def intro_section(
     t_lens: float,
 ) -> None:
     gates = ms.measured("gates.json")
-    last = max((v for k, v in gates.items() if k.startswith("tokens_")), default={}, key=_tokens)
+    last: dict[str, Any] = max(
+        (v for k, v in gates.items() if k.startswith("tokens_")), default={}, key=_tokens
+    )
     cur, at = curve_peak(m.recall_current[K].mean[1:])
     nxt, at_n = curve_peak(m.recall_next[K].mean[1:])
     text = (
