@@ -266,7 +266,7 @@ def plan_tuned_train(args: Any, model: Any = None) -> DryRunPlan:
         ("model", f"{model.path} ({model.spec.name}, {model.n_layers} layers)"),
         ("data", f"{args.data}: {len(train_u)} training, {len(held_u)} held-out utterances"),
         ("training", f"{cfg.steps} steps x {cfg.tokens_per_step} tokens, batch {cfg.batch_size}"),
-        ("translators", describe_rows(rows, model.n_layers + 1)),
+        ("rows", describe_rows(rows, model.n_layers + 1)),  # translators trained (+ output)
         ("output", f"{args.out} (not written)"),
     )
     longest = max((len(s) for s in seqs), default=1)
