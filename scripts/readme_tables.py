@@ -12,6 +12,7 @@ the command that made it), not the block.
 from __future__ import annotations
 
 import argparse
+import csv
 import difflib
 import json
 import re
@@ -139,6 +140,8 @@ def other_mass() -> str:
 def tuned_kl() -> str:
     lines, better = [], []
     for cfg_path in sorted(REPO.glob("organisms/*/tuned_lens/config.json")):
+        if cfg_path.parts[-3] == "minisims":  # not an organism (scripts/minisims/README.md)
+            continue
         tr = _json(cfg_path)["training"]
         logit, tuned = tr["heldout_kl_logit"][:-1], tr["heldout_kl_tuned"][:-1]
         better.append(all(t < lg for t, lg in zip(tuned, logit, strict=True)))
@@ -297,6 +300,48 @@ def demo_timing() -> str:
     )
 
 
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def minisims() -> str:
+    ms = REPO / "organisms" / "minisims"
+    plain = _csv_rows(ms / "lens_v2" / "layers.csv")
+    scr = {r["layer"]: r for r in _csv_rows(ms / "lens_v2_scrambled" / "layers.csv")}
+    cfg = _json(ms / "lens_v2" / "metrics.json")["metrics"]
+    gates = _json(ms / "gates_v2.json")
+    g = max((v for k, v in gates.items() if k.startswith("tokens_")), key=lambda v: v["tokens"])
+
+    def ci(r: dict[str, str], key: str) -> str:
+        return f"{float(r[key]):.3f} [{float(r[key + '_lo']):.3f}, {float(r[key + '_hi']):.3f}]"
+
+    head = (
+        "| row | cur@5 [95% CI] | first unit | last unit | mismatched | prior | next@5 [95% CI] "
+        "| next prior | next@5 scrambled | unit mass |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [
+        f"| {r['layer']} | {ci(r, 'recall@5_current')} | {float(r['recall@5_first_unit']):.3f} "
+        f"| {float(r['recall@5_last_unit']):.3f} | {float(r['recall@5_mismatched']):.3f} "
+        f"| {float(r['recall@5_current_prior']):.3f} | {ci(r, 'recall@5_next')} "
+        f"| {float(r['recall@5_next_prior']):.3f} | {float(scr[r['layer']]['recall@5_next']):.3f} "
+        f"| {float(r['unit_mass']):.3f} |"
+        for r in plain
+    ]
+    note = (
+        f"`speech-lens lens organisms/minisims/delta.safetensors organisms/minisims/test_manifest.jsonl "
+        f"--layer-stride 3 --k 10 --match first-spaced --out organisms/minisims/lens_v2` (and "
+        f"`--scramble-words 1 --out organisms/minisims/lens_v2_scrambled`): speech-only prompts, "
+        f"{cfg['n_utterances']} held-out clauses, {cfg['n_words']} spoken words, match rule "
+        f"{cfg['match']}, text ids only, max-pooled per word; prior = the 5 text ids hitting the "
+        f"most words of the other utterances. Gate at {g['tokens']:,} training tokens "
+        f"(`organisms/minisims/gates_v2.json`): next word after a spoken prefix top-1 "
+        f"{g['next_word_after_speech_prefix@1']:.3f} vs after the same prefix in text "
+        f"{g['next_word_after_text_prefix@1']:.3f}."
+    )
+    return "\n".join([note, "", head, *rows])
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "organism_results": ("README.md", readme_organisms),
     "tuned_kl": ("README.md", tuned_kl),
@@ -304,6 +349,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "lens_routes": ("README.md", lens_routes),
     "batched": ("README.md", batched),
     "stride": ("README.md", stride),
+    "minisims": ("README.md", minisims),
     "organism_table": ("organisms/README.md", organisms_table),
     "other_mass": ("organisms/README.md", other_mass),
 }

@@ -280,10 +280,19 @@ EXACT_FIELDS = (
     "next_words",
     "words_without_units",  # zero-unit-word policy fields (fix-lens): ids and counts, exact
     "target_ids",  # each word's hit token ids per match rule (mismatched-word baseline): ids
+    "next_target_ids",  # the same for the next word (its frequency prior): ids
     "n_utterance_words",
     "layers",  # the lens rows read (layer selection): ints, exact
 )
-RECORD_FIELDS = {*EXACT_FIELDS, "n_speech_positions", "ranks", "top_ids", "mass_sums", "unit_top1"}
+RECORD_FIELDS = {
+    *EXACT_FIELDS,
+    "n_speech_positions",
+    "ranks",
+    "top_ids",
+    "mass_sums",
+    "unit_top1",
+    "unit_ranks",  # current-word ranks at each word's first / last unit: _check_unit_ranks
+}
 # masses come from an fp32 softmax (the lens casts logits to fp32, also for an fp64 model) and
 # are summed over unit positions in fp64: bs 1 vs auto differed by up to 2.8e-7 relative here
 SUM_CLOSE = dict(rtol=1e-5, atol=1e-9)
@@ -339,6 +348,7 @@ def _check_record_pair(model, prompt, targets, full, a, b, ties: RecordTies, clo
                 lo = torch.stack([w[0] for w in windows]).amin(0)
                 hi = torch.stack([w[1] for w in windows]).amin(0)
                 _check_window(lo, hi, *got, ties.ranks)
+    _check_unit_ranks(model, prompt, targets, full, a, b, ties)
     # unit_top1: how many unit positions have a unit as top-1 over the whole vocabulary
     unit_mask = model.layout.unit_mask
     near = ref >= ref.amax(-1, keepdim=True) - TOL
@@ -350,6 +360,33 @@ def _check_record_pair(model, prompt, targets, full, a, b, ties: RecordTies, clo
         x, y = torch.tensor(a["mass_sums"][g]), torch.tensor(b["mass_sums"][g])
         torch.testing.assert_close(y, x, **close)
         torch.testing.assert_close(x, y, **close)
+
+
+def _check_unit_ranks(model, prompt, targets, full, a, b, ties: RecordTies) -> None:
+    """``unit_ranks``: each word's current-word rank among text ids at its first / last unit
+    position alone, from the reference log-probs (what the lens ranks there), ``k`` standing
+    for "k or worse"."""
+    logprobs = torch.log_softmax(full, dim=-1)
+    text_mask = model.layout.text_mask
+    k = len(a["top_ids"][0][0]) if a["top_ids"] else 0
+    spans = [s for s in prompt.speech_spans() if any(prompt.kind[p] == SPEECH for p in s.positions)]
+    assert a["unit_ranks"].keys() == b["unit_ranks"].keys() == set(a["ranks"])
+    for rule, by_edge in a["unit_ranks"].items():
+        assert by_edge.keys() == b["unit_ranks"][rule].keys() == {"first", "last"}
+        for edge, per_word in by_edge.items():
+            assert len(per_word) == len(spans) == len(a["words"])
+            for j, s in enumerate(spans):
+                units = [p for p in s.positions if prompt.kind[p] == SPEECH]
+                text = logprobs[:, units[0] if edge == "first" else units[-1]]
+                text = text.masked_fill(~text_mask, float("-inf"))  # [rows, V]
+                windows = [
+                    rank_window(text, text[:, i], bool(text_mask[i]))
+                    for i in match_ids(targets[s.index], rule)
+                ]
+                lo = torch.stack([w[0] for w in windows]).amin(0).clamp(max=k)
+                hi = torch.stack([w[1] for w in windows]).amin(0).clamp(max=k)
+                got = [torch.tensor(r["unit_ranks"][rule][edge][j]) for r in (a, b)]
+                _check_window(lo, hi, *got, ties.ranks)
 
 
 def _check_window(lo, hi, got_a, got_b, ties: Ties) -> None:

@@ -67,13 +67,44 @@ def test_compare_writes_relative_depth_table_and_band_figures(runs, tmp_path):
         curve = run.metrics.recall_current[5]
         assert [float(r["recall_current_lo"]) for r in mine] == pytest.approx(curve.lo)
         assert [float(r["unit_mass"]) for r in mine] == pytest.approx(run.metrics.mass["unit"].mean)
+        # the baselines and the first / last-unit recall: columns with bands, from metrics.json
+        for col, curves in (
+            ("recall_current_mismatched", run.metrics.recall_mismatched),
+            ("recall_current_prior", run.metrics.recall_prior_current),
+            ("recall_next_prior", run.metrics.recall_prior_next),
+            ("recall_first_unit", run.metrics.recall_first_unit),
+            ("recall_last_unit", run.metrics.recall_last_unit),
+        ):
+            for part, values in (("", curves[5].mean), ("_hi", curves[5].hi)):
+                assert [float(r[col + part]) for r in mine] == pytest.approx(values), col
     fig = cmp.figures["recall_current"]
     bands = [t for t in fig.data if t.fill == "tonexty"]
     lines = [t for t in fig.data if t.showlegend is not False]
-    assert len(bands) == 2 and [t.name for t in lines] == ["spiritlm", "sims-qwen"]
-    assert [list(t.x) for t in lines] == [[0, 0.5, 1], [0, 1 / 3, 2 / 3, 1]]
-    assert list(lines[1].y) == cmp.runs[1].metrics.recall_current[5].mean
-    assert set(cmp.figures) >= {"recall_current", "recall_next", "unit_mass"}
+    # each run: its curve, the mismatched-word baseline and the frequency prior, in its colour
+    assert len(bands) == 6 and [t.name for t in lines] == [
+        f"{run} {what}".strip()
+        for run in ("spiritlm", "sims-qwen")
+        for what in ("", "(mismatched-word baseline)", "(frequency prior)")
+    ]
+    assert lines[0].line.color == lines[1].line.color == lines[2].line.color
+    assert [list(t.x) for t in lines[::3]] == [[0, 0.5, 1], [0, 1 / 3, 2 / 3, 1]]
+    assert list(lines[3].y) == cmp.runs[1].metrics.recall_current[5].mean
+    assert list(lines[5].y) == cmp.runs[1].metrics.recall_prior_current[5].mean
+    assert len(set(lines[5].y)) == 1  # the prior reads no layer: flat
+    nxt = [t.name for t in cmp.figures["recall_next"].data if t.showlegend is not False]
+    assert nxt == [
+        "spiritlm",
+        "spiritlm (frequency prior)",
+        "sims-qwen",
+        "sims-qwen (frequency prior)",
+    ]
+    assert set(cmp.figures) >= {
+        "recall_current",
+        "recall_next",
+        "recall_first_unit",
+        "recall_last_unit",
+        "unit_mass",
+    }
     info = json.loads((out / "compare.json").read_text())
     assert [r["label"] for r in info["runs"]] == ["spiritlm", "sims-qwen"]
     shas = {r["provenance"]["model"]["sha256"] for r in info["runs"]}
@@ -99,7 +130,8 @@ def test_compare_refuses_a_differing_k_unless_allowed(runs, tmp_path):
     assert cmp.allowed == {"k": [5, 3], "ks": [[1, 5], [1, 3]]}
     assert [r.k for r in cmp.runs] == [5, 3]
     names = [t.name for t in cmp.figures["recall_current"].data if t.showlegend is not False]
-    assert names == ["spiritlm (@5)", "sims-qwen (@3)"]
+    assert names[::3] == ["spiritlm (@5)", "sims-qwen (@3)"]
+    assert names[2] == "spiritlm (@5) (frequency prior)"
     info = json.loads((tmp_path / "yes" / "compare.json").read_text())
     assert info["allowed_differences"]["k"] == {"spiritlm": 5, "sims-qwen": 3}
 

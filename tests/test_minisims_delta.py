@@ -252,3 +252,16 @@ def test_cache_hit_and_interrupted_build(shipped, smollm2_base, session_cache, m
     with safe_open(str(first.path / "model.safetensors"), "pt") as f:
         rows = f.get_slice("lm.model.embed_tokens.weight")[N_BASE:]
     assert torch.equal(rows, (shipped.new_rows / 2).float())
+
+
+def test_cli_reads_a_delta_as_its_rebuilt_checkpoint(rebuilt, minisims, capsys):
+    """``speech-lens inspect DELTA``: the CLI rebuilds (here: finds in the cache) and loads the
+    checkpoint the delta describes, as family sims with the base's tokenizer."""
+    from speech_lens.cli.main import main
+
+    assert main(["inspect", str(DELTA), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    expected = json.loads(json.dumps(minisims.describe()))
+    expected["partitions"] = [list(r) for r in minisims.layout.partition_table()]
+    assert info == expected
+    assert info["family"] == "sims"

@@ -82,6 +82,19 @@ def test_runner_outputs_and_resume(tmp_path, tiny_model):
     html = (out / "report.html").read_text()
     assert not SCRIPT_SRC.search(html) and "One utterance: u0" in html
     assert "current word R@5 (mismatched-word baseline)" in html
+    # so do the confounds: first / last-unit recall and the frequency priors (recounted from the
+    # records in tests/test_confounds.py)
+    for name, curves in (
+        ("first_unit", m.recall_first_unit),
+        ("last_unit", m.recall_last_unit),
+        ("current_prior", m.recall_prior_current),
+        ("next_prior", m.recall_prior_next),
+    ):
+        assert [float(r[f"recall@5_{name}"]) for r in layers] == pytest.approx(curves[5].mean)
+        assert [float(r[f"recall@1_{name}_hi"]) for r in layers] == pytest.approx(curves[1].hi)
+    for trace in ("first unit only", "last unit only", "frequency prior"):
+        assert f"current word R@5 ({trace})" in html
+    assert "next word R@5 (frequency prior)" in html
     # a finished run reruns with another matching rule without computing anything
     again = LensRunConfig(**{**cfg.__dict__, "match": "any"})
     m2 = run_dataset(

@@ -66,12 +66,53 @@ def init_new_rows(base: Tensor, seed: int) -> Tensor:
     return mean + 0.1 * std * noise
 
 
-def build(seed: int = 0, lora_rank: int = 4, full: bool = False) -> tuple[Any, ExtendedVocab]:
+# The usual English spelling of each U0 phoneme (espeak-ng IPA, stress dropped): the "graphemes"
+# initialisation puts a phoneme's row at the mean embedding of its spelling's BPE pieces.
+GRAPHEMES = {
+    "aɪ": "i", "aɪə": "ia", "aɪɚ": "ire", "aʊ": "ow", "b": "b", "d": "d", "dʒ": "j",
+    "eɪ": "a", "f": "f", "h": "h", "i": "y", "iə": "ea", "iː": "ee", "j": "y", "k": "k",
+    "l": "l", "m": "m", "n": "n", "n̩": "n", "oʊ": "o", "p": "p", "r": "r", "s": "s", "t": "t",
+    "tʃ": "ch", "uː": "oo", "v": "v", "w": "w", "x": "ch", "z": "z", "æ": "a", "ð": "th",
+    "ŋ": "ng", "ɐ": "a", "ɑː": "a", "ɑːɹ": "ar", "ɔ": "o", "ɔɪ": "oy", "ɔː": "aw",
+    "ɔːɹ": "or", "ə": "a", "əl": "le", "ɚ": "er", "ɛ": "e", "ɛɹ": "air", "ɜː": "ur",
+    "ɡ": "g", "ɪ": "i", "ɪɹ": "ear", "ɹ": "r", "ɾ": "t", "ʃ": "sh", "ʊ": "oo", "ʊɹ": "ure",
+    "ʌ": "u", "ʒ": "s", "ʔ": "t", "θ": "th", "ᵻ": "e",
+}  # fmt: skip
+
+
+def init_grapheme_rows(base: Tensor, tokenizer: Any, phonemes: list[str], seed: int) -> Tensor:
+    """``init_new_rows``, then each used unit row moved to the mean embedding of its phoneme's
+    spelling (same small noise, so phonemes sharing a spelling stay distinct)."""
+    rows = init_new_rows(base, seed)
+    mean = base.mean(0)
+    for i, ph in enumerate(phonemes):
+        if ph not in GRAPHEMES:
+            raise KeyError(f"phoneme {ph!r} (unit {i}) has no spelling in GRAPHEMES")
+        ids = tokenizer(GRAPHEMES[ph], add_special_tokens=False)["input_ids"]
+        rows[i] = rows[i] - mean + base[ids].mean(0)
+    return rows
+
+
+def build(
+    seed: int = 0,
+    lora_rank: int = 4,
+    full: bool = False,
+    init: str = "mean",
+    phonemes: list[str] | None = None,
+) -> tuple[Any, ExtendedVocab]:
     """The trainable mini-SIMS: (model, vocab module). ``full`` = every weight trainable
-    (the benchmark's full fine-tuning; the new rows are then still a separate parameter)."""
-    model, _ = load_base()
+    (the benchmark's full fine-tuning; the new rows are then still a separate parameter).
+    ``init``: "mean" (mean row + noise) or "graphemes" (``init_grapheme_rows``, needs
+    ``phonemes``)."""
+    model, tok = load_base()
     base = model.model.embed_tokens.weight.detach()
-    vocab = ExtendedVocab(base, init_new_rows(base, seed))
+    if init == "graphemes":
+        new = init_grapheme_rows(base, tok, list(phonemes or []), seed)
+    elif init == "mean":
+        new = init_new_rows(base, seed)
+    else:
+        raise ValueError(f"unknown init {init!r} (mean, graphemes)")
+    vocab = ExtendedVocab(base, new)
     model.model.embed_tokens = _Embed(vocab)
     model.lm_head = _Unembed(vocab)
     model.config.tie_word_embeddings = False  # tying is done by ExtendedVocab itself

@@ -39,6 +39,7 @@ class TrainConfig:
     warmup_steps: int = 30
     total_tokens: int = 2_000_000
     bf16: bool = True
+    init: str = "mean"
     milestones: tuple[int, ...] = (250_000, 500_000, 1_000_000, 2_000_000)
 
     @property
@@ -107,6 +108,17 @@ def save_state(
     os.replace(tmp, path)
 
 
+def light_state(src: Path, dst: Path) -> None:
+    """``src`` without the AdamW moments (a third of the size with LoRA rank 16: what the
+    repository keeps between sessions). Resuming from it restarts the moments, so the run is
+    no longer bit-identical to an uninterrupted one; everything else (weights, step, RNG) is."""
+    st = torch.load(src, weights_only=False)
+    st["optimizer"] = None
+    tmp = dst.with_suffix(".tmp")
+    torch.save(st, tmp)
+    os.replace(tmp, dst)
+
+
 def claim_run_dir(out: Path) -> None:
     """Refuse a second trainer on the same state (it would overwrite the first one's
     checkpoints): OUT/train.pid names the live owner."""
@@ -136,18 +148,23 @@ def run(
     corpus = Corpus.load(corpus_path)
     corpus_sha = sha256(corpus_path)
     torch.manual_seed(cfg.seed)
-    model, _ = build(cfg.seed, cfg.lora_rank)
+    model, _ = build(cfg.seed, cfg.lora_rank, init=cfg.init, phonemes=corpus.phonemes)
     opt = optimizer(model, cfg)
     state_path = out / "state.pt"
     step = 0
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)
-        if st["config"] != asdict(cfg):
+        saved = {"init": "mean", **st["config"]}  # states from before the init option
+        saved["milestones"] = tuple(saved["milestones"])
+        if saved != asdict(cfg):
             raise RuntimeError(f"{state_path}: saved with config {st['config']}, not {asdict(cfg)}")
         if st.get("corpus_sha256", corpus_sha) != corpus_sha:
             raise RuntimeError(f"{state_path}: trained on another corpus than {corpus_path}")
         load_trainable(model, st["trainable"])
-        opt.load_state_dict(st["optimizer"])
+        if st["optimizer"] is None:  # a light state (light_state): moments restart here
+            print(f"{state_path}: no AdamW moments; they restart at step {st['step']}", flush=True)
+        else:
+            opt.load_state_dict(st["optimizer"])
         torch.set_rng_state(st["torch_rng"])
         step = st["step"]
         print(f"resumed at step {step} ({st['tokens']} tokens)", flush=True)
@@ -244,7 +261,7 @@ def bench(corpus_path: Path, steps: int, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("mode", choices=["run", "bench"])
+    ap.add_argument("mode", choices=["run", "bench", "light"])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "minisims")
     ap.add_argument(
         "--corpus", type=Path, default=ROOT / "runs" / "minisims" / "data" / "corpus.json"
@@ -257,9 +274,17 @@ def main() -> None:
     ap.add_argument("--no-gates", action="store_true")
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
+    ap.add_argument("--init", choices=["mean", "graphemes"], default=TrainConfig.init)
+    ap.add_argument("--lora-rank", type=int, default=TrainConfig.lora_rank)
+    ap.add_argument("--lr-rows", type=float, default=TrainConfig.lr_rows)
+    ap.add_argument("--lr-lora", type=float, default=TrainConfig.lr_lora)
+    ap.add_argument("--to", type=Path, help="light: where to write the light state")
     ap.add_argument("--stop-after", type=int, help="run: stop (checkpointed) after N more steps")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.mode == "light":  # train.py light --out RUN_DIR --to FILE
+        light_state(a.out / "state.pt", a.to)
+        return
     if a.mode == "bench":
         bench(a.corpus, a.steps, ROOT / "organisms" / "minisims" / "bench.json")
     else:
@@ -268,6 +293,10 @@ def main() -> None:
             bf16=not a.fp32,
             batch_size=a.batch_size,
             seq_len=a.seq_len,
+            init=a.init,
+            lora_rank=a.lora_rank,
+            lr_rows=a.lr_rows,
+            lr_lora=a.lr_lora,
         )
         run(cfg, a.out, a.corpus, a.ckpt_minutes, not a.no_gates, a.stop_after)
 

@@ -9,6 +9,7 @@ from speech_lens.audio.tokenizers.registry import (
 from speech_lens.data.encoded import EncodedPrompt, PromptError, WordSpan, WordTarget
 from speech_lens.data.manifest import LoadReport, read_manifest, write_manifest
 from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.scramble import scramble_words
 from speech_lens.data.utterance import DataError, UnitStream, Utterance, Word
 from speech_lens.data.word_targets import word_piece_ids, word_targets
 from speech_lens.guards import NumericError, finite_guard_hooks
@@ -86,6 +87,7 @@ __all__ = [
     "rebuild_unit_lm",
     "register_speech_tokenizer",
     "run_patched",
+    "scramble_words",
     "train_tuned_lens",
     "word_lens",
     "word_lens_batch",

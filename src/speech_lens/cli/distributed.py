@@ -17,7 +17,8 @@ from speech_lens.guards import NumericError
 from speech_lens.lens.metrics import DatasetMetrics
 from speech_lens.lens.train import config_from_args
 from speech_lens.lens.train_data import TrainError, encode_training_data
-from speech_lens.models.load import DTYPES, load_from_args
+from speech_lens.models.from_args import load_from_args
+from speech_lens.models.load import DTYPES
 from speech_lens.models.spec import AdapterError
 from speech_lens.options import SPAN_SAMPLERS
 from speech_lens.runs.distributed import (
@@ -81,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
                 help="spoken words with no unit position (as speech-lens lens)",
             )
         add_layer_selection(s)  # tuned-lens: the translators trained (rows below the output)
+        if name != "tuned-lens":
+            s.add_argument(
+                "--scramble-words",
+                type=int,
+                metavar="SEED",
+                help="the scrambled-word-order control (as speech-lens lens)",
+            )
+            s.add_argument(
+                "--prior-manifest",
+                type=Path,
+                help="fit the frequency prior on this manifest (as speech-lens lens)",
+            )
         if name == "lens":
             s.add_argument("--restart", action="store_true", help="discard finished shards")
             s.add_argument("--no-guard", action="store_true", help="skip the NaN/inf checks")

@@ -33,11 +33,12 @@ from speech_lens.lens.train import TrainConfig, config_from_args, train_tuned_le
 from speech_lens.lens.train_data import encode_training_data, split_heldout
 from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.models.devices import free_memory_gb
-from speech_lens.models.load import DTYPES, load_from_args, load_model
+from speech_lens.models.from_args import load_from_args
+from speech_lens.models.load import DTYPES, load_model
 from speech_lens.models.memory import MemoryEstimate, estimate_memory
 from speech_lens.runs.demo import REPO_ORGANISMS, find_organisms
 from speech_lens.runs.lens import PARTIAL, RunError, lens_batch, parse_batch_size, read_partial
-from speech_lens.runs.lens_settings import encode_for_lens, lens_config
+from speech_lens.runs.lens_settings import encode_for_lens, lens_config, lens_utterances
 from speech_lens.runs.patch import run_experiment
 from speech_lens.runs.shards import read_finished
 from speech_lens.runs.tuned import chosen_rows, cli_load
@@ -159,6 +160,7 @@ def plan_lens(args: Any, model: Any = None, done: set[str] | None = None) -> Dry
     utts = list(read_manifest(args.data, layout=model.layout))
     if args.limit is not None:
         utts = utts[: args.limit]
+    utts = lens_utterances(utts, cfg)  # as the run lenses them
     if done is None:
         # the run's own reader (it refuses a run directory with other settings), without repairs
         partial = Path(args.out) / PARTIAL

@@ -9,7 +9,7 @@ from typing import Any
 
 from speech_lens.cli.common import add_dry_run, add_layer_selection, add_model_args, run_dry_run
 from speech_lens.data.manifest import read_manifest
-from speech_lens.models.load import load_from_args
+from speech_lens.models.from_args import load_from_args
 from speech_lens.runs.lens import RunError, parse_batch_size, peak_layer, run_dataset
 from speech_lens.runs.lens_settings import lens_config
 
@@ -89,6 +89,20 @@ def add_lens(sub: Any) -> None:
         default="skip",
         help="spoken words with no unit position: leave out of Recall@k and count them (skip), "
         "score them as misses (miss), or stop with an error naming the word (error)",
+    )
+    p.add_argument(
+        "--scramble-words",
+        type=int,
+        metavar="SEED",
+        help="control run: shuffle each utterance's words (seeded), each word's units moving "
+        "with it; next-word Recall@k should fall to its frequency prior, transcription not",
+    )
+    p.add_argument(
+        "--prior-manifest",
+        type=Path,
+        metavar="TRAIN.jsonl",
+        help="fit the frequency prior on this (training) manifest's words instead of leaving "
+        "each utterance out of its own",
     )
     add_dry_run(p)
     p.set_defaults(func=go)

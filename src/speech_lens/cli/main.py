@@ -16,7 +16,7 @@ from speech_lens.cli.lens import add_lens
 from speech_lens.cli.patch import add_patch
 from speech_lens.cli.tokenize import add_tokenize
 from speech_lens.cli.tuned import add_tuned_lens
-from speech_lens.models.load import load_from_args
+from speech_lens.models.from_args import load_from_args
 from speech_lens.models.spec import AdapterError
 from speech_lens.testing.families import build_family
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from speech_lens.cli.common import add_dry_run, add_model_args, parse_batch_size, run_dry_run
 from speech_lens.data.manifest import read_manifest
-from speech_lens.models.load import load_from_args
+from speech_lens.models.from_args import load_from_args
 from speech_lens.patching.hooks import COMPONENTS
 from speech_lens.patching.positions import RULES, PatchingError
 from speech_lens.runs.experiments import EXPERIMENTS

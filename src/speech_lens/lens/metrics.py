@@ -16,6 +16,10 @@ so ``first`` has one candidate there and two on byte-level BPE: across them comp
 Ranks count ties against the target (``readout.TIE_RULE``). A spoken word with no unit position
 is recorded (``UtteranceRecord.words_without_units``) and, by the ``zero_unit_words`` policy of
 :func:`aggregate`, left out of Recall@k (``skip``) or scored as a miss (``miss``).
+
+Beside each Recall@k curve (issue 17 §1): the mismatched-word baseline (``lens/mismatch.py``), the
+frequency prior of the current and the next word (``lens/prior.py``) and current-word Recall@k
+read at each word's first / last unit alone (``lens/unit_edges.py``), over the same words.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from speech_lens.lens.mismatch import has_targets, mismatched_hits
+from speech_lens.lens.mismatch import has_targets, mismatched_hits, stored_k
+from speech_lens.lens.prior import LEAVE_ONE_OUT, FittedPrior, has_prior_targets, prior_hits
 from speech_lens.lens.records import (
     DEFAULT_MATCH,
     MATCH_RULES,
@@ -36,6 +41,7 @@ from speech_lens.lens.records import (
 )
 from speech_lens.lens.registry import LENS_METRICS, MASS_METRICS
 from speech_lens.lens.results import LensResult
+from speech_lens.lens.unit_edges import edge_hits
 from speech_lens.options import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS
 
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +133,14 @@ class DatasetMetrics:
     # current-word Recall@k against a random other word's target (lens/mismatch.py): the chance
     # level of the same top-k; empty for records without target ids or k beyond the stored top-k
     recall_mismatched: dict[int, Curve] = field(default_factory=dict)
+    # confounds (issue 17 §1), empty for records written before them: current-word Recall@k read
+    # at each word's first / last unit position alone (lens/unit_edges.py), and the frequency
+    # prior of current / next-word Recall@k, flat over rows (lens/prior.py)
+    recall_first_unit: dict[int, Curve] = field(default_factory=dict)
+    recall_last_unit: dict[int, Curve] = field(default_factory=dict)
+    recall_prior_current: dict[int, Curve] = field(default_factory=dict)
+    recall_prior_next: dict[int, Curve] = field(default_factory=dict)
+    prior_source: str = ""  # what the priors are fit on: LEAVE_ONE_OUT or a training manifest
 
     def __post_init__(self) -> None:
         if not self.layers:  # every row: metrics written before layer selection, or a full run
@@ -142,9 +156,12 @@ class DatasetMetrics:
         d["recall_next"] = {str(k): v for k, v in d["recall_next"].items()}
         if not d["curves"]:
             del d["curves"]  # metrics.json without registered metrics is unchanged
-        d["recall_mismatched"] = {str(k): v for k, v in d["recall_mismatched"].items()}
-        if not d["recall_mismatched"]:
-            del d["recall_mismatched"]
+        for key in BASELINES:  # keyed by k; absent (not empty) where not computed
+            d[key] = {str(k): v for k, v in d[key].items()}
+            if not d[key]:
+                del d[key]
+        if not d["prior_source"]:
+            del d["prior_source"]
         return d
 
     @classmethod
@@ -155,9 +172,19 @@ class DatasetMetrics:
         d["mass"] = {g: Curve(**v) for g, v in d["mass"].items()}
         d["unit_top1"] = Curve(**d["unit_top1"])
         d["curves"] = {name: Curve(**v) for name, v in d.get("curves", {}).items()}
-        mismatched = d.get("recall_mismatched", {})
-        d["recall_mismatched"] = {int(k): Curve(**v) for k, v in mismatched.items()}
+        for key in BASELINES:
+            d[key] = {int(k): Curve(**v) for k, v in d.get(key, {}).items()}
         return cls(**d)
+
+
+# Recall@k curves beside the recall itself, keyed by k, written to metrics.json only when computed
+BASELINES = (
+    "recall_mismatched",
+    "recall_first_unit",
+    "recall_last_unit",
+    "recall_prior_current",
+    "recall_prior_next",
+)
 
 
 def _ratio_curve(num: np.ndarray, den: np.ndarray, weights: np.ndarray, alpha: float) -> Curve:
@@ -190,6 +217,7 @@ def aggregate(
     ci: float = 0.95,
     label: str = "",
     zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS,
+    prior: FittedPrior | None = None,
 ) -> DatasetMetrics:
     """Per-layer Recall@k (current, next word) and modality mass with utterance-bootstrap CIs.
 
@@ -198,7 +226,9 @@ def aggregate(
     Spoken words with no unit position are counted (``n_words_without_units``) and left out of
     Recall@k (``zero_unit_words="skip"``) or scored as misses, current and next word (``"miss"``).
     The mismatched-word baseline (``recall_mismatched``, ``lens/mismatch.py``) scores each word's
-    stored top-k against another word's target (draw seeded by ``seed``), over the same words.
+    stored top-k against another word's target (draw seeded by ``seed``), over the same words;
+    ``confound_curves`` adds the first / last-unit recall and the frequency priors (fit on the
+    other utterances, or on the word counts of a training manifest: ``prior``).
     """
     if match not in MATCH_RULES:
         raise ValueError(f"unknown match rule {match!r}; one of {MATCH_RULES}")
@@ -230,6 +260,8 @@ def aggregate(
             records, match, "next", int(k), weights, alpha, zero_unit_words
         )
     mismatched = mismatched_curves(records, match, ks, seed, weights, alpha, zero_unit_words)
+    confounds = confound_curves(records, match, ks, weights, alpha, zero_unit_words, prior)
+    prior_source = prior.source if prior is not None else LEAVE_ONE_OUT
     npos = np.array([r.n_speech_positions for r in records], dtype=np.float64)
     mass, top1, curves = position_curves(records, npos, weights, alpha)
     return DatasetMetrics(
@@ -253,6 +285,11 @@ def aggregate(
         n_words_without_units=sum(len(r.words_without_units) for r in records),
         curves=curves,
         recall_mismatched=mismatched,
+        recall_first_unit=confounds.get("recall_first_unit", {}),
+        recall_last_unit=confounds.get("recall_last_unit", {}),
+        recall_prior_current=confounds.get("recall_prior_current", {}),
+        recall_prior_next=confounds.get("recall_prior_next", {}),
+        prior_source=prior_source if "recall_prior_current" in confounds else "",
     )
 
 
@@ -310,6 +347,38 @@ def mismatched_curves(
     count = scored_words(records, match, "current", zero_unit_words)
     hits = mismatched_hits(records, match, ks, seed)
     return {k: _ratio_curve(h, count, weights, alpha) for k, h in hits.items()}
+
+
+def confound_curves(
+    records: Sequence[UtteranceRecord],
+    match: str,
+    ks: Sequence[int],
+    weights: np.ndarray,
+    alpha: float,
+    zero_unit_words: str,
+    prior: FittedPrior | None = None,
+) -> dict[str, dict[int, Curve]]:
+    """``recall_first_unit`` / ``recall_last_unit`` (each k up to the stored top-k) and
+    ``recall_prior_current`` / ``recall_prior_next``, over the words (and denominators) of the
+    recall they accompany; none from records written before them."""
+    out: dict[str, dict[int, Curve]] = {}
+    if all(match in r.unit_ranks for r in records):
+        count = scored_words(records, match, "current", zero_unit_words)
+        scorable = [int(k) for k in ks if k <= stored_k(records)]
+        for edge in ("first", "last"):
+            ranks = [r.unit_ranks[match][edge] for r in records]
+            hits = edge_hits(ranks, len(records[0].unit_top1), scorable)  # rows held
+            out[f"recall_{edge}_unit"] = {
+                k: _ratio_curve(h, count, weights, alpha) for k, h in hits.items()
+            }
+    for which in ("current", "next"):
+        if has_prior_targets(records, match, which):
+            den = scored_words(records, match, which, zero_unit_words)
+            hits = prior_hits(records, match, which, ks, prior)
+            out[f"recall_prior_{which}"] = {
+                k: _ratio_curve(h, den, weights, alpha) for k, h in hits.items()
+            }
+    return out
 
 
 def position_curves(

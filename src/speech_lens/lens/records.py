@@ -12,6 +12,7 @@ import torch
 from speech_lens.data.encoded import SPEECH, EncodedPrompt, WordTarget
 from speech_lens.lens.registry import LENS_METRICS, MASS_METRICS, UNIT_TOP1
 from speech_lens.lens.results import LensResult
+from speech_lens.lens.unit_edges import unit_edge_ranks
 from speech_lens.vocab import VocabLayout
 
 MATCH_RULES = ("first", "first-spaced", "first-bare", "any")
@@ -51,6 +52,11 @@ class UtteranceRecord:
     ``rule`` (``match_ids``; empty in records written before the mismatched-word baseline).
     ``layers``: the lens rows read (true indices, 0 = embeddings, ``n_layers`` = output), one per
     ``[row]`` entry above; empty in records written before layer selection (every row).
+    ``next_target_ids[rule][j]``: the same for the word after spoken word ``j`` (empty for the
+    utterance's last word), which the next-word frequency prior scores (``lens/prior.py``).
+    ``unit_ranks[rule]["first" | "last"][j][row]``: the current word's rank read at word ``j``'s
+    first / last unit position alone, ``k`` meaning "not in the top k" (``lens/unit_edges.py``).
+    Both are empty in records written before them.
     """
 
     utterance_id: str
@@ -70,6 +76,9 @@ class UtteranceRecord:
     position_sums: dict[str, list[float]] = field(default_factory=dict)
     # rule -> per spoken word its hit ids: what the mismatched-word baseline scores (lens/mismatch)
     target_ids: dict[str, list[list[int]]] = field(default_factory=dict)
+    # confounds of the measurement (issue 17 §1): next-word hit ids and first/last-unit ranks
+    next_target_ids: dict[str, list[list[int]]] = field(default_factory=dict)
+    unit_ranks: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,6 +126,10 @@ def utterance_record(
         ]
         ranks[rule] = {"current": cur, "next": nxt}
     targets = {rule: [list(match_ids(t, rule)) for t in w.current] for rule in MATCH_RULES}
+    next_targets = {
+        rule: [list(match_ids(t, rule)) if t is not None else [] for t in w.next]
+        for rule in MATCH_RULES
+    }
     sums, unit_top1, others = position_sums(result, col, layout)
     return UtteranceRecord(
         utterance_id=prompt.utterance_id,
@@ -134,6 +147,8 @@ def utterance_record(
         n_utterance_words=len(prompt.words),
         position_sums=others,
         target_ids=targets,
+        next_target_ids=next_targets,
+        unit_ranks=unit_edge_ranks(result, targets),
     )
 
 

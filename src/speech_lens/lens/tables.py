@@ -5,13 +5,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from speech_lens.lens.metrics import DatasetMetrics
+from speech_lens.lens.metrics import Curve, DatasetMetrics
 from speech_lens.lens.records import DEFAULT_MATCH, UtteranceRecord
 
 
+def baseline_curves(m: DatasetMetrics) -> list[tuple[str, dict[int, Curve]]]:
+    """The curves beside Recall@k by their layers.csv names (``recall@{k}_{name}``): the
+    mismatched-word baseline, first / last-unit recall, the current / next-word frequency prior."""
+    return [
+        ("mismatched", m.recall_mismatched),
+        ("first_unit", m.recall_first_unit),
+        ("last_unit", m.recall_last_unit),
+        ("current_prior", m.recall_prior_current),
+        ("next_prior", m.recall_prior_next),
+    ]
+
+
 def layer_table(m: DatasetMetrics) -> list[dict[str, Any]]:
-    """One row per lens row: recall@k (current / next, and the mismatched-word baseline where
-    computed) with CI, masses at speech positions."""
+    """One row per lens row: recall@k (current / next; the mismatched-word baseline, first /
+    last-unit recall and the frequency priors where computed) with CI, masses at speech
+    positions."""
     rows = []
     # i: index into the curves; layer: the row's true lens row (a selection skips some)
     for i, layer in enumerate(m.layers):
@@ -26,11 +39,12 @@ def layer_table(m: DatasetMetrics) -> list[dict[str, Any]]:
                 row[f"recall@{k}_{name}"] = c.mean[i]
                 row[f"recall@{k}_{name}_lo"] = c.lo[i]
                 row[f"recall@{k}_{name}_hi"] = c.hi[i]
-            if k in m.recall_mismatched:  # the baseline: absent from older metrics
-                c = m.recall_mismatched[k]
-                row[f"recall@{k}_mismatched"] = c.mean[i]
-                row[f"recall@{k}_mismatched_lo"] = c.lo[i]
-                row[f"recall@{k}_mismatched_hi"] = c.hi[i]
+            for name, curves in baseline_curves(m):  # absent from older metrics
+                if k in curves:
+                    c = curves[k]
+                    row[f"recall@{k}_{name}"] = c.mean[i]
+                    row[f"recall@{k}_{name}_lo"] = c.lo[i]
+                    row[f"recall@{k}_{name}_hi"] = c.hi[i]
         for g, c in m.mass.items():
             row[f"{g}_mass"] = c.mean[i]
         row["unit_top1"] = m.unit_top1.mean[i]

@@ -35,8 +35,6 @@ from speech_lens.models.devices import (
     execution_device,
     free_memory_gb,
     input_device,
-    parse_device_map,
-    parse_max_memory,
 )
 from speech_lens.models.dispatch import load_dispatched
 from speech_lens.models.layout import (
@@ -245,34 +243,6 @@ def load_model(
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_from_args(args: Any, checkpoint: str | Path | None = None, **kw: Any) -> SpeechLM:
-    """``load_model`` with the checkpoint options every CLI command shares
-    (``--family``, ``--spec``, ``--base-tokenizer``, and where the parser has them
-    ``--dtype``, ``--device-map``, ``--max-memory``, ``--offload-folder``); ``kw`` wins."""
-    opts: dict[str, Any] = {}
-    dtype = getattr(args, "dtype", None)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise AdapterError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
-        opts["dtype"] = DTYPES[dtype]
-    device_map = parse_device_map(getattr(args, "device_map", None))
-    if device_map is not None:
-        opts["device_map"] = device_map
-    max_memory = parse_max_memory(getattr(args, "max_memory", None))
-    if max_memory is not None:
-        opts["max_memory"] = max_memory
-    if getattr(args, "offload_folder", None) is not None:
-        opts["offload_folder"] = args.offload_folder
-    opts.update(kw)
-    return load_model(
-        checkpoint if checkpoint is not None else args.checkpoint,
-        family=args.family,
-        spec=args.spec,
-        base_tokenizer=args.base_tokenizer,
-        **opts,
-    )
 
 
 def _load_hf_model(

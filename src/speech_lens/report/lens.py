@@ -98,43 +98,72 @@ def _as_list(metrics: DatasetMetrics | Sequence[DatasetMetrics]) -> list[Dataset
     return [metrics] if isinstance(metrics, DatasetMetrics) else list(metrics)
 
 
+# every Recall@k curve's baselines, drawn in its colour: (DatasetMetrics field, name, line dash)
+PRIOR = ("frequency prior", "longdashdot")
+BASELINES_OF: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "recall_current": (
+        ("recall_mismatched", "mismatched-word baseline", "dashdot"),
+        ("recall_prior_current", *PRIOR),
+    ),
+    "recall_next": (("recall_prior_next", *PRIOR),),
+    "recall_first_unit": (("recall_prior_current", *PRIOR),),
+    "recall_last_unit": (("recall_prior_current", *PRIOR),),
+}
+# current-word Recall@k read at one unit position of the word: the onset confound (issue 17)
+WORD_EDGES = (
+    ("recall_first_unit", "first unit only", "dot"),
+    ("recall_last_unit", "last unit only", "longdash"),
+)
+
+
+def baseline_bands(
+    fig: go.Figure,
+    x: Sequence[float],
+    m: DatasetMetrics,
+    metric: str,
+    k: int,
+    name: str,
+    color: str,
+    extra: Sequence[tuple[str, str, str]] = (),
+) -> None:
+    """The baselines of ``metric``'s Recall@k curve (``BASELINES_OF``) and ``extra`` curves,
+    those ``m`` holds at ``k`` (older metrics lack them), as bands named after the curve."""
+    for key, what, dash in (*BASELINES_OF.get(metric, ()), *extra):
+        curves = getattr(m, key)
+        if k in curves:
+            band(fig, x, curves[k], f"{name} ({what})", color, dash)
+
+
 def recall_figure(
     metrics: DatasetMetrics | Sequence[DatasetMetrics],
     *,
     ks: Sequence[int] | None = None,
     which: Sequence[str] = ("current", "next"),
     relative_depth: bool = False,
+    baselines: bool = True,
 ) -> go.Figure:
-    """Recall@k per layer for the current word (implicit transcription) and the next word; the
-    current word's mismatched-word baseline, where computed, as a dash-dot trace in its colour."""
+    """Recall@k per layer for the current word (implicit transcription) and the next word.
+
+    With ``baselines``, each curve's baselines where computed, in its colour: for the current
+    word the mismatched-word baseline (dash-dot), Recall@k read at the word's first unit alone
+    (dotted) and at its last unit alone (long dashes); for both words the frequency prior (a
+    flat long-dash-dot line: a fixed top-k of the data set's most frequent words)."""
     ms = _as_list(metrics)
     fig = go.Figure()
     i = 0
     for m in ms:
+        x = _x(m, relative_depth)
         for k in ks or m.ks:
             for w in which:
                 curves = m.recall_current if w == "current" else m.recall_next
                 if k not in curves:
                     raise KeyError(f"{m.label or 'metrics'}: recall@{k} was not computed ({m.ks})")
                 name = f"{m.label + ': ' if len(ms) > 1 else ''}{w} word R@{k}"
-                band(
-                    fig,
-                    _x(m, relative_depth),
-                    curves[k],
-                    name,
-                    PALETTE[i % len(PALETTE)],
-                    "solid" if w == "current" else "dash",
-                )
-                if w == "current" and k in m.recall_mismatched:
-                    # the chance level of the same top-k: scored against another word's target
-                    band(
-                        fig,
-                        _x(m, relative_depth),
-                        m.recall_mismatched[k],
-                        f"{name} (mismatched-word baseline)",
-                        PALETTE[i % len(PALETTE)],
-                        "dashdot",
-                    )
+                color = PALETTE[i % len(PALETTE)]
+                band(fig, x, curves[k], name, color, "solid" if w == "current" else "dash")
+                if baselines:
+                    edges = WORD_EDGES if w == "current" else ()
+                    baseline_bands(fig, x, m, f"recall_{w}", k, name, color, edges)
                 i += 1
     m0 = ms[0]
     _layout(
@@ -192,6 +221,14 @@ def modality_figure(
 METRICS: dict[str, tuple[str, Callable[[DatasetMetrics, int], Curve]]] = {
     "recall_current": ("current-word Recall@{k}", lambda m, k: m.recall_current[k]),
     "recall_next": ("next-word Recall@{k}", lambda m, k: m.recall_next[k]),
+    "recall_first_unit": (
+        "current-word Recall@{k} at the first unit",
+        lambda m, k: m.recall_first_unit[k],
+    ),
+    "recall_last_unit": (
+        "current-word Recall@{k} at the last unit",
+        lambda m, k: m.recall_last_unit[k],
+    ),
     "unit_mass": ("unit mass", lambda m, k: m.mass["unit"]),
     "text_mass": ("text mass", lambda m, k: m.mass["text"]),
     "unit_top1": ("top-1 is a unit", lambda m, k: m.unit_top1),
@@ -216,13 +253,18 @@ def compare_figure(
     metric: str = "recall_current",
     k: int | None = None,
     relative_depth: bool = True,
+    baselines: bool = True,
 ) -> go.Figure:
-    """One metric of several models / ablations on one axis (relative depth by default)."""
+    """One metric of several models / ablations on one axis (relative depth by default); a
+    Recall@k metric with each run's baselines where computed (``BASELINES_OF``)."""
     label, get = metric_getter(metric)
     fig = go.Figure()
     for i, (name, m) in enumerate(runs.items()):
         kk = k if k is not None else m.ks[-1]
-        band(fig, _x(m, relative_depth), get(m, kk), name, PALETTE[i % len(PALETTE)])
+        x, color = _x(m, relative_depth), PALETTE[i % len(PALETTE)]
+        band(fig, x, get(m, kk), name, color)
+        if baselines:
+            baseline_bands(fig, x, m, metric, kk, name, color)
     kk = k if k is not None else (next(iter(runs.values())).ks[-1] if runs else 0)
     _layout(fig, label.format(k=kk) + " across runs", label.format(k=kk), relative_depth, [0, 1])
     return fig

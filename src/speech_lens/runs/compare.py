@@ -35,7 +35,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from speech_lens.files import atomic_write_text
-from speech_lens.lens.metrics import DatasetMetrics
+from speech_lens.lens.metrics import Curve, DatasetMetrics
 from speech_lens.lens.rows import describe_rows
 from speech_lens.provenance import FORMAT, provenance_table
 from speech_lens.report.compare import QUANTITIES, depth_figure
@@ -192,11 +192,29 @@ def _check_match_across_tokenizers(
     )
 
 
+def run_curves(m: DatasetMetrics, k: int) -> dict[str, Curve | None]:
+    """Every compare.csv curve of one run at its ``k``: the quantities, then the Recall@k
+    baselines (None where the run did not compute one: first / last-unit recall, mismatched-word
+    baseline and frequency priors are absent from runs written before them)."""
+    out: dict[str, Curve | None] = {}
+    for q, (_, get) in QUANTITIES.items():
+        try:
+            out[q] = get(m, k)
+        except KeyError:
+            out[q] = None
+    out["recall_current_mismatched"] = m.recall_mismatched.get(k)
+    out["recall_current_prior"] = m.recall_prior_current.get(k)
+    out["recall_next_prior"] = m.recall_prior_next.get(k)
+    return out
+
+
 def table_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per model and layer: relative depth, Recall@k with bands, masses."""
+    """One row per model and layer: relative depth, Recall@k and its baselines with bands,
+    masses (empty where a run did not compute a curve)."""
     rows = []
     for r in runs:
         m, k = r.metrics, r.k
+        curves = run_curves(m, k)
         for i, layer in enumerate(m.layers):  # i: index into the curves
             row: dict[str, Any] = {
                 "model": r.label,
@@ -206,9 +224,10 @@ def table_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "relative_depth": layer / m.n_layers,
                 "k": k,
             }
-            for q, (_, get) in QUANTITIES.items():
-                c = get(m, k)
-                row[q], row[f"{q}_lo"], row[f"{q}_hi"] = c.mean[i], c.lo[i], c.hi[i]
+            for q, c in curves.items():
+                row[q], row[f"{q}_lo"], row[f"{q}_hi"] = (
+                    (c.mean[i], c.lo[i], c.hi[i]) if c is not None else (None, None, None)
+                )
             rows.append(row)
     return rows
 
@@ -235,7 +254,9 @@ def compare_runs(
     fields, allowed = _check(runs, allow)
     allowed.update(_check_match_across_tokenizers(runs, fields, allowed, allow))
     rows = table_rows(runs)
-    figures = {q: depth_figure([(r.label, r.metrics, r.k) for r in runs], q) for q in QUANTITIES}
+    # a quantity no run computed (first / last-unit recall of older runs) gets no figure
+    shown = [q for q in QUANTITIES if any(run_curves(r.metrics, r.k)[q] for r in runs)]
+    figures = {q: depth_figure([(r.label, r.metrics, r.k) for r in runs], q) for q in shown}
     cmp = Comparison(runs, fields, allowed, rows, figures)
     if out is not None:
         write_comparison(cmp, Path(out))
@@ -271,7 +292,10 @@ def build_report(cmp: Comparison) -> Report:
         text=(
             "x axes are relative depth, layer / n_layers (0 = embeddings, 1 = the model's "
             "output), so models with different layer counts share one axis. Bands: each run's "
-            "bootstrap confidence interval over utterances."
+            "bootstrap confidence interval over utterances. Recall@k figures carry each run's "
+            "baselines in its colour where the run computed them: the mismatched-word baseline "
+            "(dash-dot, current word) and the frequency prior (flat, long dash-dot: a fixed "
+            "top-k of the data set's most frequent words, fit leaving each utterance out)."
         ),
         tables=[
             [

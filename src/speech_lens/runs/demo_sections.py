@@ -16,7 +16,7 @@ from speech_lens.data.word_targets import word_targets
 from speech_lens.lens import word_lens
 from speech_lens.lens.kl import lens_kl
 from speech_lens.lens.metrics import DatasetMetrics, aggregate
-from speech_lens.lens.records import utterance_record
+from speech_lens.lens.records import DEFAULT_MATCH, utterance_record
 from speech_lens.lens.tuned import TunedLens
 from speech_lens.models.load import SpeechLM
 from speech_lens.report.html import Report, Table
@@ -54,9 +54,10 @@ def lens_metrics(
     label: str = "",
     n_boot: int = 500,
     layers: Sequence[int] | None = None,
+    match: str = DEFAULT_MATCH,
 ) -> DatasetMetrics:
     """Word-level lens curves over ``utts`` (speech-only or interleaved prompts), at the lens
-    rows ``layers`` (default every row)."""
+    rows ``layers`` (default every row), words matched by rule ``match``."""
     records = []
     for i, u in enumerate(utts):
         if mode == "interleaved":
@@ -65,7 +66,7 @@ def lens_metrics(
             prompt = encode_prompt(model, u, mode="speech")
         res = word_lens(model, prompt, word_targets(model, u), k=10, lens=lens, layers=layers)
         records.append(utterance_record(res, prompt, model.layout))
-    return aggregate(records, ks=(1, 5, 10), n_boot=n_boot, seed=0, label=label)
+    return aggregate(records, match=match, ks=(1, 5, 10), n_boot=n_boot, seed=0, label=label)
 
 
 def curve_peak(curve: list[float]) -> tuple[float, int]:

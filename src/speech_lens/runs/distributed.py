@@ -44,7 +44,7 @@ from speech_lens.lens.metrics import DatasetMetrics
 from speech_lens.lens.records import UtteranceRecord, utterance_record
 from speech_lens.lens.train import train_tuned_lens
 from speech_lens.runs.lens import PARTIAL, RunError, run_dataset
-from speech_lens.runs.lens_settings import LensRunConfig, encode_for_lens
+from speech_lens.runs.lens_settings import LensRunConfig, encode_for_lens, lens_utterances
 from speech_lens.runs.shards import SHARDS, ShardStore, clear_shards, read_finished
 
 FAIL_ENV = "SPEECH_LENS_FAIL_AFTER"  # fault injection for tests: "rank:n" exits abruptly
@@ -225,9 +225,10 @@ def run_distributed(
 
     ctx = ctx or DistContext()
     out = Path(out_dir)
-    utts = list(utterances)
+    given = list(utterances)
     if cfg.limit is not None:
-        utts = utts[: cfg.limit]
+        given = given[: cfg.limit]
+    utts = lens_utterances(given, cfg)  # scrambled for the control; the merge scrambles `given`
     check_inputs(model, utts, cfg)
     cfg.rows(model.n_layers)  # a selection that does not fit the model: refused on every rank
     if restart and ctx.rank == 0:
@@ -266,7 +267,7 @@ def run_distributed(
     ctx.barrier()
     if ctx.rank != 0:
         return None
-    return merge_shards(model, utts, out, cfg)
+    return merge_shards(model, given, out, cfg)
 
 
 # ------------------------------------------------------------------------------------------------

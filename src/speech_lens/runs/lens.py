@@ -37,7 +37,13 @@ from speech_lens.lens.tuned import lens_from_spec
 from speech_lens.provenance import POOLING, collect_provenance, provenance_rows, stable
 from speech_lens.report.html import Report, Table
 from speech_lens.report.lens import lens_heatmap, modality_figure, recall_figure
-from speech_lens.runs.lens_settings import LensRunConfig, encode_for_lens
+from speech_lens.runs.lens_settings import (
+    LensRunConfig,
+    encode_for_lens,
+    lens_utterances,
+    prior_setting,
+    training_prior,
+)
 
 PARTIAL = "partial.jsonl"
 
@@ -157,6 +163,7 @@ def run_dataset(
     utts = list(utterances)
     if cfg.limit is not None:
         utts = utts[: cfg.limit]
+    utts = lens_utterances(utts, cfg)  # the scrambled-word-order control, if asked for
     seen: set[str] = set()
     for u in utts:
         if u.id in seen:
@@ -208,6 +215,7 @@ def run_dataset(
         seed=cfg.seed,
         label=Path(cfg.checkpoint).name,
         zero_unit_words=cfg.zero_unit_words,
+        prior=training_prior(model, cfg),
     )
     write_outputs(model, out, cfg, metrics, records, utts[0])
     return metrics
@@ -251,6 +259,8 @@ def write_outputs(
         "zero_unit_words": metrics.zero_unit_words,
         **readout_settings(),
         "layers": list(metrics.layers),  # the rows read; `compare` lines them up by depth
+        "scramble_words": cfg.scramble_words,  # `compare` refuses a control beside a plain run
+        "prior": prior_setting(cfg),
     }
     prov = collect_provenance(model, data=cfg.data, lens=cfg.lens, settings=settings)
     # a property of the model, not a setting: `compare` reads it to tell which match rules
@@ -309,11 +319,12 @@ def build_report(
             f"Current-word Recall@{k} peaks at layer {best}: "
             f"{metrics.recall_current[k].mean[i]:.3f} "
             f"[{metrics.recall_current[k].lo[i]:.3f}, {metrics.recall_current[k].hi[i]:.3f}]."
+            + _scramble_text(cfg)
         ),
     )
     rep.add_section(
         "Implicit transcription and next-word prediction",
-        text="Recall@k per layer of the spoken word (solid) and the next word (dashed).",
+        text=RECALL_TEXT + f" The priors are fit on: {metrics.prior_source or 'not computed'}.",
         figures=[recall_figure(metrics)],
     )
     rep.add_section(
@@ -346,6 +357,32 @@ def peak_layer(metrics: DatasetMetrics, k: int) -> tuple[int, int]:
     curve = metrics.recall_current[k].mean
     i = max(range(len(metrics.layers)), key=lambda j: curve[j])
     return metrics.layers[i], i
+
+
+RECALL_TEXT = (
+    "Recall@k per layer of the spoken word (solid) and the next word (dashed), each with its "
+    "baselines in its colour (where the run computed them). Frequency prior (flat, long "
+    "dash-dot): a readout that ignores its input and always lists the same k text ids, those "
+    "that hit the most words of the other utterances (leave one utterance out) or of a training "
+    "manifest (--prior-manifest); greedy, so one word's spaced and bare forms do not take two "
+    "slots. Mismatched-word baseline (dash-dot, "
+    "current word): the same pooled top-k scored against another word of the data set. First "
+    "unit only (dotted) / last unit only (long dashes): current-word Recall@k read at the "
+    "word's first or last unit position alone; at a word's onset the next token in text space "
+    "is the current word, so a readout that scores on the first unit may predict the word from "
+    "its context rather than hear it."
+)
+
+
+def _scramble_text(cfg: LensRunConfig) -> str:
+    if cfg.scramble_words is None:
+        return ""
+    return (
+        f"\n\nControl: word order scrambled (--scramble-words {cfg.scramble_words}). Each "
+        "utterance's words were shuffled, each word's units moving with it, so words sound as "
+        "before in another context: next-word Recall@k should fall toward its frequency prior, "
+        "current-word Recall@k (transcription) should not."
+    )
 
 
 def _zero_unit_text(metrics: DatasetMetrics) -> str:

@@ -4,19 +4,25 @@ arguments, and how each utterance is encoded for it."""
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from speech_lens.data.manifest import read_manifest
 from speech_lens.data.prompts import encode_prompt
+from speech_lens.data.scramble import scramble_words
+from speech_lens.data.utterance import Utterance
 from speech_lens.data.word_targets import (
     WORD_PIECE_RULE,
     span_settings,
 )
 from speech_lens.lens.numerics import readout_settings
+from speech_lens.lens.prior import LEAVE_ONE_OUT, FittedPrior, manifest_prior
 from speech_lens.lens.records import DEFAULT_MATCH, MATCH_RULES
 from speech_lens.lens.rows import check_layers, selected_rows
 from speech_lens.options import DEFAULT_ZERO_UNIT_WORDS, ZERO_UNIT_WORDS
+from speech_lens.provenance import file_digests
 
 MODES = ("speech", "interleaved")
 
@@ -45,6 +51,11 @@ class LensRunConfig:
     zero_unit_words: str = DEFAULT_ZERO_UNIT_WORDS  # skip | miss | error (lens.logit)
     # lens rows read (sorted, holding the output row: lens/rows.py); None = every row
     layers: tuple[int, ...] | None = None
+    # the scrambled-word-order control (data/scramble.py): the seed, None for the data as it is
+    scramble_words: int | None = None
+    # a training manifest the frequency prior is fit on (lens/prior.py); None: leave one
+    # utterance out. Applied when aggregating, like match: not in the resume key
+    prior_manifest: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -108,6 +119,8 @@ class LensRunConfig:
             **readout_settings(),
             # only for a selection, so a full run resumes a partial run written before selections
             **({} if self.layers is None else {"layers": list(self.layers)}),
+            # only when set: runs of the data as it is resume from partial files written before
+            **({} if self.scramble_words is None else {"scramble_words": self.scramble_words}),
         }
 
     def rows(self, n_layers: int) -> tuple[int, ...]:
@@ -116,6 +129,14 @@ class LensRunConfig:
         if self.layers is None:
             return tuple(range(n_layers + 1))
         return check_layers(self.layers, n_layers + 1)
+
+
+def lens_utterances(utterances: Iterable[Utterance], cfg: LensRunConfig) -> list[Utterance]:
+    """The utterances as the run lenses them: with ``cfg.scramble_words`` their words shuffled
+    (seeded per utterance), each word's units moving with it (``data.scramble``)."""
+    if cfg.scramble_words is None:
+        return list(utterances)
+    return [scramble_words(u, cfg.scramble_words) for u in utterances]
 
 
 def _prompt_seed(cfg: LensRunConfig, uid: str) -> int:
@@ -159,7 +180,13 @@ def lens_config(args: Any, model: Any) -> LensRunConfig:
             stride=getattr(args, "layer_stride", None),
             layers=getattr(args, "layers", None),
         ),
+        scramble_words=getattr(args, "scramble_words", None),
+        prior_manifest=_resolved(getattr(args, "prior_manifest", None)),
     )
+
+
+def _resolved(path: Any) -> str | None:
+    return None if path is None else str(Path(path).resolve())
 
 
 def _span_sampler(args: Any, model: Any) -> str | None:
@@ -170,3 +197,20 @@ def _span_sampler(args: Any, model: Any) -> str | None:
             raise ValueError(f"--span-sampler {chosen}: only with --mode interleaved")
         return None
     return str(chosen or model.spec.prompt.span_sampler)
+
+
+def training_prior(model: Any, cfg: LensRunConfig) -> FittedPrior | None:
+    """The word counts of ``--prior-manifest`` the frequency prior is fit on (None: the prior
+    leaves each utterance out of its own list)."""
+    if cfg.prior_manifest is None:
+        return None
+    utts = read_manifest(cfg.prior_manifest, layout=model.layout)
+    return manifest_prior(model, utts, source=cfg.prior_manifest)
+
+
+def prior_setting(cfg: LensRunConfig) -> str:
+    """What the run's frequency prior is fit on, as compared across runs: the training
+    manifest's content (its sha256, not its path) or the leave-one-out rule."""
+    if cfg.prior_manifest is None:
+        return LEAVE_ONE_OUT
+    return "manifest sha256:" + file_digests({"prior": Path(cfg.prior_manifest)})["prior"]

@@ -25,7 +25,8 @@ from speech_lens.lens.train_data import (
     split_heldout,
 )
 from speech_lens.lens.tuned import LensError, TunedLens
-from speech_lens.models.load import SpeechLM, load_from_args
+from speech_lens.models.from_args import load_from_args
+from speech_lens.models.load import SpeechLM
 
 # --------------------------------------------------------------------------------------------
 # Command line: ``speech-lens tuned-lens train|eval`` (the parser is in cli.py)
