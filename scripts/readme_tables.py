@@ -142,6 +142,8 @@ def other_mass() -> str:
 def tuned_kl() -> str:
     lines, better = [], []
     for cfg_path in sorted(REPO.glob("organisms/*/tuned_lens/config.json")):
+        if cfg_path.parts[-3] == "minisims":  # not an organism (scripts/minisims/README.md)
+            continue
         tr = _json(cfg_path)["training"]
         logit, tuned = tr["heldout_kl_logit"][:-1], tr["heldout_kl_tuned"][:-1]
         better.append(all(t < lg for t, lg in zip(tuned, logit, strict=True)))

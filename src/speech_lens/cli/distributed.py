@@ -30,6 +30,7 @@ from speech_lens.runs.distributed import (
 )
 from speech_lens.runs.lens import RunError
 from speech_lens.runs.lens_settings import lens_config
+from speech_lens.runs.tuned import chosen_rows
 
 # ------------------------------------------------------------------------------------------------
 # command line (torchrun -m speech_lens.distributed lens ...)
@@ -80,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=["skip", "miss", "error"],
                 help="spoken words with no unit position (as speech-lens lens)",
             )
+        add_layer_selection(s)  # tuned-lens: the translators trained (rows below the output)
         if name != "tuned-lens":
-            add_layer_selection(s)
             s.add_argument(
                 "--scramble-words",
                 type=int,
@@ -168,6 +169,7 @@ def _cli_tuned(args: argparse.Namespace, ctx: DistContext) -> int:
             resume=not args.no_resume,
             progress=not args.no_progress,
             data=args.data,
+            layers=chosen_rows(args, model),
         )
     except (TrainError, AdapterError, DataError, ValueError, FileNotFoundError) as e:
         print(f"speech-lens tuned-lens (rank {ctx.rank}): error: {e}", file=sys.stderr)

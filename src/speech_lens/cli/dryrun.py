@@ -41,7 +41,7 @@ from speech_lens.runs.lens import PARTIAL, RunError, lens_batch, parse_batch_siz
 from speech_lens.runs.lens_settings import encode_for_lens, lens_config, lens_utterances
 from speech_lens.runs.patch import run_experiment
 from speech_lens.runs.shards import read_finished
-from speech_lens.runs.tuned import cli_load
+from speech_lens.runs.tuned import chosen_rows, cli_load
 
 __all__ = ["DryRunPlan", "Stage", "calibrate", "memory_for"]
 
@@ -246,6 +246,7 @@ def plan_tuned_train(args: Any, model: Any = None) -> DryRunPlan:
     seed = args.seed if args.seed is not None else TrainConfig.seed
     seqs, _ = encode_training_data(model, train_u, args.data_mode, seed=seed)
     cfg = config_from_args(args)
+    rows = chosen_rows(args, model)
     # a step costs a fixed part (optimizer, one readout per layer) plus a part per token: time
     # steps of one and of two micro-batches' worth of tokens and extrapolate the line
     one_batch = sum(len(s) for s in seqs[: cfg.batch_size])
@@ -255,7 +256,9 @@ def plan_tuned_train(args: Any, model: Any = None) -> DryRunPlan:
         small = dataclasses.replace(cfg, tokens_per_step=n_tok, steps=2, warmup_steps=0)
 
         def one(_: int, small: Any = small) -> None:
-            train_tuned_lens(model, seqs, small, out=None, stop_after=1, progress=False)
+            train_tuned_lens(
+                model, seqs, small, out=None, stop_after=1, progress=False, layers=rows
+            )
 
         times.append(calibrate(one, range(3))[0])
     slope = (times[-1] - times[0]) / (sizes[-1] - sizes[0]) if len(sizes) > 1 else 0.0
@@ -265,6 +268,7 @@ def plan_tuned_train(args: Any, model: Any = None) -> DryRunPlan:
         ("model", f"{model.path} ({model.spec.name}, {model.n_layers} layers)"),
         ("data", f"{args.data}: {len(train_u)} training, {len(held_u)} held-out utterances"),
         ("training", f"{cfg.steps} steps x {cfg.tokens_per_step} tokens, batch {cfg.batch_size}"),
+        ("rows", describe_rows(rows, model.n_layers + 1)),  # translators trained (+ output)
         ("output", f"{args.out} (not written)"),
     )
     longest = max((len(s) for s in seqs), default=1)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from speech_lens.cli.common import add_dry_run, add_model_args, run_dry_run
+from speech_lens.cli.common import add_dry_run, add_layer_selection, add_model_args, run_dry_run
 from speech_lens.runs import tuned as tuned_runs
 
 
@@ -44,6 +44,13 @@ def add_tuned_lens(sub: Any) -> None:
         ("--checkpoint-every", int, "steps between checkpoints in --out (50)"),
     ]:
         t.add_argument(flag, type=typ, help=what)
+    add_layer_selection(t)  # the output row has no translator: rows below it train
+    t.add_argument(
+        "--save-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="dtype of the saved translators (float16: half the bytes; tuned-lens loads it)",
+    )
     t.add_argument("--heldout", type=float, default=0.1, help="held-out fraction (by id hash)")
     t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
     t.add_argument("--no-progress", action="store_true")
@@ -57,4 +64,5 @@ def add_tuned_lens(sub: Any) -> None:
     e.add_argument("--heldout", type=float, help="evaluate only this held-out fraction")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=8)
+    add_layer_selection(e)  # default: the rows the lens trained
     e.set_defaults(func=run("cli_eval"))

@@ -99,3 +99,24 @@ def describe_rows(rows: Sequence[int] | None, n_rows: int) -> str:
     if rows is None or tuple(rows) == tuple(range(n_rows)):
         return f"all {n_rows} rows"
     return f"{len(rows)} of {n_rows} rows: {', '.join(map(str, rows))}"
+
+
+def translator_rows(layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
+    """The tuned-lens translators a selection trains: its lens rows below the output row.
+
+    ``layers`` are lens rows as ``layer_stride`` / ``selected_rows`` give them (the output row
+    ``n_layers`` may be left out: it has no translator); ``None``: every translator
+    ``0..n_layers-1``. Checked as ``check_layers`` checks a lens run's rows.
+    """
+    if layers is None:
+        return tuple(range(n_layers))
+    rows = [int(i) for i in layers]
+    if rows and rows[-1] != n_layers:
+        rows.append(n_layers)
+    trained = check_layers(rows, n_layers + 1)[:-1]
+    if not trained:
+        raise ValueError(
+            f"--layers {n_layers}: only the output row, which has no translator; "
+            f"select rows in 0..{n_layers - 1} to train"
+        )
+    return trained

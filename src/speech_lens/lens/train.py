@@ -13,6 +13,13 @@ forward per micro-batch; tuned-lens itself keeps all ``hidden_states``).
 Recipe (``tuned_lens/scripts/train_loop.py``): SGD with Nesterov momentum 0.9,
 ``lr = lr_scale·(1−momentum)``, weight decay 1e-3, gradient-norm clip 1.0, linear warm-up then
 linear decay to 0, a token budget per step, target shift 0.
+
+A selection of translators (``layers``, e.g. ``layer_stride(n_layers + 1, 3)``) trains only
+those: only their rows are read and unembedded each step, the others stay exactly zero (= the
+logit lens) and are saved as such, so the file keeps the tuned-lens layout. Each translator's
+loss depends on its own parameters only; the one coupling between them is the recipe's global
+gradient-norm clip, taken over the translators trained. So a selection's translators are those
+of a full run whenever the clip does not bind (and close to them when it does).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from tqdm.auto import tqdm
 
 from speech_lens._tl import final_norm_and_unembed
 from speech_lens.lens.kl import FinalDist, kl_sum, stream_layers
+from speech_lens.lens.rows import translator_rows
 from speech_lens.lens.train_data import (
     DATA_MODES,
     TrainError,
@@ -93,7 +101,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrainResult:
     lens: TunedLens
-    train_kl: Float[Tensor, "step layer"]  # mean KL per step and layer (nats/token)
+    train_kl: Float[Tensor, "step layer"]  # mean KL per step and trained layer (nats/token)
+    layers: tuple[int, ...]  # the translators trained: train_kl's columns
     steps_done: int
     tokens_seen: int
     finished: bool  # False when stopped early by ``stop_after`` (checkpoint written)
@@ -134,6 +143,8 @@ def train_tuned_lens(
     world: int = 1,
     reduce_grads: Callable[[list[Tensor], Tensor], None] | None = None,
     data: str | Path | None = None,
+    layers: Sequence[int] | None = None,
+    params_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Train a tuned lens on ``sequences`` (1-D token-id tensors, e.g. ``EncodedPrompt.tokens``).
 
@@ -147,16 +158,26 @@ def train_tuned_lens(
     Data parallel (``speech_lens.distributed``): every rank draws the same step batch, micro-batch
     ``m`` runs on rank ``m % world``, and ``reduce_grads(params, step_kl)`` sums gradients and
     KL across ranks before clipping; only rank 0 writes checkpoints and the lens.
+
+    ``layers``: lens rows whose translators train (``layer_stride`` / ``selected_rows`` rows;
+    the output row has no translator); the rest stay zero. Recorded in the lens config
+    (``trained_layers``) and in the checkpoint: a resumed run must ask for the same rows.
+    ``params_dtype`` (e.g. ``torch.float16``): the trained lens is rounded to it and saved in it
+    (half the bytes); the returned lens holds the rounded values, so it is the saved one.
     """
     cfg = config or TrainConfig()
     model.require_eval()
+    try:
+        trained = translator_rows(layers, model.n_layers)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     seqs = prepare_sequences(sequences, cfg.max_seq_len)
     fingerprint = data_fingerprint(seqs)
     norm, unembed = final_norm_and_unembed(model.bridge)
     model_hash = exact_unembed_hash(norm, unembed)
 
-    lens = TunedLens.from_model(model, data_mode=cfg.data_mode)
-    opt, sched = optimizer(lens, cfg)
+    lens = TunedLens.from_model(model, data_mode=cfg.data_mode, trained_layers=trained)
+    opt, sched = optimizer(lens, cfg, trained)
     step, cursor, tokens_seen = 0, 0, 0
     history: list[Tensor] = []
 
@@ -165,6 +186,7 @@ def train_tuned_lens(
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE},
         "data": fingerprint,
         "model": model_hash,
+        "layers": list(trained),
     }
     if ckpt_path is not None and resume and ckpt_path.exists():
         step, cursor, tokens_seen, history = resume_from(ckpt_path, identity, lens, opt, sched)
@@ -175,10 +197,12 @@ def train_tuned_lens(
         batch = step_batch(seqs, order, cfg.tokens_per_step)
         n_tok = sum(len(x) for x in batch)
         cursor += len(batch)
-        step_kl = train_step(model, lens, batch, cfg, opt, sched, rank, world, reduce_grads)
+        step_kl = train_step(
+            model, lens, batch, cfg, opt, sched, rank, world, reduce_grads, trained
+        )
         step += 1
         tokens_seen += n_tok
-        history.append((step_kl / n_tok).float())
+        history.append((step_kl[list(trained)] / n_tok).float())
         bar.update(1)
         bar.set_postfix(kl=f"{history[-1].mean():.4f}", tokens=tokens_seen)
 
@@ -190,18 +214,30 @@ def train_tuned_lens(
             )
         if stopping:
             bar.close()
-            return TrainResult(lens, torch.stack(history), step, tokens_seen, finished=False)
+            return TrainResult(
+                lens, torch.stack(history), trained, step, tokens_seen, finished=False
+            )
     bar.close()
 
-    final_kl = history[-1] if history else torch.zeros(model.n_layers)
+    final_kl = history[-1] if history else torch.zeros(len(trained))
     training = {"n_sequences": len(seqs), "data_sha256": fingerprint, "final_kl": final_kl}
+    if params_dtype is not None:
+        round_params(lens, params_dtype)
+        extra_config = {**(extra_config or {}), "params_dtype": str(params_dtype).split(".")[-1]}
     lens.config = trained_config(lens, cfg, tokens_seen, training, extra_config)
     if out is not None and rank == 0:
-        lens.save(out)
+        lens.save(out, params_dtype=params_dtype)
         write_lens_provenance(model, lens, out, data=data)
         if ckpt_path is not None and ckpt_path.exists():
             ckpt_path.unlink()  # the lens is saved; a full-size optimizer state is not worth keeping
-    return TrainResult(lens, torch.stack(history), step, tokens_seen, finished=True)
+    return TrainResult(lens, torch.stack(history), trained, step, tokens_seen, finished=True)
+
+
+def round_params(lens: TunedLens, dtype: torch.dtype) -> None:
+    """Round the translators to ``dtype`` in place (they stay float32 tensors)."""
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.copy_(p.to(dtype))
 
 
 def write_lens_provenance(
@@ -224,8 +260,10 @@ def _accumulate(
     scale: float,
     chunk: int,
     step_kl: Tensor,
+    layers: Sequence[int] | None = None,
 ) -> None:
-    """Back-propagate each layer's KL into its own translator while the model streams."""
+    """Back-propagate each layer's KL into its own translator while the model streams
+    (``layers``: only these translators' rows are read; default all)."""
 
     def fn(layer: int, h: Tensor, final: FinalDist) -> None:
         params = list(lens.layer_translators[layer].parameters())
@@ -236,7 +274,7 @@ def _accumulate(
                 (kl * scale).backward(inputs=params)
             step_kl[layer] += float(kl.detach())
 
-    stream_layers(model, tokens, mask, fn, chunk)
+    stream_layers(model, tokens, mask, fn, chunk, layers=layers)
 
 
 def _save_checkpoint(
@@ -267,7 +305,7 @@ def _save_checkpoint(
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+def _load_checkpoint(path: Path, identity: dict[str, Any], n_layers: int) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file: say which
@@ -289,7 +327,20 @@ def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
                 f"checkpoint {path} was written for a different {what}{detail}; "
                 f"use another --out directory or delete the checkpoint to start over"
             )
+    # a checkpoint from before layer selection trained every translator
+    was = stored.get("layers", list(range(n_layers)))
+    if was != identity["layers"]:
+        raise TrainError(
+            f"checkpoint {path} trains the translators of rows {_rows_text(was, n_layers)}, "
+            f"this run asks for rows {_rows_text(identity['layers'], n_layers)}; resume with "
+            "the same --layers / --layer-stride, use another --out directory or delete the "
+            "checkpoint to start over"
+        )
     return ck
+
+
+def _rows_text(rows: Sequence[int], n_layers: int) -> str:
+    return "all" if list(rows) == list(range(n_layers)) else ",".join(map(str, rows))
 
 
 def config_from_args(args: Any) -> TrainConfig:
@@ -298,10 +349,19 @@ def config_from_args(args: Any) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in given.items() if v is not None})
 
 
-def optimizer(lens: TunedLens, cfg: TrainConfig) -> tuple[torch.optim.SGD, Any]:
-    """SGD with Nesterov momentum and the warmup / decay schedule (tuned-lens recipe)."""
+def trained_parameters(lens: TunedLens, layers: Sequence[int] | None = None) -> list[Tensor]:
+    """The parameters of translators ``layers`` (default all), in the lens's order."""
+    rows = range(lens.n_layers) if layers is None else layers
+    return [p for i in rows for p in lens.layer_translators[i].parameters()]
+
+
+def optimizer(
+    lens: TunedLens, cfg: TrainConfig, layers: Sequence[int] | None = None
+) -> tuple[torch.optim.SGD, Any]:
+    """SGD with Nesterov momentum and the warmup / decay schedule (tuned-lens recipe), over the
+    translators ``layers`` (default all; the others get no update, not even weight decay)."""
     opt = torch.optim.SGD(
-        lens.parameters(),
+        trained_parameters(lens, layers),
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=True,
@@ -331,18 +391,21 @@ def train_step(
     rank: int,
     world: int,
     reduce_grads: Callable[[list[Tensor], Tensor], None] | None,
+    layers: Sequence[int] | None = None,
 ) -> Tensor:
-    """One optimizer step on ``batch``; returns the summed KL per layer (float64, all ranks')."""
+    """One optimizer step on ``batch`` for translators ``layers`` (default all); returns the
+    summed KL per layer (float64, all ranks'; 0 at layers not trained)."""
     n_tok = sum(len(x) for x in batch)
+    params = trained_parameters(lens, layers)
     opt.zero_grad(set_to_none=False)
     step_kl = torch.zeros(model.n_layers, dtype=torch.float64)
     for m, i in enumerate(range(0, len(batch), cfg.batch_size)):
         if m % world == rank:
             tokens, mask = pad_right(batch[i : i + cfg.batch_size])
-            _accumulate(model, lens, tokens, mask, 1.0 / n_tok, cfg.chunk_tokens, step_kl)
+            _accumulate(model, lens, tokens, mask, 1.0 / n_tok, cfg.chunk_tokens, step_kl, layers)
     if reduce_grads is not None:
-        reduce_grads(list(lens.parameters()), step_kl)
-    torch.nn.utils.clip_grad_norm_(lens.parameters(), cfg.grad_clip)
+        reduce_grads(params, step_kl)
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     sched.step()
     return step_kl
@@ -365,6 +428,7 @@ def trained_config(
             "lr": cfg.lr,
             "n_sequences": training["n_sequences"],
             "data_sha256": training["data_sha256"],
+            "trained_layers": list(lens.trained_layers),  # final_train_kl's rows
             "final_train_kl": [round(float(x), 6) for x in training["final_kl"]],
             **(extra_config or {}),
         },
@@ -377,7 +441,7 @@ def resume_from(
 ) -> tuple[int, int, int, list[Tensor]]:
     """Load a checkpoint of the same run into ``lens``, ``opt`` and ``sched``; returns
     (step, cursor, tokens seen, KL history)."""
-    ck = _load_checkpoint(path, identity)
+    ck = _load_checkpoint(path, identity, lens.n_layers)
     lens.layer_translators.load_state_dict(ck["lens"])
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])

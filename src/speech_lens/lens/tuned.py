@@ -62,6 +62,9 @@ class TunedLensConfig:
     data_mode: str | None = None  # text | speech | interleaved | mix
     steps: int | None = None
     tokens: int | None = None
+    # the translators trained (``train_tuned_lens(layers=)``); the others are zero, i.e. the
+    # logit lens. None: every one (or a file that does not say)
+    trained_layers: tuple[int, ...] | None = None
     training: dict[str, Any] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,7 +81,18 @@ class TunedLensConfig:
         ]
         if missing:
             raise LensError(f"{source}: missing lens config key(s) {missing}")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        fields = {k: v for k, v in raw.items() if k in known}
+        rows = fields.get("trained_layers")
+        if rows is not None:
+            n = raw["num_hidden_layers"]
+            if not isinstance(rows, list) or not all(
+                isinstance(i, int) and 0 <= i < n for i in rows
+            ):
+                raise LensError(
+                    f"{source}: trained_layers {rows!r} must list translator indices in 0..{n - 1}"
+                )
+            fields["trained_layers"] = tuple(rows)
+        return cls(**fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,20 +211,42 @@ class TunedLens(nn.Module):
         norm, unembed = self._unembed
         return readout_logits(norm, unembed, self.transform_hidden(at_least_float32(h), layer))
 
+    @property
+    def trained_layers(self) -> tuple[int, ...]:
+        """The translators training touched (config ``trained_layers``; all when unrecorded)."""
+        rows = self.config.trained_layers
+        return tuple(range(self.n_layers)) if rows is None else tuple(rows)
+
     # --- persistence ----------------------------------------------------------------------------
-    def save(self, directory: str | Path, **extra: Any) -> Path:
-        """Write ``config.json`` and ``params.pt`` (atomically); ``extra`` updates config extras."""
+    def save(
+        self, directory: str | Path, *, params_dtype: torch.dtype | None = None, **extra: Any
+    ) -> Path:
+        """Write ``config.json`` and ``params.pt`` (atomically); ``extra`` updates config extras.
+
+        ``params_dtype`` (e.g. ``torch.float16``) casts the saved parameters; both loaders cast
+        them back (``load_state_dict`` copies into the float32 translators). All-zero tensors
+        (untrained translators) share one storage, which ``torch.save`` writes once: a strided
+        lens costs the bytes of its trained translators, with every key still present.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if extra:
             self.config = dataclasses.replace(self.config, **extra)
-        state = {
-            k: v.detach().to("cpu").clone() for k, v in self.layer_translators.state_dict().items()
-        }
-        _atomic(d / PARAMS_FILE, lambda p: torch.save(state, p))
+        _atomic(d / PARAMS_FILE, lambda p: torch.save(self.saved_state(params_dtype), p))
         text = json.dumps(self.config.to_dict(), indent=2) + "\n"
         _atomic(d / CONFIG_FILE, lambda p: Path(p).write_text(text))
         return d
+
+    def saved_state(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The translators' state dict as ``save`` writes it (cpu, ``dtype``, zeros shared)."""
+        zeros: dict[tuple[tuple[int, ...], torch.dtype], Tensor] = {}
+        state: dict[str, Tensor] = {}
+        for k, v in self.layer_translators.state_dict().items():
+            t = v.detach().to("cpu", dtype or v.dtype)
+            if not t.any():
+                t = zeros.setdefault((tuple(t.shape), t.dtype), torch.zeros_like(t))
+            state[k] = t.clone() if t.data_ptr() == v.data_ptr() else t
+        return state
 
     @classmethod
     def load(cls, directory: str | Path, model: SpeechLM, *, strict: bool = True) -> TunedLens:

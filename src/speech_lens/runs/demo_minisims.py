@@ -183,16 +183,23 @@ def tuned_lens_section(
         {"row": r, "KL logit lens": f"{kl_logit[i]:.3f}", "KL tuned lens": f"{kl_tuned[i]:.3f}"}
         for i, r in enumerate(rows)
     ]
-    training = tuned.config.training or {}
+    trained = ", ".join(map(str, tuned.trained_layers))
     rep.add_section(
         "mini-SIMS: tuned lens vs logit lens",
         text=(
-            "Translators trained here on mini-SIMS's own speech (tuned-lens format, "
-            f"{training.get('tokens_seen', '?')} tokens; organisms/minisims/tuned_lens). Lower KL "
-            "to the final distribution means the lens reads what the model will say."
+            "Translators trained here on mini-SIMS's own speech (training clauses, speech-only "
+            f"prompts; tuned-lens format, {tuned.config.tokens or '?'} tokens, "
+            f"{tuned.config.steps or '?'} steps; organisms/minisims/tuned_lens) for rows "
+            f"{trained}; the other rows' translators are zero (= the logit lens). Lower KL to "
+            "the final distribution means the lens reads what the model will say."
         ),
         figures=[
-            kl_figure(kl_logit, kl_tuned, title="mini-SIMS: KL(final ‖ lens), held-out speech"),
+            kl_figure(
+                kl_logit,
+                kl_tuned,
+                title="mini-SIMS: KL(final ‖ lens), held-out speech",
+                layers=rows,  # the true row of each value (strided)
+            ),
             recall_figure(m, ks=[K]),
         ],
         tables=[Table(table)],

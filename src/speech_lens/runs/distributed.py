@@ -285,6 +285,7 @@ def train_tuned_lens_distributed(
     resume: bool = True,
     progress: bool = True,
     data: str | Path | None = None,
+    layers: Sequence[int] | None = None,
 ) -> Any:
     """``tuned_train.train_tuned_lens`` with each step's micro-batches split across ranks.
 
@@ -325,6 +326,7 @@ def train_tuned_lens_distributed(
         world=ctx.world,
         reduce_grads=reduce_grads,
         data=data,
+        layers=layers,
     )
     ctx.barrier()
     return result
