@@ -343,7 +343,22 @@ def minisims() -> str:
         f"{g['next_word_after_speech_prefix@1']:.3f} vs after the same prefix in text "
         f"{g['next_word_after_text_prefix@1']:.3f}."
     )
-    return "\n".join([note, "", head, *rows])
+    lens = _json(ms / "tuned_lens" / "config.json")
+    kl = lens["training"]["test_kl"]
+    pairs = [
+        f"{r}: {a:.1f} → {b:.2f}"
+        for r, a, b in zip(kl["rows"], kl["logit"], kl["tuned"], strict=True)
+        if r in lens["trained_layers"]
+    ]
+    tuned = (
+        f"Tuned lens (`organisms/minisims/tuned_lens`, tuned-lens format, rows "
+        f"{', '.join(map(str, lens['trained_layers']))} trained on {lens['tokens']:,} tokens of "
+        f"training clauses, {lens['steps']} steps, `scripts/minisims/README.md`): held-out "
+        f"KL(final ‖ lens) in nats/token on {kl['clauses']}, logit → tuned lens, row "
+        + "; ".join(pairs)
+        + "."
+    )
+    return "\n".join([note, "", head, *rows, "", tuned])
 
 
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
