@@ -114,6 +114,7 @@ def test_demo_dry_run(tmp_path, capsys):
     assert "dry run: speech-lens demo" in text and "organisms" in text
     assert "lens: " in text and "patching: " in text and "estimated time:" in text
     assert f"torch threads: {torch.get_num_threads()} " in text
+    assert "mini-SIMS" in text and "not in this estimate" in text  # the plan says what it omits
     assert not out.exists()
 
 

@@ -308,6 +308,12 @@ def plan_demo(args: Any) -> DryRunPlan:
         ("organisms", f"{len(orgs)} in {root} ({n_inter} also interleaved, {n_tuned} tuned)"),
         ("data", f"{len(test)} held-out utterances, patching on {n_patch_utts}"),
         ("output", f"{args.out} (not written)"),
+        (
+            "mini-SIMS",
+            "section not in this estimate (rebuilt from its delta on first use, then lensed)"
+            if (root / "minisims" / "delta.safetensors").exists()
+            else "no delta: section skipped",
+        ),
     )
     return DryRunPlan(
         "demo",
