@@ -37,6 +37,7 @@ from speech_lens.models.from_args import load_from_args
 from speech_lens.models.load import DTYPES, load_model
 from speech_lens.models.memory import MemoryEstimate, estimate_memory
 from speech_lens.runs.demo import REPO_ORGANISMS, find_organisms
+from speech_lens.runs.demo_minisims import MiniSims
 from speech_lens.runs.lens import PARTIAL, RunError, lens_batch, parse_batch_size, read_partial
 from speech_lens.runs.lens_settings import encode_for_lens, lens_config, lens_utterances
 from speech_lens.runs.patch import run_experiment
@@ -311,7 +312,7 @@ def plan_demo(args: Any) -> DryRunPlan:
         (
             "mini-SIMS",
             "section not in this estimate (rebuilt from its delta on first use, then lensed)"
-            if (root / "minisims" / "delta.safetensors").exists()
+            if MiniSims.under(root).delta.exists()
             else "no delta: section skipped",
         ),
     )

@@ -31,7 +31,7 @@ from speech_lens.models.spec import AdapterError
 from speech_lens.provenance import POOLING, collect_provenance, provenance_table
 from speech_lens.report.html import Report, Table
 from speech_lens.report.lens import compare_figure, lens_heatmap, modality_figure, recall_figure
-from speech_lens.runs.demo_minisims import minisims_section
+from speech_lens.runs.demo_minisims import MiniSims, minisims_section
 from speech_lens.runs.demo_sections import (
     K,
     Organism,
@@ -124,7 +124,7 @@ def run_demo(
     tuned_section(rep, orgs, models, test, say)
     patching_section(rep, orgs, models, test[:patch_utterances], out, say)
     minisims = minisims_section(
-        rep, root / "minisims", metrics, out, say, limit=minisims_utterances
+        rep, MiniSims.under(root), metrics, out, say, limit=minisims_utterances
     )
     provs = provenance_section(rep, orgs, models, root / "test_manifest.jsonl", limit)
 

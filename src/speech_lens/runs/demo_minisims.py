@@ -61,6 +61,11 @@ class MiniSims:
     def tuned_lens(self) -> Path:
         return self.root / "tuned_lens"
 
+    @classmethod
+    def under(cls, organisms_root: Path) -> MiniSims:
+        """mini-SIMS's folder inside the organisms directory (``organisms/minisims``)."""
+        return cls(Path(organisms_root) / "minisims")
+
     def measured(self, name: str) -> dict[str, Any]:
         path = self.root / name
         return json.loads(path.read_text()) if path.exists() else {}
@@ -68,7 +73,7 @@ class MiniSims:
 
 def minisims_section(
     rep: Report,
-    root: Path,
+    ms: MiniSims,
     organisms: dict[str, DatasetMetrics],
     out: Path,
     say: Callable[[str], None],
@@ -78,7 +83,6 @@ def minisims_section(
 ) -> dict[str, Any]:
     """Rebuild mini-SIMS, run the lens (logit and tuned), the patching and the comparison with
     the organisms; add the sections to ``rep`` and return the numbers for demo.json."""
-    ms = MiniSims(root)
     if not ms.delta.exists():
         say(f"mini-SIMS: no delta at {ms.delta}, section skipped")
         return {}
