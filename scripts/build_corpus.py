@@ -4,6 +4,8 @@
   python scripts/build_corpus.py speech    # Piper TTS -> runs/data/audio/*.npz (resumable shards)
   python scripts/build_corpus.py units     # features -> k-means -> manifests + unit tokenizer
   python scripts/build_corpus.py u0        # espeak-ng phonemes of every vocabulary word (U0)
+  python scripts/build_corpus.py u0-data --data runs/data_u0 --from runs/data_v2
+                                           # U0 data folder: vocab + manifests per unit noise p
 Prerequisite: apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb runs/deb
 ``text --world 2`` builds the 320-fact world (``knowledge.py``; the shipped organisms use world 1);
 ``u0`` needs ``espeakng-loader`` (GPL espeak-ng: build time only, as for mini-SIMS).
@@ -85,6 +87,53 @@ def build_u0(data: Path, out_dir: Path) -> None:
         homophones.setdefault(tuple(ph), []).append(w)
     same = [ws for ws in homophones.values() if len(ws) > 1]
     print(f"{len(lex)} words, {len(homophones)} distinct phoneme strings; homophones {same}")
+
+
+U0_NOISE = (0.0, 0.1, 0.2, 0.35, 0.5)  # issue 17's dose levels
+U0_TEST_SEED = 1000  # noise seed of the held-out manifests (training draws use the run's seed)
+N_PROBE = 800  # training clauses given to the text probe of evaluate_organisms.py
+
+
+def build_u0_data(data: Path, source: Path, out_dir: Path) -> None:
+    """A U0 data folder from a text data folder (world, clauses, lexicon): vocab.json with the 59
+    U0 units, and per noise p the held-out test and spoken-knowledge manifests (shipped under
+    ``organisms/u0/``) and the probe's training manifest. Training speech is drawn on the fly."""
+    import shutil
+
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("text.json", "u0_lexicon.json"):
+        if source.resolve() != data.resolve():
+            shutil.copyfile(source / name, data / name)
+    src_vocab = OrganismVocab.from_json(json.loads((source / "vocab.json").read_text()))
+    vocab = OrganismVocab(src_vocab.words, len(u0.U0_PHONEMES))
+    (data / "vocab.json").write_text(json.dumps(vocab.to_json()))
+    meta = json.loads((data / "text.json").read_text())
+    lexicon = u0.load_lexicon(data / "u0_lexicon.json")
+    (out_dir / "u0").mkdir(parents=True, exist_ok=True)
+    for p in U0_NOISE:
+        test_noise = u0.UnitNoise(p, U0_TEST_SEED)
+        test = [
+            u0.u0_record(f"test-{i:04d}", "test", s.split(), lexicon, test_noise)
+            for i, s in enumerate(meta["speech_test"])
+        ]
+        train = [
+            u0.u0_record(f"train-{i:05d}", "train", s.split(), lexicon, u0.UnitNoise(p, 0))
+            for i, s in enumerate(meta["speech_train"][:N_PROBE])
+        ]
+        items = []
+        for i, f in enumerate(meta["knowledge"]):
+            prompt = knowledge.ALL_PROMPTS[f["relation"]].format(p=f["person"]).split()
+            for role in ("answer", "counterfactual"):
+                words = [*prompt, f[role]]
+                rec = u0.u0_record(f"fact-{i:03d}-{role}", "test", words, lexicon, test_noise)
+                rec.update(fact=i, role=role, relation=f["relation"], person=f["person"])
+                rec["prompt_words"] = len(prompt)
+                items.append(rec)
+        tag = f"p{p:g}"
+        corpus.write_jsonl(data / f"manifest_train_{tag}.jsonl", train)
+        corpus.write_jsonl(out_dir / "u0" / f"test_manifest_{tag}.jsonl", test)
+        corpus.write_jsonl(out_dir / "u0" / f"knowledge_manifest_{tag}.jsonl", items)
+        print(f"p={p:g}: {len(test)} test, {len(items)} knowledge, {len(train)} probe utterances")
 
 
 RENDITIONS = 4  # per word: 0-2 train, 3 held out (test utterances and spoken-knowledge items)
@@ -251,7 +300,8 @@ def unit_stats(recs: list[dict]) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("stage", choices=["text", "speech", "units", "u0"])
+    ap.add_argument("stage", choices=["text", "speech", "units", "u0", "u0-data"])
+    ap.add_argument("--from", dest="source", help="u0-data: the text data folder (world 2)")
     ap.add_argument("--data", default=str(ROOT / "runs" / "data"))
     ap.add_argument("--deb", default=str(ROOT / "runs" / "deb"))
     ap.add_argument("--out", default=str(ROOT / "organisms"), help="shipped files go here")
@@ -265,3 +315,5 @@ if __name__ == "__main__":
         build_units(Path(a.data), Path(a.out))
     elif a.stage == "u0":
         build_u0(Path(a.data), Path(a.out))
+    elif a.stage == "u0-data":
+        build_u0_data(Path(a.data), Path(a.source or a.data), Path(a.out))

@@ -18,6 +18,7 @@ from speech_lens.organisms import gates
 from speech_lens.organisms.checkpoint import OrganismVocab
 from speech_lens.organisms.corpus import read_jsonl
 from speech_lens.organisms.train import export_run
+from speech_lens.organisms.u0 import U0_FRAME_RATE
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {
@@ -53,23 +54,42 @@ def merge(path: Path, key: str, value: object) -> None:
     os.replace(tmp, path)
 
 
+def manifests(config: dict, data: Path, out: Path) -> tuple[Path, Path, Path]:
+    """(test, probe-training, spoken-knowledge) manifests of an organism: its unit source's
+    (U0 at the run's unit noise: ``organisms/u0/*_p{p}.jsonl``) or the Piper/k-means ones."""
+    if config.get("units", "manifest") == "u0":
+        tag = f"p{float(config.get('unit_noise', 0.0)):g}"
+        return (
+            out / "u0" / f"test_manifest_{tag}.jsonl",
+            data / f"manifest_train_{tag}.jsonl",
+            out / "u0" / f"knowledge_manifest_{tag}.jsonl",
+        )
+    return (
+        out / "test_manifest.jsonl",
+        data / "manifest_train.jsonl",
+        out / "knowledge_manifest.jsonl",
+    )
+
+
 def evaluate(name: str, data: Path, out: Path, n_probe: int) -> dict:
     vocab = OrganismVocab.from_json(json.loads((data / "vocab.json").read_text()))
-    test = gates.utterances(list(read_jsonl(out / "test_manifest.jsonl")), vocab)
+    d = out / name
+    meta = json.loads((d / "organism.json").read_text())
+    test_path, train_path, items_path = manifests(meta["config"], data, out)
+    test = gates.utterances(list(read_jsonl(test_path)), vocab)
     train_recs = []
-    for i, r in enumerate(read_jsonl(data / "manifest_train.jsonl")):
+    for i, r in enumerate(read_jsonl(train_path)):
         if i >= n_probe:
             break
         train_recs.append(r)
     train = gates.utterances(train_recs, vocab)
-    items = list(read_jsonl(out / "knowledge_manifest.jsonl"))
-    d = out / name
+    items = list(read_jsonl(items_path))
     model = load(d)
-    meta = json.loads((d / "organism.json").read_text())
     t0 = time.time()
     res = {
         "label": LABELS.get(name, name),
         "checkpoint": str(d.relative_to(ROOT)),
+        "test_manifest": str(test_path.relative_to(ROOT)),
         "config": meta["config"],
         "training": {k: meta[k] for k in ("steps", "tokens", "wall_seconds", "final_loss_ema")},
         "lens": {
@@ -87,6 +107,14 @@ def evaluate(name: str, data: Path, out: Path, n_probe: int) -> dict:
     return res
 
 
+def unit_rate(run: Path, out: Path) -> float:
+    """Frames per second of a run's units (U0: one frame per unit at ``U0_FRAME_RATE``)."""
+    config = json.loads((run / "config.json").read_text())
+    if config.get("units", "manifest") == "u0":
+        return U0_FRAME_RATE
+    return float(json.loads((out / "unit_tokenizer.json").read_text())["features"]["rate"])
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("names", nargs="+")
@@ -100,8 +128,7 @@ if __name__ == "__main__":
     out = Path(a.out)
     for name in a.names:
         if a.export:
-            rate = json.loads((out / "unit_tokenizer.json").read_text())["features"]["rate"]
-            export_run(Path(a.runs) / name, out / name, a.data, rate)
+            export_run(Path(a.runs) / name, out / name, a.data, unit_rate(Path(a.runs) / name, out))
             print("exported", name, flush=True)
             continue
         r = evaluate(name, Path(a.data), out, a.n_probe)

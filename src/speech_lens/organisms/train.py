@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from speech_lens.organisms.checkpoint import OrganismVocab, export, llama_config
 from speech_lens.organisms.corpus import read_jsonl, word_units
+from speech_lens.organisms.u0 import U0_PHONEMES, UnitNoise, load_lexicon
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class TrainConfig:
     aux_weight: float = 0.0
     # rotated control: the auxiliary loss reads lm_head(norm(Q h)), Q = aux_rotation(d, seed)
     aux_rotation_seed: int | None = None
+    # speech units: "manifest" (the data folder's manifest_train.jsonl) or "u0" (idealised phoneme
+    # units from u0_lexicon.json, a fresh noisy rendition of dose unit_noise at every draw)
+    units: str = "manifest"
+    unit_noise: float = 0.0
+    autocast_bf16: bool = False  # bf16 autocast of forward + loss (weights and AdamW stay fp32)
     save_every_s: float = 150.0
 
     @classmethod
@@ -67,19 +73,31 @@ class Data:
     facts: list[np.ndarray]
     fillers: list[np.ndarray]
     utts: list[tuple[np.ndarray, list[np.ndarray]]]  # (word ids, unit ids per word)
+    unit_noise: UnitNoise | None = None  # U0: a fresh noisy rendition of each utterance per draw
 
 
-def load_data(data_dir: str | Path, *, need_speech: bool) -> Data:
+def load_data(
+    data_dir: str | Path,
+    *,
+    need_speech: bool,
+    units: str = "manifest",
+    noise: float = 0.0,
+    seed: int = 0,
+) -> Data:
     d = Path(data_dir)
     meta = json.loads((d / "text.json").read_text())
     vocab = OrganismVocab.from_json(json.loads((d / "vocab.json").read_text()))
+    if units not in ("manifest", "u0"):
+        raise ValueError(f"units must be 'manifest' or 'u0', not {units!r}")
 
     def ids(ws: list[str]) -> np.ndarray:
         return np.array([vocab.word_id(w) for w in ws], dtype=np.int64)
 
     clauses = [ids(c) for c, h in zip(meta["clauses"], meta["held_out"], strict=True) if not h]
     utts = []
-    if need_speech:
+    if need_speech and units == "u0":
+        utts = u0_utterances(d, meta["speech_train"], vocab)
+    elif need_speech:
         for rec in read_jsonl(d / "manifest_train.jsonl"):
             words, per_word = word_units(rec)
             utts.append((ids(words), [np.array([vocab.unit_id(u) for u in us]) for us in per_word]))
@@ -89,7 +107,43 @@ def load_data(data_dir: str | Path, *, need_speech: bool) -> Data:
         [ids(s.split()) for s in meta["facts"]],
         [ids(s.split()) for s in meta["fillers"]],
         utts,
+        UnitNoise(noise, seed) if units == "u0" else None,
     )
+
+
+def u0_utterances(
+    data_dir: Path, clauses: list[str], vocab: OrganismVocab
+) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """The spoken training clauses with each word's clean U0 unit ids (``u0_lexicon.json``)."""
+    if vocab.n_units != len(U0_PHONEMES):
+        raise ValueError(
+            f"{data_dir / 'vocab.json'}: n_units is {vocab.n_units}, U0 has {len(U0_PHONEMES)}"
+        )
+    lexicon = load_lexicon(data_dir / "u0_lexicon.json")
+    out = []
+    for clause in clauses:
+        words = clause.split()
+        missing = [w for w in words if w not in lexicon]
+        if missing:
+            raise ValueError(f"{data_dir / 'u0_lexicon.json'}: no phonemes for {missing}")
+        per_word = [np.array([vocab.unit_id(u) for u in lexicon[w]]) for w in words]
+        out.append((np.array([vocab.word_id(w) for w in words]), per_word))
+    return out
+
+
+def draw_utterance(data: Data, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A training utterance; under U0 a fresh rendition with the run's unit noise (the
+    rendition key is drawn from the batch's generator, so batches stay a function of the step)."""
+    words, units = data.utts[int(rng.integers(len(data.utts)))]
+    if data.unit_noise is None:
+        return words, units
+    key = int(rng.integers(1 << 31))
+    first = data.vocab.first_unit
+    noisy = [
+        np.array(data.unit_noise((us - first).tolist(), key, j)) + first
+        for j, us in enumerate(units)
+    ]
+    return words, noisy
 
 
 def text_example(data: Data, cfg: TrainConfig, rng: np.random.Generator) -> list[int]:
@@ -104,7 +158,7 @@ def text_example(data: Data, cfg: TrainConfig, rng: np.random.Generator) -> list
 
 def speech_example(data: Data, rng: np.random.Generator) -> tuple[list[int], list[int]]:
     v = data.vocab
-    words, units = data.utts[int(rng.integers(len(data.utts)))]
+    words, units = draw_utterance(data, rng)
     toks, cur = [1, v.speech_id], [-100, -100]
     for w, us in zip(words.tolist(), units, strict=True):
         toks += us.tolist()
@@ -117,7 +171,7 @@ def interleaved_example(
 ) -> tuple[list[int], list[int]]:
     """Word-level spans, modality alternating at every span, markers on change (SpiritLM)."""
     v = data.vocab
-    words, units = data.utts[int(rng.integers(len(data.utts)))]
+    words, units = draw_utterance(data, rng)
     speech = bool(rng.integers(2))
     toks, cur = [1], [-100]
     i = 0
@@ -199,16 +253,18 @@ def losses(
     lm_head(norm(h)) at layer ``aux_layer`` at unit positions -- the logit lens's own readout --
     or, given ``rotation`` Q, from lm_head(norm(Q h)), which the logit lens does not compute."""
     aux = cfg.aux_layer is not None and cfg.aux_weight > 0
-    out = model(input_ids=toks, output_hidden_states=aux)
-    lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten())
-    if not aux:
-        return lm, None
-    mask = cur >= 0
-    h = out.hidden_states[cfg.aux_layer][mask]
-    if rotation is not None:
-        h = h @ rotation.T  # rows are hidden states: (Q h)^T = h^T Q^T
-    z = model.lm_head(model.model.norm(h))
-    return lm, F.cross_entropy(z, cur[mask])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+        out = model(input_ids=toks, output_hidden_states=aux)
+        logits = out.logits[:, :-1].flatten(0, 1).float()
+        lm = F.cross_entropy(logits, toks[:, 1:].flatten())
+        if not aux:
+            return lm, None
+        mask = cur >= 0
+        h = out.hidden_states[cfg.aux_layer][mask]
+        if rotation is not None:
+            h = h @ rotation.T.to(h.dtype)  # rows are hidden states: (Q h)^T = h^T Q^T
+        z = model.lm_head(model.model.norm(h)).float()
+        return lm, F.cross_entropy(z, cur[mask])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -241,7 +297,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, runs: str | Path = "runs") -> 
     rd.mkdir(parents=True, exist_ok=True)
     (rd / "config.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list))
     need_speech = any(k != "text" for k in cfg.mix)
-    data = load_data(data_dir, need_speech=need_speech)
+    data = load_data(
+        data_dir, need_speech=need_speech, units=cfg.units, noise=cfg.unit_noise, seed=cfg.seed
+    )
     model = build_model(cfg, data.vocab, runs)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     step, tokens, wall = 0, 0, 0.0

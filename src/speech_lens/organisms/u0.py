@@ -142,3 +142,37 @@ def load_lexicon(path: str | Path) -> dict[str, list[int]]:
     if tuple(raw.get("phonemes", ())) != U0_PHONEMES:
         raise ValueError(f"{path}: field 'phonemes' is not the U0 inventory of u0.py")
     return {w: phoneme_ids(ph, w) for w, ph in raw["words"].items()}
+
+
+U0_FRAME_RATE = 12.5  # one frame per unit, the shipped organisms' unit rate
+
+
+def u0_record(
+    uid: str,
+    split: str,
+    words: Sequence[str],
+    lexicon: dict[str, list[int]],
+    noise: UnitNoise,
+) -> dict[str, object]:
+    """A manifest record of ``words`` spoken in U0 units with ``noise`` (keyed by ``uid``): one
+    frame per unit at ``U0_FRAME_RATE``, each word's span exactly its units."""
+    missing = [w for w in words if w not in lexicon]
+    if missing:
+        raise ValueError(f"utterance {uid}: no U0 phonemes for {missing} (u0_lexicon.json)")
+    units: list[int] = []
+    spans: list[list[object]] = []
+    for j, w in enumerate(words):
+        us = noise(lexicon[w], uid, j)
+        start = len(units) / U0_FRAME_RATE
+        units += us
+        spans.append([w, round(start, 4), round(len(units) / U0_FRAME_RATE, 4)])
+    return {
+        "id": uid,
+        "speaker": f"u0-p{noise.p:g}",
+        "split": split,
+        "text": " ".join(words),
+        "words": spans,
+        "frame_rate": U0_FRAME_RATE,
+        "units": units,
+        "durations": [1] * len(units),
+    }

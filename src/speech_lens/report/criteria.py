@@ -1,0 +1,113 @@
+"""The pre-registered reading of a lens run (organisms/README.md, "Pre-registered: what counts as
+emerged"): E1 implicit transcription, E2 latent next-word prediction in text, E3 phase order.
+
+Input: the ``layers.csv`` of a speech-only ``speech-lens lens`` run (Recall@k with bootstrap CIs,
+the mismatched-word baseline, the frequency priors, first/last-unit recalls, modality masses)
+and, for E2, the ``layers.csv`` of the same run with ``--scramble-words``. ``L_units`` is the
+first row after the embeddings (row 0, where a unit token reads back as itself) at which unit
+mass exceeds text mass; candidate rows are those strictly between row 0 and the output row, and
+"adjacent" means consecutive among the rows the run read (``--layer-stride``).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+Row = dict[str, float]
+
+
+def read_layers(path: str | Path) -> list[Row]:
+    """``layers.csv`` as numbers (the ``match`` column dropped), one dict per row, in order."""
+    with Path(path).open() as f:
+        rows = [{k: float(v) for k, v in r.items() if k != "match"} for r in csv.DictReader(f)]
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+@dataclass(frozen=True)
+class Test:
+    """One criterion: does it hold, and at which candidate rows does the comparison pass."""
+
+    holds: bool
+    rows: tuple[int, ...]  # every candidate row below L_units where the CI test passes
+    first_row: int | None  # first row of the first adjacent passing pair
+
+
+@dataclass(frozen=True)
+class Reading:
+    l_units: int | None  # None: text mass stays above unit mass at every row after row 0
+    e1: Test  # pooled current word
+    e1_last_unit: Test  # the same test from the word's last unit alone
+    e1_first_unit: Test
+    e2: Test  # next word (at the last unit), also above the scrambled control
+    e3: bool
+    verdict: str  # "shows the effect" | "partly" | "null"
+    e1_kind: str  # "transcription" | "current word from context" | "pooled only" | "none"
+    peak_current: float  # max over candidate rows of current-word Recall@k
+    peak_row: int
+
+
+def units_overtake(rows: list[Row]) -> int | None:
+    for r in rows[1:]:
+        if r["unit_mass"] > r["text_mass"]:
+            return int(r["layer"])
+    return None
+
+
+def _above(rows: list[Row], key: str, bars: list[list[str]], k: int, l_units: int | None) -> Test:
+    """Rows whose lower CI of ``recall@k_<key>`` is above the upper CI of every bar (bars[i] =
+    the upper-bound columns for candidate row i); holds at two consecutive candidates."""
+    cands = [(i, r) for i, r in enumerate(rows[1:-1], start=1)]
+    cands = [(i, r) for i, r in cands if l_units is None or r["layer"] < l_units]
+    passing = []
+    for i, r in cands:
+        lo = r[f"recall@{k}_{key}_lo"]
+        if all(lo > rows[i][b] if isinstance(b, str) else lo > b for b in bars[i]):
+            passing.append(i)
+    pair = next((i for i in passing if i + 1 in passing), None)
+    return Test(
+        pair is not None,
+        tuple(int(rows[i]["layer"]) for i in passing),
+        None if pair is None else int(rows[pair]["layer"]),
+    )
+
+
+def reading(rows: list[Row], scrambled: list[Row] | None = None, k: int = 5) -> Reading:
+    """Apply E1-E3 to a run's layer rows (and its scrambled-order control's, for E2)."""
+    if scrambled is not None and [r["layer"] for r in scrambled] != [r["layer"] for r in rows]:
+        raise ValueError("the scrambled control read other rows than the run")
+    l_units = units_overtake(rows)
+    cur_bars = [[f"recall@{k}_mismatched_hi", f"recall@{k}_current_prior_hi"]] * len(rows)
+    e1 = _above(rows, "current", cur_bars, k, l_units)
+    last = _above(rows, "last_unit", cur_bars, k, l_units)
+    first = _above(rows, "first_unit", cur_bars, k, l_units)
+    nxt_bars: list[list] = []
+    for i in range(len(rows)):
+        bars: list = [f"recall@{k}_mismatched_hi", f"recall@{k}_next_prior_hi"]
+        # no control: E2 cannot pass (an impossible bar), it is not silently skipped
+        bars.append(scrambled[i][f"recall@{k}_next_hi"] if scrambled is not None else 2.0)
+        nxt_bars.append(bars)
+    e2 = _above(rows, "next", nxt_bars, k, l_units)
+    e3 = bool(
+        e1.holds
+        and e2.holds
+        and e1.first_row is not None
+        and e2.first_row is not None
+        and e1.first_row <= e2.first_row
+    )
+    if e1.holds and last.holds:
+        kind = "transcription"
+    elif e1.holds and first.holds:
+        kind = "current word from context"
+    else:
+        kind = "pooled only" if e1.holds else "none"
+    verdict = "shows the effect" if e1.holds and e2.holds else "partly" if e1.holds else "null"
+    cands = rows[1:-1] or rows
+    peak = max(cands, key=lambda r: r[f"recall@{k}_current"])
+    return Reading(
+        l_units, e1, last, first, e2, e3, verdict, kind,
+        peak[f"recall@{k}_current"], int(peak["layer"]),
+    )  # fmt: skip
