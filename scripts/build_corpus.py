@@ -131,6 +131,8 @@ def build_u0_data(data: Path, source: Path, out_dir: Path) -> None:
                 items.append(rec)
         tag = f"p{p:g}"
         corpus.write_jsonl(data / f"manifest_train_{tag}.jsonl", train)
+        if p == 0:  # the words of training clauses: the lens's --prior-manifest
+            corpus.write_jsonl(out_dir / "u0" / "train_sample.jsonl", train)
         corpus.write_jsonl(out_dir / "u0" / f"test_manifest_{tag}.jsonl", test)
         corpus.write_jsonl(out_dir / "u0" / f"knowledge_manifest_{tag}.jsonl", items)
         print(f"p={p:g}: {len(test)} test, {len(items)} knowledge, {len(train)} probe utterances")

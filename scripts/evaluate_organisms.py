@@ -71,9 +71,12 @@ def manifests(config: dict, data: Path, out: Path) -> tuple[Path, Path, Path]:
     )
 
 
-def evaluate(name: str, data: Path, out: Path, n_probe: int) -> dict:
+def evaluate(
+    name: str, data: Path, out: Path, n_probe: int, checkpoint: Path | None = None
+) -> dict:
+    """Lens tables, gates, probe and spoken knowledge of ``out/name`` (or ``checkpoint``)."""
     vocab = OrganismVocab.from_json(json.loads((data / "vocab.json").read_text()))
-    d = out / name
+    d = checkpoint or out / name
     meta = json.loads((d / "organism.json").read_text())
     test_path, train_path, items_path = manifests(meta["config"], data, out)
     test = gates.utterances(list(read_jsonl(test_path)), vocab)
@@ -88,7 +91,7 @@ def evaluate(name: str, data: Path, out: Path, n_probe: int) -> dict:
     t0 = time.time()
     res = {
         "label": LABELS.get(name, name),
-        "checkpoint": str(d.relative_to(ROOT)),
+        "checkpoint": str(d.relative_to(ROOT)) if d.is_relative_to(ROOT) else str(d),
         "test_manifest": str(test_path.relative_to(ROOT)),
         "config": meta["config"],
         "training": {k: meta[k] for k in ("steps", "tokens", "wall_seconds", "final_loss_ema")},

@@ -36,3 +36,17 @@ if [ "${ISSUE17_TRAIN:-0}" = 1 ]; then
   [ -f organisms/control_rotated_l3/model.safetensors ] || $PY scripts/evaluate_organisms.py --export control_rotated_l3
   $PY scripts/evaluate_organisms.py control_rotated_l3
 fi
+# Issue 17's U0 organisms (7M parameters, scripts/organisms_u0.toml; run with ISSUE17_TRAIN=1):
+# data folder, text LM, the grid, then measurement + the pre-registered reading (organisms/u0/).
+if [ "${ISSUE17_TRAIN:-0}" = 1 ]; then
+  [ -f runs/data_u0/vocab.json ] || $PY scripts/build_corpus.py u0-data --data runs/data_u0 --from runs/data_v2
+  U0="--config scripts/organisms_u0.toml --data runs/data_u0 --runs runs/u0 --threads 1"
+  $PY scripts/train_organism.py u0_text_lm $U0
+  GRID="u0_textinit_interleaved u0_textinit_speechonly u0_random_interleaved u0_random_speechonly
+    u0_textinit_interleaved_p10 u0_textinit_interleaved_p20 u0_textinit_interleaved_p35 u0_textinit_interleaved_p50
+    u0_textinit_share20 u0_textinit_interleaved_s1 u0_textinit_interleaved_s2 u0_control_planted_l3 u0_control_rotated_l3"
+  for n in $GRID; do
+    $PY scripts/train_organism.py $n $U0
+    OMP_NUM_THREADS=1 $PY scripts/u0_grid.py $n --data runs/data_u0 --runs runs/u0
+  done
+fi

@@ -320,4 +320,7 @@ def spoken_knowledge(
         "speech_acc": round(float(np.mean(correct_sp)), 4),
         "text_acc": round(float(np.mean(correct_tx)), 4),
         "n_facts": len(correct_sp),
+        # per fact (in fact order), for CIs and correlations over items
+        "speech_correct": [int(c) for c in correct_sp],
+        "text_correct": [int(c) for c in correct_tx],
     }

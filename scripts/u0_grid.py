@@ -1,0 +1,80 @@
+"""Measure trained U0 organisms (scripts/organisms_u0.toml) and read them by the pre-registered rule.
+
+    python scripts/u0_grid.py NAME [NAME ...] [--data runs/data_u0] [--runs runs/u0]
+
+Per finished run: export (fp16) to RUNS/NAME/checkpoint; ``speech-lens lens`` on the held-out U0
+test manifest at the run's unit noise, plain and with ``--scramble-words 1`` (k 10, match first,
+prior fitted on ``organisms/u0/train_sample.jsonl``) -> ``organisms/u0/NAME/lens{,_scrambled}``;
+gates, text probe and spoken knowledge (``evaluate_organisms.evaluate``); the E1-E3 reading
+(``speech_lens.report.criteria``). Everything merges into ``organisms/u0/results.json``. Resumable:
+a finished step is skipped when its output exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from evaluate_organisms import evaluate, manifests, merge, unit_rate
+
+from speech_lens.organisms.train import export_run
+from speech_lens.report import criteria
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "organisms"
+GRID = OUT / "u0"
+
+
+def lens(ckpt: Path, test: Path, out: Path, *extra: str) -> None:
+    if (out / "layers.csv").exists():
+        return
+    cli = [str(Path(sys.executable).with_name("speech-lens")), "lens", str(ckpt), str(test)]
+    prior = ["--prior-manifest", str(GRID / "train_sample.jsonl")]
+    args = ["--out", str(out), "--k", "10", "--match", "first", *prior, "--no-progress", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([*cli, *args], check=True, env=env)
+    for extra_file in ("report.html", "partial.jsonl"):  # the numbers: layers.csv, metrics.json
+        (out / extra_file).unlink(missing_ok=True)
+
+
+def measure(name: str, data: Path, runs: Path) -> dict:
+    run = runs / name
+    ckpt = run / "checkpoint"
+    if not (ckpt / "model.safetensors").exists():
+        export_run(run, ckpt, data, unit_rate(run, OUT))
+    config = json.loads((ckpt / "organism.json").read_text())["config"]
+    test = manifests(config, data, OUT)[0]
+    lens(ckpt, test, GRID / name / "lens")
+    lens(ckpt, test, GRID / name / "lens_scrambled", "--scramble-words", "1")
+    (GRID / name / "lens_scrambled" / "words.csv").unlink(missing_ok=True)
+    res = evaluate(name, data, OUT, 800, checkpoint=ckpt)
+    rows = criteria.read_layers(GRID / name / "lens" / "layers.csv")
+    scrambled = criteria.read_layers(GRID / name / "lens_scrambled" / "layers.csv")
+    res["reading"] = dataclasses.asdict(criteria.reading(rows, scrambled))
+    res["lens_dir"] = str((GRID / name / "lens").relative_to(ROOT))
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("names", nargs="+")
+    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data_u0")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "u0")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    for name in a.names:
+        r = measure(name, a.data, a.runs)
+        merge(GRID / "results.json", f"organisms.{name}", r)
+        g, rd = r["gates"], r["reading"]
+        print(
+            f"{name}: s2t {g['next_word_after_speech_prefix']} / {g['next_word_after_text_prefix']}"
+            f" | verdict {rd['verdict']} ({rd['e1_kind']}), L_units {rd['l_units']}, peak cur@5 "
+            f"{rd['peak_current']:.3f} at row {rd['peak_row']} | knowledge {r['knowledge']}",
+            flush=True,
+        )
