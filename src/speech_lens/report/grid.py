@@ -36,8 +36,8 @@ def read_word_hits(path: str | Path, k: int = 5) -> WordHits:
     with Path(path).open() as f:
         for r in csv.DictReader(f):
             word = (r["utterance"], int(r["word_index"]))
-            nxt = float(r["rank_next"]) if r["rank_next"] else float("inf")
-            ranks.setdefault(word, {})[int(r["layer"])] = (float(r["rank_current"]), nxt)
+            rank_next = float(r["rank_next"]) if r["rank_next"] else float("inf")
+            ranks.setdefault(word, {})[int(r["layer"])] = (float(r["rank_current"]), rank_next)
     if not ranks:
         raise ValueError(f"{path}: no words")
     layers = sorted(next(iter(ranks.values())))
