@@ -46,6 +46,7 @@ from speech_lens.runs.demo_sections import (
     summary_sources,
     tuned_section,
 )
+from speech_lens.runs.demo_u0 import U0Grid, u0_section
 
 REPO_ORGANISMS = Path(__file__).resolve().parents[3] / "organisms"
 GRID = ("textinit_interleaved", "textinit_speechonly", "random_interleaved", "random_speechonly")
@@ -115,6 +116,7 @@ def run_demo(
     sources = summary_sources(len(test), orgs, results)
     rows = [summary_row(o, metrics[o.name], sources) for o in orgs]
     overview_section(rep, rows, sources, orgs)
+    u0 = u0_section(rep, U0Grid.under(root), say)
     comparison_sections(rep, orgs, metrics)
     control_sections(rep, orgs, metrics)
     organism_sections(rep, orgs, metrics, interleaved)
@@ -132,6 +134,7 @@ def run_demo(
         "organisms": {o.name: metrics[o.name].to_json() for o in orgs},
         "table": rows,
         "minisims": minisims,
+        "u0_grid": u0,
         "seconds": round(time.time() - t0, 1),
         "torch_threads": torch.get_num_threads(),  # the timing above depends on it
         "provenance": provs,

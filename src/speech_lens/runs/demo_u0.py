@@ -1,0 +1,164 @@
+"""The demo's U0-grid section: issue 17's 7M-parameter organisms, read by the pre-registered rule.
+
+The organisms (``scripts/organisms_u0.toml``: d 256 x 8 layers, idealised phoneme units with a
+unit-noise dose p) are measured at build time by ``scripts/u0_grid.py``: ``speech-lens lens`` on
+the 300 held-out clauses (plain and with scrambled word order), the gates and spoken knowledge,
+and the E1-E3 reading of ``speech_lens.report.criteria``. This section reads those artifacts
+(``organisms/u0/``) and draws the grid table, the dose-response figure with its pre-registered
+Spearman test, the modality-mass profiles, the controls and knowledge vs transcription.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from speech_lens.report import criteria, grid
+from speech_lens.report.html import Report
+
+K = 5  # the pre-registered k
+
+
+@dataclass(frozen=True)
+class U0Grid:
+    """What the section needs from ``organisms/u0/``."""
+
+    root: Path
+
+    @classmethod
+    def under(cls, organisms_root: Path) -> U0Grid:
+        return cls(Path(organisms_root) / "u0")
+
+    def results(self) -> dict[str, Any]:
+        path = self.root / "results.json"
+        return json.loads(path.read_text()).get("organisms", {}) if path.exists() else {}
+
+    def layers(self, name: str, run: str = "lens") -> list[criteria.Row]:
+        return criteria.read_layers(self.root / name / run / "layers.csv")
+
+    def hits(self, name: str) -> grid.WordHits:
+        return grid.read_word_hits(self.root / name / "lens" / "words.csv", k=K)
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    init: str  # "text" | "random"
+    data: str  # "interleaved 0.6" | "speech only" | ...
+    p: float
+    seed: int
+    control: str  # "" | "planted" | "rotated"
+
+
+def cell_of(name: str, config: dict[str, Any]) -> Cell:
+    mix = config.get("mix", {})
+    data = "speech only" if set(mix) == {"speech"} else f"interleaved {mix.get('interleaved', 0):g}"
+    control = ""
+    if config.get("aux_layer") is not None and config.get("aux_weight", 0) > 0:
+        control = "rotated" if config.get("aux_rotation_seed") is not None else "planted"
+    init = "random" if config.get("init", "random") == "random" else "text"
+    return Cell(
+        name, init, data, float(config.get("unit_noise", 0.0)), config.get("seed", 0), control
+    )
+
+
+def _ci(r: criteria.Row, key: str) -> str:
+    return f"{r[key]:.3f} [{r[key + '_lo']:.3f}, {r[key + '_hi']:.3f}]"
+
+
+def table_row(cell: Cell, measured: dict[str, Any], rows: list[criteria.Row]) -> dict[str, Any]:
+    rd = measured["reading"]
+    at = next(i for i, r in enumerate(rows) if int(r["layer"]) == rd["peak_row"])
+    g = measured["gates"]
+    ratio = g["next_word_after_speech_prefix"] / max(g["next_word_after_text_prefix"], 1e-9)
+    return {
+        "organism": cell.name,
+        "init": cell.init,
+        "data": cell.data,
+        "p": f"{cell.p:g}",
+        "seed": cell.seed,
+        "G2 speech/text next word": f"{g['next_word_after_speech_prefix']:.3f} / "
+        f"{g['next_word_after_text_prefix']:.3f} ({ratio:.2f})",
+        "L_units": rd["l_units"] if rd["l_units"] is not None else "none",
+        f"peak current @{K} (row)": f"{_ci(rows[at], f'recall@{K}_current')} ({rd['peak_row']})",
+        "last unit @ peak": f"{rows[at][f'recall@{K}_last_unit']:.3f}",
+        "prior / mismatched @ peak": f"{rows[at][f'recall@{K}_current_prior']:.3f} / "
+        f"{rows[at][f'recall@{K}_mismatched']:.3f}",
+        "verdict": rd["verdict"] + (f" ({rd['e1_kind']})" if rd["e1"]["holds"] else ""),
+        "spoken knowledge": f"{measured['knowledge']['speech_acc']:.3f}",
+    }
+
+
+def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str, Any]:
+    """Add the U0 grid's sections to ``rep`` from the shipped artifacts; return the numbers."""
+    results = u0.results()
+    names = [n for n in results if (u0.root / n / "lens" / "layers.csv").exists()]
+    if not names:
+        say(f"U0 grid: no measured organisms under {u0.root}, section skipped")
+        return {}
+    cells = {n: cell_of(n, results[n]["config"]) for n in names}
+    rows = {n: u0.layers(n) for n in names}
+    table = [table_row(cells[n], results[n], rows[n]) for n in names]
+    plain = [n for n in names if not cells[n].control]
+    dose_cells = [
+        n for n in plain if cells[n].init == "text" and cells[n].data == "interleaved 0.6"
+    ]
+    hits = {n: u0.hits(n) for n in plain}
+    out: dict[str, Any] = {"cells": table}
+    figures = []
+    if len({cells[n].p for n in dose_cells}) > 1:
+        dose = grid.dose_response(
+            [cells[n].p for n in dose_cells], [hits[n].current for n in dose_cells]
+        )
+        out["dose_response"] = asdict(dose)
+        figures.append(grid.dose_figure([(cells[n].p, n, rows[n]) for n in dose_cells], k=K))
+    figures.append(grid.mass_figure([(n, rows[n]) for n in names if cells[n].p in (0.0, 0.5)]))
+    if len(plain) > 2:
+        know = grid.knowledge_correlation(
+            [results[n]["knowledge"]["speech_correct"] for n in plain],
+            [hits[n].current for n in plain],
+        )
+        out["knowledge_vs_transcription"] = asdict(know)
+        points = [(n, results[n]["knowledge"]["speech_correct"], rows[n]) for n in plain]
+        figures.append(grid.knowledge_figure(points, know, k=K))
+    rep.add_section(
+        "Issue 17's grid: 7M-parameter organisms with idealised phoneme units (U0)",
+        text=grid_text(out, results, names),
+        figures=figures,
+        tables=[table],
+    )
+    say(f"U0 grid: {len(names)} organisms read from {u0.root}")
+    return out
+
+
+def grid_text(out: dict[str, Any], results: dict[str, Any], names: list[str]) -> str:
+    verdicts = {n: results[n]["reading"]["verdict"] for n in names}
+    shown = sum(v == "shows the effect" for v in verdicts.values())
+    partly = sum(v == "partly" for v in verdicts.values())
+    text = (
+        "d 256 x 8 layers (7M parameters), text-pretrained on Austen + 320 world facts (4.9M "
+        "tokens), then 2M stage-2 tokens; speech = one unit per espeak phoneme with unit noise p "
+        "(organisms/README.md). Lens: speech-only prompts, 300 held-out clauses, match first, "
+        f"Recall@{K} with utterance-bootstrap 95% CIs (layers.csv of organisms/u0/NAME/lens). "
+        "Verdicts by the pre-registered rule (E1: two adjacent rows below L_units whose lower "
+        "CI clears the prior and the mismatched word; E2: the same for the next word and the "
+        f"scrambled-order control): {shown} of {len(names)} show the effect, {partly} partly."
+    )
+    if "dose_response" in out:
+        d = out["dose_response"]
+        text += (
+            f"\n\nDose-response (pre-registered: Spearman of p vs peak current-word Recall@{K}, "
+            f"text init, interleaved 0.6, every seed): rho = {d['estimate']:.2f} "
+            f"[{d['lo']:.2f}, {d['hi']:.2f}] over {d['n_cells']} organisms."
+        )
+    if "knowledge_vs_transcription" in out:
+        c = out["knowledge_vs_transcription"]
+        text += (
+            f"\n\nSpoken knowledge (320 facts) vs peak current-word Recall@{K}: Pearson r = "
+            f"{c['estimate']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}] over {c['n_cells']} organisms "
+            "(controls excluded)."
+        )
+    return text
