@@ -361,6 +361,30 @@ def minisims() -> str:
     return "\n".join([note, "", head, *rows, "", tuned])
 
 
+def u0_grid() -> str:
+    """Issue 17's U0 organisms, one row per measured organism (``organisms/u0/results.json``)."""
+    from speech_lens.runs.demo_u0 import U0Grid, cell_of, table_row
+
+    grid = U0Grid.under(REPO / "organisms")
+    results = grid.results()
+    names = [n for n in results if (grid.root / n / "lens" / "layers.csv").exists()]
+    if not names:
+        return "No U0 organism measured yet (`scripts/u0_grid.py`)."
+    table = [table_row(cell_of(n, results[n]["config"]), results[n], grid.layers(n)) for n in names]
+    cols = list(table[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in table]
+    note = (
+        "`OMP_NUM_THREADS=1 .venv/bin/python scripts/u0_grid.py NAME --data runs/data_u0 --runs "
+        "runs/u0` → `organisms/u0/results.json`, `organisms/u0/NAME/lens{,_scrambled}/`: "
+        "speech-only prompts, 300 held-out clauses (1,698 words) at the organism's unit noise p, "
+        "match first, k 5, utterance-bootstrap 95% CIs; G2 = next word (top-1) after a spoken vs a "
+        "written prefix; verdict by the pre-registered rule (`speech_lens.report.criteria`); "
+        "spoken knowledge = answer vs counterfactual on 320 facts (chance 0.5 ± 0.055)."
+    )
+    return "\n".join([note, "", *lines])
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "organism_results": ("README.md", readme_organisms),
     "tuned_kl": ("README.md", tuned_kl),
@@ -369,6 +393,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "batched": ("README.md", batched),
     "stride": ("README.md", stride),
     "minisims": ("README.md", minisims),
+    "u0_grid": ("README.md", u0_grid),
     "organism_table": ("organisms/README.md", organisms_table),
     "other_mass": ("organisms/README.md", other_mass),
 }
