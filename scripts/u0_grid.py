@@ -5,6 +5,7 @@
 Per finished run: export (fp16) to RUNS/NAME/checkpoint; ``speech-lens lens`` on the held-out U0
 test manifest at the run's unit noise, plain and with ``--scramble-words 1`` (k 10, match first,
 prior fitted on ``organisms/u0/train_sample.jsonl``) -> ``organisms/u0/NAME/lens{,_scrambled}``;
+with ``--tuned`` a tuned lens (``organisms/u0/NAME/tuned_lens``) and the lens through it;
 gates, text probe and spoken knowledge (``evaluate_organisms.evaluate``); the E1-E3 reading
 (``speech_lens.report.criteria``). Everything merges into ``organisms/u0/results.json``. Resumable:
 a finished step is skipped when its output exists.
@@ -43,7 +44,25 @@ def lens(ckpt: Path, test: Path, out: Path, *extra: str) -> None:
         (out / extra_file).unlink(missing_ok=True)
 
 
-def measure(name: str, data: Path, runs: Path) -> dict:
+def tuned(ckpt: Path, name: str, test: Path, train: Path) -> dict:
+    """Tuned lens on the organism's own training clauses (the organisms' recipe,
+    scripts/train_organism_lenses.sh), then the lens through it and its E1 reading."""
+    lens_dir = GRID / name / "tuned_lens"
+    if not (lens_dir / "params.pt").exists():
+        cli = [str(Path(sys.executable).with_name("speech-lens")), "tuned-lens", "train"]
+        opts = ["--data-mode", "mix", "--steps", "40", "--tokens-per-step", "4096"]
+        opts += ["--heldout", "0.1", "--save-dtype", "float16", "--no-progress"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        subprocess.run(
+            [*cli, str(ckpt), str(train), "--out", str(lens_dir), *opts], check=True, env=env
+        )
+    lens(ckpt, test, GRID / name / "lens_tuned", "--lens", f"tuned:{lens_dir}")
+    (GRID / name / "lens_tuned" / "words.csv").unlink(missing_ok=True)
+    rows = criteria.read_layers(GRID / name / "lens_tuned" / "layers.csv")
+    return dataclasses.asdict(criteria.reading(rows, None))  # E1 only: no scrambled control
+
+
+def measure(name: str, data: Path, runs: Path, with_tuned: bool = False) -> dict:
     run = runs / name
     ckpt = run / "checkpoint"
     if not (ckpt / "model.safetensors").exists():
@@ -58,6 +77,8 @@ def measure(name: str, data: Path, runs: Path) -> dict:
     scrambled = criteria.read_layers(GRID / name / "lens_scrambled" / "layers.csv")
     res["reading"] = dataclasses.asdict(criteria.reading(rows, scrambled))
     res["lens_dir"] = str((GRID / name / "lens").relative_to(ROOT))
+    if with_tuned:
+        res["reading_tuned"] = tuned(ckpt, name, test, manifests(config, data, OUT)[1])
     return res
 
 
@@ -66,10 +87,11 @@ if __name__ == "__main__":
     ap.add_argument("names", nargs="+")
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data_u0")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "u0")
+    ap.add_argument("--tuned", action="store_true", help="also train and read a tuned lens")
     a = ap.parse_args()
     torch.set_num_threads(1)
     for name in a.names:
-        r = measure(name, a.data, a.runs)
+        r = measure(name, a.data, a.runs, a.tuned)
         merge(GRID / "results.json", f"organisms.{name}", r)
         g, rd = r["gates"], r["reading"]
         print(
