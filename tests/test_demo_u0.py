@@ -25,7 +25,7 @@ def write_cell(root: Path, name: str, cur_rate: float) -> np.ndarray:
     n = 120
     rate = np.where(np.isin(np.arange(len(LAYERS)), (3, 4)), cur_rate, 0.02)
     hit = RNG.random((n, len(LAYERS))) < rate
-    ranks = np.where(hit, 1, 50)
+    ranks = np.where(hit, 0, 50)  # 0-based ranks
     with (d / "words.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["utterance", "word_index", "word", "next_word", "layer", "match",

@@ -16,26 +16,27 @@ RNG = np.random.default_rng(0)
 
 
 def write_words(path: Path, ranks: np.ndarray, layers: list[int]) -> None:
-    """ranks [word, layer, 2] (current, next; next -1 = none) as a words.csv."""
+    """0-based ranks [word, layer, 2] (current, next; next -1 = none) as a words.csv."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["utterance", "word_index", "word", "next_word", "layer", "match",
                     "rank_current", "rank_next", "top_tokens"])  # fmt: skip
         for i, per_layer in enumerate(ranks):
             for layer, (cur, nxt) in zip(layers, per_layer, strict=True):
-                nxt_s = "" if nxt < 0 else int(nxt)
-                w.writerow([f"u{i // 4}", i % 4, "w", "", layer, "first", int(cur), nxt_s, ""])
+                w.writerow([f"u{i // 4}", i % 4, "w", "", layer, "first", int(cur), int(nxt), ""])
 
 
 def test_word_hits_are_ranks_within_k_at_the_candidate_rows(tmp_path: Path) -> None:
-    ranks = RNG.integers(1, 12, size=(40, 5, 2))
+    ranks = RNG.integers(0, 12, size=(40, 5, 2))
     ranks[::7, :, 1] = -1  # last words: no next word
     write_words(tmp_path / "words.csv", ranks, [0, 1, 2, 3, 4])
     hits = grid.read_word_hits(tmp_path / "words.csv", k=5)
     assert hits.rows == (1, 2, 3)
-    np.testing.assert_array_equal(hits.current, ranks[:, 1:4, 0] <= 5)
-    np.testing.assert_array_equal(hits.next, (ranks[:, 1:4, 1] <= 5) & (ranks[:, 1:4, 1] > 0))
-    assert grid.peak(hits.current) == max((ranks[:, r, 0] <= 5).mean() for r in (1, 2, 3))
+    np.testing.assert_array_equal(hits.current, ranks[:, 1:4, 0] < 5)  # rank 0 = top-1
+    with_next = [i for i in range(40) if i % 7]
+    assert hits.next.shape == (len(with_next), 3)
+    np.testing.assert_array_equal(hits.next, ranks[with_next, 1:4, 1] < 5)
+    assert grid.peak(hits.current) == max((ranks[:, r, 0] < 5).mean() for r in (1, 2, 3))
 
 
 def cells(rates: list[float], n: int = 400) -> list[np.ndarray]:
@@ -89,3 +90,16 @@ def test_figures_put_each_run_at_its_peak_row() -> None:
     corr = grid.Correlation(0.5, 0.1, 0.8, 2, 100)
     kf = grid.knowledge_figure([("a", [1, 0, 1, 1], layer_rows(2, 0.4))], corr)
     assert kf.data[0].x[0] == 0.4 and kf.data[0].y[0] == 0.75 and "0.50" in kf.layout.title.text
+
+
+def test_word_hits_reproduce_the_lens_runs_own_recall_curves() -> None:
+    """Parity on a shipped lens run: hits re-read from words.csv.gz average to layers.csv."""
+    lens = (
+        Path(__file__).resolve().parents[1] / "organisms" / "u0" / "u0_random_interleaved" / "lens"
+    )
+    hits = grid.read_word_hits(lens / "words.csv.gz", k=5)
+    with (lens / "layers.csv").open() as f:
+        rows = {int(r["layer"]): r for r in csv.DictReader(f)}
+    for key, h in (("current", hits.current), ("next", hits.next)):
+        expect = np.array([float(rows[r][f"recall@5_{key}"]) for r in hits.rows])
+        np.testing.assert_allclose(h.mean(0), expect, rtol=0, atol=1e-12)

@@ -9,6 +9,7 @@ the output row, as in :mod:`speech_lens.report.criteria`.
 from __future__ import annotations
 
 import csv
+import gzip
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,28 +24,33 @@ from speech_lens.report.lens import PALETTE
 
 @dataclass(frozen=True)
 class WordHits:
-    """Hits (rank <= k) of every word at every candidate row of one run."""
+    """Hits (0-based rank < k, as Recall@k in layers.csv) at every candidate row of one run."""
 
     rows: tuple[int, ...]  # candidate lens rows
     current: Bool[np.ndarray, "word row"]
-    next: Bool[np.ndarray, "word row"]  # words without a next word are False
+    next: Bool[np.ndarray, "word_with_next row"]  # only words that have a next word
 
 
 def read_word_hits(path: str | Path, k: int = 5) -> WordHits:
-    """Per-word hits from a run's ``words.csv``; an empty rank (no next word) is a miss."""
-    ranks: dict[tuple[str, int], dict[int, tuple[float, float]]] = {}
-    with Path(path).open() as f:
+    """Per-word hits from a run's ``words.csv`` (or ``words.csv.gz``): ranks are 0-based and
+    ``rank_next`` is -1 for an utterance's last word (not scored, as in ``layers.csv``)."""
+    ranks: dict[tuple[str, int], dict[int, tuple[int, int]]] = {}
+    path = Path(path)
+    with gzip.open(path, "rt") if path.suffix == ".gz" else path.open() as f:
         for r in csv.DictReader(f):
             word = (r["utterance"], int(r["word_index"]))
-            rank_next = float(r["rank_next"]) if r["rank_next"] else float("inf")
-            ranks.setdefault(word, {})[int(r["layer"])] = (float(r["rank_current"]), rank_next)
+            ranks.setdefault(word, {})[int(r["layer"])] = (
+                int(r["rank_current"]),
+                int(r["rank_next"]),
+            )
     if not ranks:
         raise ValueError(f"{path}: no words")
     layers = sorted(next(iter(ranks.values())))
     rows = tuple(layers[1:-1])
-    cur = np.array([[ranks[w][row][0] <= k for row in rows] for w in ranks])
-    nxt = np.array([[ranks[w][row][1] <= k for row in rows] for w in ranks])
-    return WordHits(rows, cur, nxt)
+    a = np.array([[ranks[w][row] for row in rows] for w in ranks])  # [word, row, 2]
+    cur, nxt = a[..., 0], a[..., 1]
+    has_next = (nxt >= 0).all(1)
+    return WordHits(rows, (cur >= 0) & (cur < k), (nxt[has_next] >= 0) & (nxt[has_next] < k))
 
 
 def peak(hits: Bool[np.ndarray, "word row"]) -> float:

@@ -40,7 +40,8 @@ class U0Grid:
         return criteria.read_layers(self.root / name / run / "layers.csv")
 
     def hits(self, name: str) -> grid.WordHits:
-        return grid.read_word_hits(self.root / name / "lens" / "words.csv", k=K)
+        words = self.root / name / "lens" / "words.csv.gz"  # shipped compressed
+        return grid.read_word_hits(words if words.exists() else words.with_suffix(""), k=K)
 
 
 @dataclass(frozen=True)
