@@ -57,15 +57,15 @@ def units_overtake(rows: list[Row]) -> int | None:
     return None
 
 
-def _above(rows: list[Row], key: str, bars: list[list[str]], k: int, l_units: int | None) -> Test:
-    """Rows whose lower CI of ``recall@k_<key>`` is above the upper CI of every bar (bars[i] =
-    the upper-bound columns for candidate row i); holds at two consecutive candidates."""
+def _above(rows: list[Row], key: str, bars: list[list[float]], k: int, l_units: int | None) -> Test:
+    """Rows whose lower CI of ``recall@k_<key>`` is above every bar (bars[i]: the upper CI
+    bounds to clear at row i); holds at two consecutive candidates."""
     cands = [(i, r) for i, r in enumerate(rows[1:-1], start=1)]
     cands = [(i, r) for i, r in cands if l_units is None or r["layer"] < l_units]
     passing = []
     for i, r in cands:
         lo = r[f"recall@{k}_{key}_lo"]
-        if all(lo > rows[i][b] if isinstance(b, str) else lo > b for b in bars[i]):
+        if all(lo > b for b in bars[i]):
             passing.append(i)
     pair = next((i for i in passing if i + 1 in passing), None)
     return Test(
@@ -80,16 +80,16 @@ def reading(rows: list[Row], scrambled: list[Row] | None = None, k: int = 5) -> 
     if scrambled is not None and [r["layer"] for r in scrambled] != [r["layer"] for r in rows]:
         raise ValueError("the scrambled control read other rows than the run")
     l_units = units_overtake(rows)
-    cur_bars = [[f"recall@{k}_mismatched_hi", f"recall@{k}_current_prior_hi"]] * len(rows)
+    cur_bars = [[r[f"recall@{k}_mismatched_hi"], r[f"recall@{k}_current_prior_hi"]] for r in rows]
     e1 = _above(rows, "current", cur_bars, k, l_units)
     last = _above(rows, "last_unit", cur_bars, k, l_units)
     first = _above(rows, "first_unit", cur_bars, k, l_units)
-    nxt_bars: list[list] = []
-    for i in range(len(rows)):
-        bars: list = [f"recall@{k}_mismatched_hi", f"recall@{k}_next_prior_hi"]
+    nxt_bars = [
         # no control: E2 cannot pass (an impossible bar), it is not silently skipped
-        bars.append(scrambled[i][f"recall@{k}_next_hi"] if scrambled is not None else 2.0)
-        nxt_bars.append(bars)
+        [r[f"recall@{k}_mismatched_hi"], r[f"recall@{k}_next_prior_hi"],
+         scrambled[i][f"recall@{k}_next_hi"] if scrambled is not None else 2.0]
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
     e2 = _above(rows, "next", nxt_bars, k, l_units)
     e3 = bool(
         e1.holds
