@@ -385,6 +385,38 @@ def u0_grid() -> str:
     return "\n".join([note, "", *lines])
 
 
+def u0_rows() -> str:
+    """Per organism and lens row 1..L-1: the curves behind the U0 grid's verdicts."""
+    from speech_lens.runs.demo_u0 import U0Grid
+
+    grid = U0Grid.under(REPO / "organisms")
+    names = [n for n in grid.results() if (grid.root / n / "lens" / "layers.csv").exists()]
+    if not names:
+        return "No U0 organism measured yet."
+    head = (
+        "| organism | current@5, rows 1–7 | last unit@5 | text mass | next@5 | next@5 scrambled |\n"
+        "|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for n in names:
+        rows, scr = grid.layers(n)[1:-1], grid.layers(n, "lens_scrambled")[1:-1]
+
+        def seq(rs: list, key: str) -> str:
+            return " ".join(f"{r[key]:.2f}" for r in rs)
+
+        lines.append(
+            f"| {n} | {seq(rows, 'recall@5_current')} | {seq(rows, 'recall@5_last_unit')} "
+            f"| {seq(rows, 'text_mass')} | {seq(rows, 'recall@5_next')} "
+            f"| {seq(scr, 'recall@5_next')} |"
+        )
+    prior = grid.layers(names[0])[1]
+    note = (
+        f"Frequency priors (from `organisms/u0/train_sample.jsonl`): current {prior['recall@5_current_prior']:.3f}, "
+        f"next {prior['recall@5_next_prior']:.3f}; source `organisms/u0/NAME/lens{{,_scrambled}}/layers.csv`."
+    )
+    return "\n".join([*lines, "", note])
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "organism_results": ("README.md", readme_organisms),
     "tuned_kl": ("README.md", tuned_kl),
@@ -394,6 +426,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "stride": ("README.md", stride),
     "minisims": ("README.md", minisims),
     "u0_grid": ("README.md", u0_grid),
+    "u0_rows": ("organisms/README.md", u0_rows),
     "organism_table": ("organisms/README.md", organisms_table),
     "other_mass": ("organisms/README.md", other_mass),
 }
