@@ -95,6 +95,9 @@ def test_section_reads_the_grid_and_tests_the_dose(tmp_path: Path) -> None:
     assert out["dose_response"]["n_cells"] == 3  # the control is not a dose cell
     assert out["knowledge_vs_transcription"]["n_cells"] == 3
     assert len(rep.sections[0].figures) == 3
+    (line,) = out["controls"]  # the planted control, at its planted row (3): 0.9 hit rate
+    rows = criteria.read_layers(root / "d_planted" / "lens" / "layers.csv")
+    assert f"row 3 {rows[3]['recall@5_current']:.3f}" in line and "logit lens readout" in line
 
 
 def test_no_artifacts_no_section(tmp_path: Path) -> None:

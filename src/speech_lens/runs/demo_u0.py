@@ -51,14 +51,16 @@ class Cell:
     data: str  # "interleaved 0.6" | "speech only" | ...
     p: float
     seed: int
-    control: str  # "" | "planted" | "rotated"
+    control: str  # "" | "planted" | "rotated" | "never heard speech"
 
 
 def cell_of(name: str, config: dict[str, Any]) -> Cell:
     mix = config.get("mix", {})
     data = "speech only" if set(mix) == {"speech"} else f"interleaved {mix.get('interleaved', 0):g}"
     control = ""
-    if config.get("aux_layer") is not None and config.get("aux_weight", 0) > 0:
+    if set(mix) == {"text"}:
+        data, control = "text only", "never heard speech"
+    elif config.get("aux_layer") is not None and config.get("aux_weight", 0) > 0:
         control = "rotated" if config.get("aux_rotation_seed") is not None else "planted"
     init = "random" if config.get("init", "random") == "random" else "text"
     return Cell(
@@ -72,23 +74,24 @@ def _ci(r: criteria.Row, key: str) -> str:
 
 def table_row(cell: Cell, measured: dict[str, Any], rows: list[criteria.Row]) -> dict[str, Any]:
     rd = measured["reading"]
+    kind = f"{cell.control} control; " if cell.control else ""
     at = next(i for i, r in enumerate(rows) if int(r["layer"]) == rd["peak_row"])
     g = measured["gates"]
-    ratio = g["next_word_after_speech_prefix"] / max(g["next_word_after_text_prefix"], 1e-9)
+    sp, tx = g["next_word_after_speech_prefix"], g["next_word_after_text_prefix"]
+    ratio = f"{sp / tx:.2f}" if tx > 0 else "–"
     return {
         "organism": cell.name,
         "init": cell.init,
         "data": cell.data,
         "p": f"{cell.p:g}",
         "seed": cell.seed,
-        "G2 speech/text next word": f"{g['next_word_after_speech_prefix']:.3f} / "
-        f"{g['next_word_after_text_prefix']:.3f} ({ratio:.2f})",
+        "G2 speech/text next word": f"{sp:.3f} / {tx:.3f} ({ratio})",
         "L_units": rd["l_units"] if rd["l_units"] is not None else "none",
         f"peak current @{K} (row)": f"{_ci(rows[at], f'recall@{K}_current')} ({rd['peak_row']})",
         "last unit @ peak": f"{rows[at][f'recall@{K}_last_unit']:.3f}",
         "prior / mismatched @ peak": f"{rows[at][f'recall@{K}_current_prior']:.3f} / "
         f"{rows[at][f'recall@{K}_mismatched']:.3f}",
-        "verdict": rd["verdict"] + (f" ({rd['e1_kind']})" if rd["e1"]["holds"] else ""),
+        "verdict": kind + rd["verdict"] + (f" ({rd['e1_kind']})" if rd["e1"]["holds"] else ""),
         "spoken knowledge": f"{measured['knowledge']['speech_acc']:.3f}",
     }
 
@@ -125,14 +128,36 @@ def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str,
         out["knowledge_vs_transcription"] = asdict(know)
         points = [(n, results[n]["knowledge"]["speech_correct"], rows[n]) for n in plain]
         figures.append(grid.knowledge_figure(points, know, k=K))
+    out["controls"] = [
+        control_line(u0, n, results[n]) for n in names if cells[n].control in ("planted", "rotated")
+    ]
     rep.add_section(
         "Issue 17's grid: 7M-parameter organisms with idealised phoneme units (U0)",
-        text=grid_text(out, results, names),
+        text="\n\n".join([grid_text(out, results, names), *out["controls"]]),
         figures=figures,
         tables=[table],
     )
     say(f"U0 grid: {len(names)} organisms read from {u0.root}")
     return out
+
+
+def control_line(u0: U0Grid, name: str, measured: dict[str, Any]) -> str:
+    """The planted layer's current-word Recall@K through the logit lens (and the tuned lens,
+    when ``lens_tuned`` was run), against the prior: the controls' pre-registered test."""
+    layer = int(measured["config"]["aux_layer"])
+    row = next(r for r in u0.layers(name) if int(r["layer"]) == layer)
+    key = f"recall@{K}_current"
+    text = (
+        f"{name} (current word planted at layer {layer} through "
+        f"{'a fixed rotation Q: lm_head(norm(Q h))' if measured['config'].get('aux_rotation_seed') is not None else 'the logit lens readout lm_head(norm(h))'}): "
+        f"logit lens at row {layer} {_ci(row, key)} (prior {row[f'recall@{K}_current_prior']:.3f}), "
+        f"verdict {measured['reading']['verdict']}"
+    )
+    if (u0.root / name / "lens_tuned" / "layers.csv").exists():
+        tuned = next(r for r in u0.layers(name, "lens_tuned") if int(r["layer"]) == layer)
+        e1 = measured.get("reading_tuned", {}).get("e1", {})
+        text += f"; tuned lens at row {layer} {_ci(tuned, key)}, E1 {'holds' if e1.get('holds') else 'fails'}"
+    return text + "."
 
 
 def grid_text(out: dict[str, Any], results: dict[str, Any], names: list[str]) -> str:
