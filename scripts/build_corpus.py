@@ -6,6 +6,8 @@
   python scripts/build_corpus.py u0        # espeak-ng phonemes of every vocabulary word (U0)
   python scripts/build_corpus.py u0-data --data runs/data_u0 --from runs/data_v2
                                            # U0 data folder: vocab + manifests per unit noise p
+  python scripts/build_corpus.py ureal --data runs/data_ureal --from runs/data_v2
+                                           # U-real units: Piper renditions -> whisper -> k-means
 Prerequisite: apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb runs/deb
 ``text --world 2`` builds the 320-fact world (``knowledge.py``; the shipped organisms use world 1);
 ``u0`` needs ``espeakng-loader`` (GPL espeak-ng: build time only, as for mini-SIMS).
@@ -302,8 +304,10 @@ def unit_stats(recs: list[dict]) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("stage", choices=["text", "speech", "units", "u0", "u0-data"])
-    ap.add_argument("--from", dest="source", help="u0-data: the text data folder (world 2)")
+    ap.add_argument("stage", choices=["text", "speech", "units", "u0", "u0-data", "ureal"])
+    ap.add_argument("--from", dest="source", help="u0-data, ureal: the text data folder (world 2)")
+    ap.add_argument("--renditions", type=int, default=12, help="ureal: per word (last held out)")
+    ap.add_argument("--k", type=int, default=256, help="ureal: k-means clusters")
     ap.add_argument("--data", default=str(ROOT / "runs" / "data"))
     ap.add_argument("--deb", default=str(ROOT / "runs" / "deb"))
     ap.add_argument("--out", default=str(ROOT / "organisms"), help="shipped files go here")
@@ -319,3 +323,8 @@ if __name__ == "__main__":
         build_u0(Path(a.data), Path(a.out))
     elif a.stage == "u0-data":
         build_u0_data(Path(a.data), Path(a.source or a.data), Path(a.out))
+    elif a.stage == "ureal":
+        from build_ureal import build_ureal  # scripts/build_ureal.py
+
+        src = Path(a.source or a.data)
+        build_ureal(Path(a.data), src, Path(a.out) / "ureal", renditions=a.renditions, k=a.k)
