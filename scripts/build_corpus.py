@@ -306,8 +306,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("stage", choices=["text", "speech", "units", "u0", "u0-data", "ureal"])
     ap.add_argument("--from", dest="source", help="u0-data, ureal: the text data folder (world 2)")
-    ap.add_argument("--renditions", type=int, default=12, help="ureal: per word (last held out)")
+    ap.add_argument("--renditions", type=int, default=12, help="ureal: Piper, the last held out")
+    ap.add_argument("--espeak", type=int, default=0, help="ureal: espeak-ng training renditions")
+    ap.add_argument("--clips", help="ureal: folder of ureal_audio/ and ureal_feats/ (--data)")
     ap.add_argument("--k", type=int, default=256, help="ureal: k-means clusters")
+    ap.add_argument(
+        "--mfcc-baseline", help="ureal: also write MFCC-unit manifests of the clips here"
+    )
     ap.add_argument("--data", default=str(ROOT / "runs" / "data"))
     ap.add_argument("--deb", default=str(ROOT / "runs" / "deb"))
     ap.add_argument("--out", default=str(ROOT / "organisms"), help="shipped files go here")
@@ -324,7 +329,13 @@ if __name__ == "__main__":
     elif a.stage == "u0-data":
         build_u0_data(Path(a.data), Path(a.source or a.data), Path(a.out))
     elif a.stage == "ureal":
-        from build_ureal import build_ureal  # scripts/build_ureal.py
+        import build_ureal  # scripts/build_ureal.py
 
+        rends = build_ureal.Renditions(a.renditions, a.espeak)
+        clips = Path(a.clips or a.data)
         src = Path(a.source or a.data)
-        build_ureal(Path(a.data), src, Path(a.out) / "ureal", renditions=a.renditions, k=a.k)
+        out = Path(a.out) / "ureal"
+        build_ureal.build_ureal(Path(a.data), src, out, rends, k=a.k, clips=clips)
+        if a.mfcc_baseline:
+            tok = Path(a.out) / "unit_tokenizer.json"
+            build_ureal.build_mfcc_baseline(clips, Path(a.mfcc_baseline), tok, rends)

@@ -1,19 +1,22 @@
-"""U-real units (issue 17 §2): many Piper renditions per word -> whisper tiny.en encoder features
+"""U-real units (issue 17 §2): many renditions per word -> whisper tiny.en encoder features
 pooled per 40 ms -> k-means (K = 256) -> a data folder for ``train_organism.py`` (``units =
 "manifest"``) and the held-out manifests under ``organisms/ureal/``.
 
-Run as ``scripts/build_corpus.py ureal --from runs/data_v2 --data runs/data_ureal``. Steps, each
-resumable (files written atomically, finished shards kept):
+  python scripts/build_corpus.py ureal --from runs/data_v2 --data runs/data_ureal [--espeak 4]
 
-1. ``synth``: rendition r of every vocabulary word, each spoken inside a random 8-word group (as
-   ``build_speech``), Piper ``joe`` with length_scale, noise_scale and noise_w drawn per group
-   (``PIPER_RANGES``); the clip is the word's gap-extended region. One shard per (rendition,
-   chunk of groups): ``ureal_audio/rRR-CC.npz``.
-2. ``features``: whisper tiny.en encoder on each shard's clips packed in order into 30 s windows
-   (``ureal.pack_clips``), pooled per 40 ms inside each clip -> ``ureal_feats/rRR-CC.npz``.
-3. ``units``: k-means on the pooled features of the training renditions 0..R-2 only; every
-   (word, rendition) becomes a deduplicated unit string; manifests as ``build_units`` renders
-   them (each word occurrence a random training rendition; held-out items rendition R-1).
+Steps, each resumable (files written atomically, finished shards kept):
+
+1. synth: rendition r of every vocabulary word, each spoken inside a random 8-word group (as
+   ``build_speech``). Piper renditions 0..R-1 (``joe``; length_scale, noise_scale, noise_w drawn
+   per group from ``PIPER_RANGES``; the clip is the word's gap-extended region), R-1 held out;
+   then optional espeak-ng training renditions R.. (a voice variant, rate and pitch per group;
+   ``espeak_words.py``). One shard per (rendition, chunk of groups): ``ureal_audio/*.npz``.
+2. features: whisper tiny.en encoder, each clip alone at the start of a 3 s input (not packed into
+   30 s windows: see ``speech_lens.organisms.ureal``), pooled per 40 ms -> ``ureal_feats/*.npz``.
+3. units: k-means on the pooled features of the training renditions only; every (word,
+   rendition) becomes a deduplicated unit string; manifests as ``build_units`` renders them (each
+   word occurrence of a training clause a random training rendition; held-out clauses and
+   spoken-knowledge items the held-out rendition).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +37,17 @@ import numpy as np
 from speech_lens.organisms import corpus, knowledge, ureal
 from speech_lens.organisms.checkpoint import OrganismVocab
 
-RENDITIONS = 12  # 0..R-2 train, R-1 held out
 GROUP = 8  # words per Piper call
 CHUNK = 40  # groups per shard
 PIPER_RANGES = {"length_scale": (0.8, 1.25), "noise_scale": (0.4, 0.9), "noise_w": (0.5, 1.1)}
+ESPEAK_VOICES = [
+    *(f"m{i}" for i in range(1, 8)),
+    *(f"f{i}" for i in range(1, 6)),
+    "klatt",
+    "klatt2",
+]
+ESPEAK_RATE = (140, 200)  # words per minute
+ESPEAK_PITCH = (25, 75)
 N_PROBE = 800  # training clauses in the probe's sample (train_sample.jsonl)
 
 
@@ -50,59 +62,112 @@ def piper_params(r: int, g: int) -> dict[str, float]:
     return {k: round(rng.uniform(lo, hi), 3) for k, (lo, hi) in PIPER_RANGES.items()}
 
 
+def espeak_params(r: int, g: int) -> tuple[str, int, int]:
+    rng = random.Random(f"espeak-{r}-{g}")
+    return rng.choice(ESPEAK_VOICES), rng.randint(*ESPEAK_RATE), rng.randint(*ESPEAK_PITCH)
+
+
 def save_npz(path: Path, **arrays: Any) -> None:
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
-def synth_shard(tts: corpus.PiperWords, groups: list[list[str]], r: int, first: int) -> dict:
+Spoken = tuple[np.ndarray, list[tuple[str, float, float]], list[float]]
+
+
+def piper_speaker() -> Callable[[list[str], int, int], Spoken]:
+    """Piper: a word's clip is its gap-extended region (gap midpoints), as ``build_speech``."""
+    tts = corpus.PiperWords(threads=1)
+
+    def speak(ws: list[str], r: int, g: int) -> Spoken:
+        p = piper_params(r, g)
+        a, spans = tts.synth(ws, **p)
+        cuts = [0.0] + [(e0 + s1) / 2 for (_, _, e0), (_, s1, _) in itertools.pairwise(spans)]
+        regions = [
+            (w, s, e)
+            for (w, _, _), s, e in zip(spans, cuts, [*cuts[1:], spans[-1][2]], strict=True)
+        ]
+        return a, regions, [p["length_scale"], p["noise_scale"], p["noise_w"]]
+
+    return speak
+
+
+def espeak_speaker() -> Callable[[list[str], int, int], Spoken]:
+    """espeak-ng: a word's clip runs from its mark to the next (the word and the break after)."""
+    from espeak_words import EspeakWords  # scripts/espeak_words.py (GPL tool, build time only)
+
+    tts = EspeakWords()
+
+    def speak(ws: list[str], r: int, g: int) -> Spoken:
+        voice, rate, pitch = espeak_params(r, g)
+        a, spans = tts.synth(ws, f"en-us+{voice}", rate, pitch)
+        return a, spans, [ESPEAK_VOICES.index(voice), rate, pitch]
+
+    return speak
+
+
+def synth_shard(speak: Callable, groups: list[list[str]], r: int, first: int) -> dict:
     audio, words, starts, lens, params = [], [], [], [], []
     t = 0
     for g, ws in enumerate(groups, first):
-        p = piper_params(r, g)
-        a, spans = tts.synth(ws, **p)
-        bounds = [0.0] + [(e0 + s1) / 2 for (_, _, e0), (_, s1, _) in itertools.pairwise(spans)]
-        bounds.append(spans[-1][2])
-        cut = [int(b * ureal.SR) for b in bounds]
-        for k, (w, _, _) in enumerate(spans):
-            clip = a[cut[k] : cut[k + 1]]
+        a, regions, p = speak(ws, r, g)
+        for w, s, e in regions:
+            clip = a[int(s * ureal.SR) : int(e * ureal.SR)]
             audio.append((np.clip(clip, -1, 1) * 32767).astype(np.int16))
             words.append(w)
             starts.append(t)
             lens.append(len(clip))
-            params.append([g, p["length_scale"], p["noise_scale"], p["noise_w"]])
+            params.append([g, *p])
             t += len(clip)
     return {
         "audio": np.concatenate(audio),
         "words": np.array(words),
         "starts": np.array(starts, dtype=np.int64),
         "lengths": np.array(lens, dtype=np.int64),
-        "params": np.array(params, dtype=np.float32),  # group, length, noise, noise_w
+        "params": np.array(params, dtype=np.float32),  # group, then the voice's parameters
     }
 
 
-def shard_names(n_words: int, renditions: int) -> list[tuple[int, int, str]]:
-    n_groups = -(-n_words // GROUP)
-    return [
-        (r, c, f"r{r:02d}-{c:02d}")
-        for r in [renditions - 1, *range(renditions - 1)]  # held-out rendition first
-        for c in range(-(-n_groups // CHUNK))
-    ]
+@dataclass(frozen=True)
+class Renditions:
+    """Piper renditions 0..piper-1 (the last held out), then espeak-ng renditions (training)."""
+
+    piper: int
+    espeak: int = 0
+
+    @property
+    def test(self) -> int:
+        return self.piper - 1
+
+    @property
+    def train(self) -> list[int]:
+        return [*range(self.piper - 1), *range(self.piper, self.piper + self.espeak)]
+
+    def shards(self, n_words: int) -> list[tuple[int, int, str]]:
+        """(rendition, chunk, shard name), the held-out rendition first."""
+        n_groups = -(-n_words // GROUP)
+        n_chunks = -(-n_groups // CHUNK)
+        out = []
+        for r in [self.test, *self.train]:
+            tag = "r" if r < self.piper else "e"
+            out += [(r, c, f"{tag}{r:02d}-{c:02d}") for c in range(n_chunks)]
+        return out
 
 
-def synth(data: Path, words: list[str], renditions: int) -> None:
+def synth(data: Path, words: list[str], rends: Renditions) -> None:
     from tqdm import tqdm
 
     out = data / "ureal_audio"
     out.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in shard_names(len(words), renditions) if not (out / f"{s[2]}.npz").exists()]
-    if not todo:
-        return
-    tts = corpus.PiperWords(threads=1)
-    for r, c, name in tqdm(todo, desc="piper shards"):
+    todo = [s for s in rends.shards(len(words)) if not (out / f"{s[2]}.npz").exists()]
+    speakers: dict[str, Callable] = {}
+    for r, c, name in tqdm(todo, desc="tts shards"):
+        engine = "piper" if r < rends.piper else "espeak"
+        if engine not in speakers:
+            speakers[engine] = piper_speaker() if engine == "piper" else espeak_speaker()
         gs = groups_of(words, r)[c * CHUNK : (c + 1) * CHUNK]
-        save_npz(out / f"{name}.npz", **synth_shard(tts, gs, r, c * CHUNK))
+        save_npz(out / f"{name}.npz", **synth_shard(speakers[engine], gs, r, c * CHUNK))
 
 
 def clips_of(shard: Any) -> list[np.ndarray]:
@@ -110,16 +175,13 @@ def clips_of(shard: Any) -> list[np.ndarray]:
     return [a[s : s + n] for s, n in zip(shard["starts"], shard["lengths"], strict=True)]
 
 
-def features(data: Path, words: list[str], renditions: int) -> None:
+def features(clips: Path, words: list[str], rends: Renditions) -> None:
     from tqdm import tqdm
 
-    src, out = data / "ureal_audio", data / "ureal_feats"
+    src, out = clips / "ureal_audio", clips / "ureal_feats"
     out.mkdir(parents=True, exist_ok=True)
-    todo = [
-        n
-        for _, _, n in shard_names(len(words), renditions)
-        if (src / f"{n}.npz").exists() and not (out / f"{n}.npz").exists()
-    ]
+    names = [n for _, _, n in rends.shards(len(words))]
+    todo = [n for n in names if (src / f"{n}.npz").exists() and not (out / f"{n}.npz").exists()]
     if not todo:
         return
     enc = ureal.WhisperEncoder(threads=1)
@@ -134,18 +196,18 @@ def features(data: Path, words: list[str], renditions: int) -> None:
         )
 
 
-def load_pooled(data: Path, words: list[str], renditions: int) -> dict[tuple[str, int], Any]:
+def load_pooled(clips: Path, words: list[str], rends: Renditions) -> dict[tuple[str, int], Any]:
     """(word, rendition) -> pooled features [n, 384]; every shard must exist."""
     table: dict[tuple[str, int], Any] = {}
-    for r, _, name in shard_names(len(words), renditions):
-        path = data / "ureal_feats" / f"{name}.npz"
+    for r, _, name in rends.shards(len(words)):
+        path = clips / "ureal_feats" / f"{name}.npz"
         if not path.exists():
             raise FileNotFoundError(f"{path}: run the synth and features steps first")
         sh = np.load(path)
         cuts = np.concatenate([[0], np.cumsum(sh["n"])])
         for i, w in enumerate(sh["words"]):
             table[(str(w), r)] = sh["pooled"][cuts[i] : cuts[i + 1]].astype(np.float32)
-    missing = [w for w in words for r in range(renditions) if (w, r) not in table]
+    missing = [w for w in words for r in [rends.test, *rends.train] if (w, r) not in table]
     if missing:
         raise RuntimeError(f"{len(missing)} (word, rendition) clips missing, e.g. {missing[:3]}")
     return table
@@ -161,29 +223,31 @@ def word_strings(
 
 
 def manifests(
-    data: Path, out_dir: Path, strings: dict, renditions: int, rate: float, speaker: str
+    data: Path, out_dir: Path, strings: dict, rends: Renditions, rate: float, speaker: str
 ) -> dict:
+    """Training manifest (each word occurrence a random training rendition, as ``build_units``),
+    held-out test and spoken-knowledge manifests (the held-out rendition)."""
     meta = json.loads((data / "text.json").read_text())
-    train_r, test_r = list(range(renditions - 1)), [renditions - 1]
     rng = random.Random(7)
 
-    def rec(uid: str, split: str, words: list[str], rends: list[int]) -> dict:
+    def rec(uid: str, split: str, words: list[str], rs: list[int]) -> dict:
         return ureal.manifest_from_strings(
-            uid, split, [(w, strings[(w, rng.choice(rends))]) for w in words], rate, speaker
+            uid, split, [(w, strings[(w, rng.choice(rs))]) for w in words], rate, speaker
         )
 
     train = [
-        rec(f"train-{i:05d}", "train", s.split(), train_r)
+        rec(f"train-{i:05d}", "train", s.split(), rends.train)
         for i, s in enumerate(meta["speech_train"] + meta["fillers"])
     ]
     test = [
-        rec(f"test-{i:04d}", "test", s.split(), test_r) for i, s in enumerate(meta["speech_test"])
+        rec(f"test-{i:04d}", "test", s.split(), [rends.test])
+        for i, s in enumerate(meta["speech_test"])
     ]
     items = []
     for i, f in enumerate(meta["knowledge"]):
         prompt = knowledge.ALL_PROMPTS[f["relation"]].format(p=f["person"]).split()
         for role in ("answer", "counterfactual"):
-            r = rec(f"fact-{i:03d}-{role}", "test", [*prompt, f[role]], test_r)
+            r = rec(f"fact-{i:03d}-{role}", "test", [*prompt, f[role]], [rends.test])
             r.update(fact=i, role=role, relation=f["relation"], person=f["person"])
             r["prompt_words"] = len(prompt)
             items.append(r)
@@ -205,36 +269,73 @@ def prepare(data: Path, source: Path, k: int) -> list[str]:
     return words
 
 
-def build_ureal(data: Path, source: Path, out_dir: Path, *, renditions: int, k: int) -> None:
+def write_info(path: Path, info: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, path)
+    print(json.dumps(info))
+
+
+def build_ureal(
+    data: Path, source: Path, out_dir: Path, rends: Renditions, *, k: int, clips: Path
+) -> None:
     t0 = time.time()
     words = prepare(data, source, k)
-    synth(data, words, renditions)
+    synth(clips, words, rends)
     t1 = time.time()
-    features(data, words, renditions)
+    features(clips, words, rends)
     t2 = time.time()
-    table = load_pooled(data, words, renditions)
-    train = np.concatenate([v for (_, r), v in table.items() if r < renditions - 1])
+    table = load_pooled(clips, words, rends)
+    train = np.concatenate([v for (_, r), v in table.items() if r in set(rends.train)])
     book = ureal.Codebook.fit(train, k, seed=0)
     book.save(data / "ureal_codebook.npz")
     strings = word_strings(table, book)
-    counts = manifests(data, out_dir, strings, renditions, ureal.UNIT_RATE, "piper-joe-varied")
-    info: dict[str, Any] = {
-        "renditions": renditions,
-        "train_renditions": list(range(renditions - 1)),
-        "test_rendition": renditions - 1,
-        "k": k,
-        "piper_ranges": PIPER_RANGES,
-        "features": ureal.FEATURES,
-        "pooled_train_frames": len(train),
-        "units_per_word": float(np.mean([len(u) for u, _ in strings.values()])),
-        "utterances": counts,
-        "seconds": {
-            "synth": round(t1 - t0),
-            "features": round(t2 - t1),
-            "units_and_manifests": round(time.time() - t2),
+    counts = manifests(data, out_dir, strings, rends, ureal.UNIT_RATE, "tts-varied")
+    write_info(
+        data / "ureal_info.json",
+        {
+            "piper_renditions": rends.piper,
+            "espeak_renditions": rends.espeak,
+            "train_renditions": rends.train,
+            "test_rendition": rends.test,
+            "k": k,
+            "piper_ranges": PIPER_RANGES,
+            "espeak": {"voices": ESPEAK_VOICES, "rate": ESPEAK_RATE, "pitch": ESPEAK_PITCH},
+            "features": ureal.FEATURES,
+            "pooled_train_frames": len(train),
+            "units_per_word": round(float(np.mean([len(u) for u, _ in strings.values()])), 3),
+            "utterances": counts,
+            "seconds_this_run": {
+                "synth": round(t1 - t0),
+                "features": round(t2 - t1),
+                "kmeans_and_manifests": round(time.time() - t2),
+            },
         },
+    )
+
+
+def build_mfcc_baseline(clips: Path, out: Path, tokenizer: Path, rends: Renditions) -> None:
+    """The shipped MFCC unit tokenizer (``units.UnitTokenizer``, K = 100, 12.5 Hz word-synchronous
+    windows) applied to the same clips, each clip alone: the comparison for gate G1."""
+    from speech_lens.organisms import units
+
+    t0 = time.time()
+    tok = units.UnitTokenizer.load(tokenizer)
+    words = prepare(out, clips, tok.k)
+    strings: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+    for r, _, name in rends.shards(len(words)):
+        sh = np.load(clips / "ureal_audio" / f"{name}.npz")
+        for w, clip in zip(sh["words"], clips_of(sh), strict=True):
+            us, ds, _ = tok.encode(clip, [(str(w), 0.0, len(clip) / ureal.SR)])
+            strings[(str(w), r)] = (us, ds)
+    counts = manifests(out, out / "held_out", strings, rends, tok.config.rate, "tts-varied")
+    info = {
+        "tokenizer": str(tokenizer),
+        "train_renditions": rends.train,
+        "test_rendition": rends.test,
+        "k": tok.k,
+        "utterances": counts,
+        "units_per_word": round(float(np.mean([len(u) for u, _ in strings.values()])), 3),
+        "seconds": round(time.time() - t0),
     }
-    tmp = data / "ureal_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, data / "ureal_info.json")
-    print(json.dumps(info))
+    write_info(out / "mfcc_info.json", info)

@@ -139,6 +139,7 @@ def main_manifest(a: argparse.Namespace) -> None:
         raise SystemExit("--manifest-set needs --train-manifest and --n-units")
     res = json.loads(a.out.read_text()) if a.out.exists() else {}
     entry = {
+        "what": a.what,
         "train_manifest": relative(a.train_manifest),
         "test_manifest": relative(a.test),
         "n_units": a.n_units,
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--train-manifest", type=Path, help="--manifest-set: training manifest")
     ap.add_argument("--n-units", type=int, help="--manifest-set: number of unit ids")
     ap.add_argument("--info", type=Path, help="--manifest-set: JSON stored as the set's 'build'")
+    ap.add_argument("--what", help="--manifest-set: what the unit set is (stored as 'what')")
     a = ap.parse_args()
     if a.manifest_set:
         main_manifest(a)
