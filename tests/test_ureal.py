@@ -13,7 +13,7 @@ import torch
 
 from speech_lens.data.manifest import utterance_from_record
 from speech_lens.organisms import ureal
-from speech_lens.organisms.corpus import word_units
+from speech_lens.organisms.corpus import read_jsonl, word_units
 
 SPEECH = Path(__file__).parent / "data" / "speech"
 
@@ -131,3 +131,20 @@ def test_whisper_features_depend_on_window_position_so_clips_are_not_packed(enco
     moved, shortened = mean_cosine(full0, full5), mean_cosine(full0, short0)
     assert moved < 0.8, moved
     assert shortened > moved + 0.1, (shortened, moved)
+
+
+def test_shipped_ureal_manifests_read_back_and_match_the_u0_clauses() -> None:
+    root = Path(__file__).parents[1] / "organisms"
+    u0_test = {r["id"]: r["text"] for r in read_jsonl(root / "u0" / "test_manifest_p0.jsonl")}
+    test = list(read_jsonl(root / "ureal" / "test_manifest.jsonl"))
+    assert {r["id"]: r["text"] for r in test} == u0_test  # the same 300 held-out clauses
+    items = list(read_jsonl(root / "ureal" / "knowledge_manifest.jsonl"))
+    assert len(items) == 640
+    for rec in test + items:
+        words, per_word = word_units(rec)
+        assert words == rec["text"].split()
+        assert all(0 <= u < 256 for us in per_word for u in us)
+        utt = utterance_from_record(rec)
+        assert utt.frame_rate == ureal.UNIT_RATE
+        assert sum(utt.durations or ()) / ureal.UNIT_RATE == pytest.approx(utt.words[-1].end)
+    assert sum(len(word_units(r)[0]) for r in test) == 1698
