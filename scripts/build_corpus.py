@@ -306,7 +306,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("stage", choices=["text", "speech", "units", "u0", "u0-data", "ureal"])
     ap.add_argument("--from", dest="source", help="u0-data, ureal: the text data folder (world 2)")
-    ap.add_argument("--renditions", type=int, default=12, help="ureal: Piper, the last held out")
+    ap.add_argument("--renditions", type=int, default=24, help="ureal: Piper, the last held out")
     ap.add_argument("--espeak", type=int, default=0, help="ureal: espeak-ng training renditions")
     ap.add_argument("--clips", help="ureal: folder of ureal_audio/ and ureal_feats/ (--data)")
     ap.add_argument("--k", type=int, default=256, help="ureal: k-means clusters")

@@ -2,7 +2,7 @@
 pooled per 40 ms -> k-means (K = 256) -> a data folder for ``train_organism.py`` (``units =
 "manifest"``) and the held-out manifests under ``organisms/ureal/``.
 
-  python scripts/build_corpus.py ureal --from runs/data_v2 --data runs/data_ureal [--espeak 4]
+  python scripts/build_corpus.py ureal --from runs/data_v2 --data runs/data_ureal --renditions 24
 
 Steps, each resumable (files written atomically, finished shards kept):
 
