@@ -138,8 +138,9 @@ def main_manifest(a: argparse.Namespace) -> None:
     if a.train_manifest is None or a.n_units is None:
         raise SystemExit("--manifest-set needs --train-manifest and --n-units")
     res = json.loads(a.out.read_text()) if a.out.exists() else {}
+    before = res.get("manifest_unit_sets", {}).get(a.manifest_set, {})
     entry = {
-        "what": a.what,
+        "what": a.what or before.get("what"),  # a re-run keeps the description
         "train_manifest": relative(a.train_manifest),
         "test_manifest": relative(a.test),
         "n_units": a.n_units,
