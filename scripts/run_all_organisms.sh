@@ -33,7 +33,8 @@ OMP_NUM_THREADS=1 $PY scripts/unit_sets.py --data runs/data_v2 --seeds 0 1
 # U-real (issue 17 §2; shipped: organisms/ureal/, unit_sets.json manifest_unit_sets): 24 Piper
 # renditions per word -> whisper tiny.en units (K = 256), about 45 min at 1 thread, resumable shards;
 # then G1 on it and on the shipped MFCC tokenizer applied to the same clips.
-OMP_NUM_THREADS=1 $PY scripts/build_corpus.py ureal --from runs/data_v2 --data runs/data_ureal \
+[ -f runs/data_ureal/ureal_info.json ] || OMP_NUM_THREADS=1 $PY scripts/build_corpus.py ureal \
+  --from runs/data_v2 --data runs/data_ureal \
   --renditions 24 --mfcc-baseline runs/data_ureal_mfcc24
 OMP_NUM_THREADS=1 $PY scripts/unit_sets.py --manifest-set U-real --n-units 256 \
   --train-manifest runs/data_ureal/manifest_train.jsonl --test organisms/ureal/test_manifest.jsonl \
