@@ -6,6 +6,8 @@
   python scripts/build_corpus.py u0        # espeak-ng phonemes of every vocabulary word (U0)
   python scripts/build_corpus.py u0-data --data runs/data_u0 --from runs/data_v2
                                            # U0 data folder: vocab + manifests per unit noise p
+  python scripts/build_corpus.py ureal --data runs/data_ureal --from runs/data_v2
+                                           # U-real units: Piper renditions -> whisper -> k-means
 Prerequisite: apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb runs/deb
 ``text --world 2`` builds the 320-fact world (``knowledge.py``; the shipped organisms use world 1);
 ``u0`` needs ``espeakng-loader`` (GPL espeak-ng: build time only, as for mini-SIMS).
@@ -302,8 +304,15 @@ def unit_stats(recs: list[dict]) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("stage", choices=["text", "speech", "units", "u0", "u0-data"])
-    ap.add_argument("--from", dest="source", help="u0-data: the text data folder (world 2)")
+    ap.add_argument("stage", choices=["text", "speech", "units", "u0", "u0-data", "ureal"])
+    ap.add_argument("--from", dest="source", help="u0-data, ureal: the text data folder (world 2)")
+    ap.add_argument("--renditions", type=int, default=24, help="ureal: Piper, the last held out")
+    ap.add_argument("--espeak", type=int, default=0, help="ureal: espeak-ng training renditions")
+    ap.add_argument("--clips", help="ureal: folder of ureal_audio/ and ureal_feats/ (--data)")
+    ap.add_argument("--k", type=int, default=256, help="ureal: k-means clusters")
+    ap.add_argument(
+        "--mfcc-baseline", help="ureal: also write MFCC-unit manifests of the clips here"
+    )
     ap.add_argument("--data", default=str(ROOT / "runs" / "data"))
     ap.add_argument("--deb", default=str(ROOT / "runs" / "deb"))
     ap.add_argument("--out", default=str(ROOT / "organisms"), help="shipped files go here")
@@ -319,3 +328,14 @@ if __name__ == "__main__":
         build_u0(Path(a.data), Path(a.out))
     elif a.stage == "u0-data":
         build_u0_data(Path(a.data), Path(a.source or a.data), Path(a.out))
+    elif a.stage == "ureal":
+        import build_ureal  # scripts/build_ureal.py
+
+        rends = build_ureal.Renditions(a.renditions, a.espeak)
+        clips = Path(a.clips or a.data)
+        src = Path(a.source or a.data)
+        out = Path(a.out) / "ureal"
+        build_ureal.build_ureal(Path(a.data), src, out, rends, k=a.k, clips=clips)
+        if a.mfcc_baseline:
+            tok = Path(a.out) / "unit_tokenizer.json"
+            build_ureal.build_mfcc_baseline(clips, Path(a.mfcc_baseline), tok, rends)

@@ -30,6 +30,18 @@ $PY scripts/summarize_organisms.py
 [ -f runs/data_v2/text.json ] || $PY scripts/build_corpus.py text --world 2 --data runs/data_v2
 [ -f runs/data_v2/u0_lexicon.json ] || $PY scripts/build_corpus.py u0 --data runs/data_v2
 OMP_NUM_THREADS=1 $PY scripts/unit_sets.py --data runs/data_v2 --seeds 0 1
+# U-real (issue 17 §2; shipped: organisms/ureal/, unit_sets.json manifest_unit_sets): 24 Piper
+# renditions per word -> whisper tiny.en units (K = 256), about 45 min at 1 thread, resumable shards;
+# then G1 on it and on the shipped MFCC tokenizer applied to the same clips.
+[ -f runs/data_ureal/ureal_info.json ] || OMP_NUM_THREADS=1 $PY scripts/build_corpus.py ureal \
+  --from runs/data_v2 --data runs/data_ureal \
+  --renditions 24 --mfcc-baseline runs/data_ureal_mfcc24
+OMP_NUM_THREADS=1 $PY scripts/unit_sets.py --manifest-set U-real --n-units 256 \
+  --train-manifest runs/data_ureal/manifest_train.jsonl --test organisms/ureal/test_manifest.jsonl \
+  --info runs/data_ureal/ureal_info.json
+OMP_NUM_THREADS=1 $PY scripts/unit_sets.py --manifest-set "MFCC shipped tokenizer, R=24 clips" \
+  --n-units 100 --train-manifest runs/data_ureal_mfcc24/manifest_train.jsonl \
+  --test runs/data_ureal_mfcc24/held_out/test_manifest.jsonl --info runs/data_ureal_mfcc24/mfcc_info.json
 # The rotated control (issue 17 §4; trained and evaluated only with ISSUE17_TRAIN=1, not yet in results.json)
 if [ "${ISSUE17_TRAIN:-0}" = 1 ]; then
   $PY scripts/train_organism.py control_rotated_l3 --threads 1

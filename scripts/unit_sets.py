@@ -10,6 +10,13 @@ units of the 1,698 words of the 300 held-out clauses (``organisms/test_manifest.
 utterance ids), drawn with the same (seed, utterance, occurrence) keys a U0 organism sees. Two
 classifiers (``unit_classifiers.py``): edit-distance 1-NN and bag-of-bigrams naive Bayes. Cells
 (p, seed) already in the output are kept (re-run to resume); the file is written atomically.
+
+  python scripts/unit_sets.py --manifest-set U-real --train-manifest runs/data_ureal/manifest_train.jsonl \
+      --test organisms/ureal/test_manifest.jsonl --n-units 256 --info runs/data_ureal/ureal_info.json
+
+Units read from manifests (``corpus.word_units``): the same classifiers trained on the word
+occurrences of a training manifest, tested on a held-out manifest; stored under
+``manifest_unit_sets`` of the output (the U0 cells and other sets are kept).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from speech_lens.organisms import u0
-from speech_lens.organisms.corpus import read_jsonl
+from speech_lens.organisms.corpus import read_jsonl, word_units
 from speech_lens.organisms.unit_classifiers import BigramBayes, Example, NearestString, accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +97,63 @@ def cell(train: list, test: list, lex: dict, p: float, seed: int) -> dict:
     }
 
 
+def manifest_examples(path: Path) -> list[Example]:
+    out: list[Example] = []
+    for rec in read_jsonl(path):
+        words, per_word = word_units(rec)
+        out += [(tuple(us), w) for w, us in zip(words, per_word, strict=True)]
+    return out
+
+
+def manifest_cell(train_path: Path, test_path: Path, n_units: int) -> dict:
+    t0 = time.time()
+    tr, te = manifest_examples(train_path), manifest_examples(test_path)
+    nn = NearestString.fit(tr)
+    nb = BigramBayes.fit(tr, n_units)
+    seen = {s for s, _ in tr}
+    return {
+        "nearest_string_acc": round(accuracy(nn.predict, te), 4),
+        "bigram_bayes_acc": round(accuracy(nb.predict, te), 4),
+        "n_test_words": len(te),
+        "n_train_words": len(tr),
+        "train_strings": len(seen),
+        "test_strings_seen_in_train": round(sum(s in seen for s, _ in te) / len(te), 4),
+        "units_per_word_train": round(sum(len(s) for s, _ in tr) / len(tr), 3),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def write_atomic(path: Path, res: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def relative(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def main_manifest(a: argparse.Namespace) -> None:
+    if a.train_manifest is None or a.n_units is None:
+        raise SystemExit("--manifest-set needs --train-manifest and --n-units")
+    res = json.loads(a.out.read_text()) if a.out.exists() else {}
+    before = res.get("manifest_unit_sets", {}).get(a.manifest_set, {})
+    entry = {
+        "what": a.what or before.get("what"),  # a re-run keeps the description
+        "train_manifest": relative(a.train_manifest),
+        "test_manifest": relative(a.test),
+        "n_units": a.n_units,
+        **manifest_cell(a.train_manifest, a.test, a.n_units),
+        "command": "python scripts/unit_sets.py " + shlex.join(sys.argv[1:]),
+    }
+    if a.info is not None:
+        entry["build"] = json.loads(a.info.read_text())
+    res.setdefault("manifest_unit_sets", {})[a.manifest_set] = entry
+    print(json.dumps({k: v for k, v in entry.items() if k != "build"}), flush=True)
+    write_atomic(a.out, res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data_v2")
@@ -98,7 +162,15 @@ def main() -> None:
     ap.add_argument("--p", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.35, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", type=Path, default=ROOT / "organisms" / "unit_sets.json")
+    ap.add_argument("--manifest-set", help="name of a unit set read from manifests (see above)")
+    ap.add_argument("--train-manifest", type=Path, help="--manifest-set: training manifest")
+    ap.add_argument("--n-units", type=int, help="--manifest-set: number of unit ids")
+    ap.add_argument("--info", type=Path, help="--manifest-set: JSON stored as the set's 'build'")
+    ap.add_argument("--what", help="--manifest-set: what the unit set is (stored as 'what')")
     a = ap.parse_args()
+    if a.manifest_set:
+        main_manifest(a)
+        return
     lex = u0.load_lexicon(a.lexicon)
     meta = json.loads((a.data / "text.json").read_text())
     spoken = meta["speech_train"] + meta["fillers"]
@@ -121,6 +193,7 @@ def main() -> None:
         "test_utterances": len(test),
         "command": "python scripts/unit_sets.py " + shlex.join(sys.argv[1:]),
         "cells": [],
+        "manifest_unit_sets": old.get("manifest_unit_sets", {}),
     }
     for p in a.p:
         for seed in a.seeds:
@@ -128,9 +201,7 @@ def main() -> None:
             res["cells"].append(c)
             print(json.dumps(c), flush=True)
             res["summary"] = summary(res["cells"])
-            tmp = a.out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
-            os.replace(tmp, a.out)
+            write_atomic(a.out, res)
 
 
 def summary(cells: list[dict]) -> list[dict]:
