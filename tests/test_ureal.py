@@ -86,6 +86,7 @@ def test_manifest_from_strings_reads_back_through_organisms_and_library() -> Non
 def word_clips() -> list[np.ndarray]:
     """Gap-extended word regions of the two Piper test utterances (16 kHz)."""
     import soundfile as sf
+
     clips = []
     for name in ("the_cat_sat", "tom_lives_in"):
         audio, sr = sf.read(SPEECH / f"{name}.flac", dtype="float32")
