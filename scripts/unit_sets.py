@@ -72,24 +72,31 @@ def renditions(
     return out, edits
 
 
-def cell(train: list, test: list, lex: dict, p: float, seed: int) -> dict:
-    t0 = time.time()
-    noise = u0.UnitNoise(p, seed)
-    tr, edits = renditions(train, lex, noise)
-    te, _ = renditions(test, lex, noise)
+def classify(tr: list[Example], te: list[Example], n_units: int) -> dict:
+    """G1's two unit->word classifiers fitted on ``tr`` and scored on ``te``."""
     nn = NearestString.fit(tr)
-    nb = BigramBayes.fit(tr, len(u0.U0_PHONEMES))
+    nb = BigramBayes.fit(tr, n_units)
     seen = {s for s, _ in tr}
-    n = max(1, edits["units"])
     return {
-        "p": p,
-        "seed": seed,
         "nearest_string_acc": round(accuracy(nn.predict, te), 4),
         "bigram_bayes_acc": round(accuracy(nb.predict, te), 4),
         "n_test_words": len(te),
         "n_train_words": len(tr),
         "train_strings": len(seen),
         "test_strings_seen_in_train": round(sum(s in seen for s, _ in te) / len(te), 4),
+    }
+
+
+def cell(train: list, test: list, lex: dict, p: float, seed: int) -> dict:
+    t0 = time.time()
+    noise = u0.UnitNoise(p, seed)
+    tr, edits = renditions(train, lex, noise)
+    te, _ = renditions(test, lex, noise)
+    n = max(1, edits["units"])
+    return {
+        "p": p,
+        "seed": seed,
+        **classify(tr, te, len(u0.U0_PHONEMES)),
         "train_edit_rates": {
             k: round(edits[k] / n, 4) for k in ("substituted", "deleted", "inserted", "restored")
         },
@@ -108,16 +115,8 @@ def manifest_examples(path: Path) -> list[Example]:
 def manifest_cell(train_path: Path, test_path: Path, n_units: int) -> dict:
     t0 = time.time()
     tr, te = manifest_examples(train_path), manifest_examples(test_path)
-    nn = NearestString.fit(tr)
-    nb = BigramBayes.fit(tr, n_units)
-    seen = {s for s, _ in tr}
     return {
-        "nearest_string_acc": round(accuracy(nn.predict, te), 4),
-        "bigram_bayes_acc": round(accuracy(nb.predict, te), 4),
-        "n_test_words": len(te),
-        "n_train_words": len(tr),
-        "train_strings": len(seen),
-        "test_strings_seen_in_train": round(sum(s in seen for s, _ in te) / len(te), 4),
+        **classify(tr, te, n_units),
         "units_per_word_train": round(sum(len(s) for s, _ in tr) / len(tr), 3),
         "seconds": round(time.time() - t0, 1),
     }
