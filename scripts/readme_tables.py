@@ -366,8 +366,7 @@ def u0_grid() -> str:
     from speech_lens.runs.demo_u0 import U0Grid, cell_of, table_row
 
     grid = U0Grid.under(REPO / "organisms")
-    results = grid.results()
-    names = [n for n in results if (grid.root / n / "lens" / "layers.csv").exists()]
+    results, names = grid.results(), grid.names()
     if not names:
         return "No U0 organism measured yet (`scripts/u0_grid.py`)."
     table = [table_row(cell_of(n, results[n]["config"]), results[n], grid.layers(n)) for n in names]
@@ -390,7 +389,7 @@ def u0_rows() -> str:
     from speech_lens.runs.demo_u0 import U0Grid
 
     grid = U0Grid.under(REPO / "organisms")
-    names = [n for n in grid.results() if (grid.root / n / "lens" / "layers.csv").exists()]
+    names = grid.names()
     if not names:
         return "No U0 organism measured yet."
     head = (

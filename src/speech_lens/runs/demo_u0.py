@@ -36,6 +36,19 @@ class U0Grid:
         path = self.root / "results.json"
         return json.loads(path.read_text()).get("organisms", {}) if path.exists() else {}
 
+    def names(self) -> list[str]:
+        """The measured organisms, text LM first, then text-init cells by data, p and seed,
+        then random init, then the planted controls."""
+        results = self.results()
+        names = [n for n in results if (self.root / n / "lens" / "layers.csv").exists()]
+
+        def order(n: str) -> tuple:
+            c = cell_of(n, results[n]["config"])
+            rank = {"never heard speech": 0, "": 1}.get(c.control, 2)
+            return (rank, c.init != "text", c.data != "interleaved 0.6", c.data, c.p, c.seed, n)
+
+        return sorted(names, key=order)
+
     def layers(self, name: str, run: str = "lens") -> list[criteria.Row]:
         return criteria.read_layers(self.root / name / run / "layers.csv")
 
@@ -99,7 +112,7 @@ def table_row(cell: Cell, measured: dict[str, Any], rows: list[criteria.Row]) ->
 def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str, Any]:
     """Add the U0 grid's sections to ``rep`` from the shipped artifacts; return the numbers."""
     results = u0.results()
-    names = [n for n in results if (u0.root / n / "lens" / "layers.csv").exists()]
+    names = u0.names()
     if not names:
         say(f"U0 grid: no measured organisms under {u0.root}, section skipped")
         return {}
