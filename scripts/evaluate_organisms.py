@@ -7,6 +7,7 @@ Also: python scripts/evaluate_organisms.py --export NAME  (runs/NAME/state.pt ->
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import time
@@ -43,15 +44,19 @@ def load(dir_: Path) -> torch.nn.Module:
 
 
 def merge(path: Path, key: str, value: object) -> None:
-    res = json.loads(path.read_text()) if path.exists() else {}
-    res.setdefault("organisms", {})
-    if key.startswith("organisms."):
-        res["organisms"][key.split(".", 1)[1]] = value
-    else:
-        res[key] = value
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, path)
+    """Set ``key`` in the JSON file at ``path``; read-modify-write under an exclusive lock, so
+    evaluations running in parallel do not drop each other's entries."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        res = json.loads(path.read_text()) if path.exists() else {}
+        res.setdefault("organisms", {})
+        if key.startswith("organisms."):
+            res["organisms"][key.split(".", 1)[1]] = value
+        else:
+            res[key] = value
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, path)
 
 
 def manifests(config: dict, data: Path, out: Path) -> tuple[Path, Path, Path]:

@@ -61,7 +61,13 @@ def tuned(ckpt: Path, name: str, test: Path, train: Path) -> dict:
     lens(ckpt, test, GRID / name / "lens_tuned", "--lens", f"tuned:{lens_dir}")
     (GRID / name / "lens_tuned" / "words.csv").unlink(missing_ok=True)
     rows = criteria.read_layers(GRID / name / "lens_tuned" / "layers.csv")
-    return dataclasses.asdict(criteria.reading(rows, None))  # E1 only: no scrambled control
+    logit = criteria.read_layers(GRID / name / "lens" / "layers.csv")
+    # E1 only (no scrambled control); phases (L_units) from the logit lens, see criteria.reading,
+    # and the literal reading (the tuned lens's own unit mass) beside it
+    return {
+        **dataclasses.asdict(criteria.reading(rows, None, phases_from=logit)),
+        "literal": dataclasses.asdict(criteria.reading(rows, None)),
+    }
 
 
 def compress(path: Path) -> None:

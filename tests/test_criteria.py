@@ -74,3 +74,12 @@ def test_ci_overlap_with_the_prior_fails_and_rows_read_back_from_csv(tmp_path: P
     assert back == rows and not criteria.reading(back).e1.holds
     with pytest.raises(ValueError, match="other rows"):
         criteria.reading(rows, rows[:-1])
+
+
+def test_phases_can_come_from_another_lens() -> None:
+    """A tuned lens's rows: unit mass high everywhere, so its own L_units is row 1; with the
+    logit lens's phases the same recall passes."""
+    tuned = [row(i, cur=0.40, units=0.9) for i in range(7)]
+    assert criteria.reading(tuned).l_units == 1 and not criteria.reading(tuned).e1.holds
+    got = criteria.reading(tuned, phases_from=model())
+    assert got.l_units == 6 and got.e1.rows == (1, 2, 3, 4, 5) and got.e1_kind == "transcription"

@@ -75,11 +75,19 @@ def _above(rows: list[Row], key: str, bars: list[list[float]], k: int, l_units: 
     )
 
 
-def reading(rows: list[Row], scrambled: list[Row] | None = None, k: int = 5) -> Reading:
-    """Apply E1-E3 to a run's layer rows (and its scrambled-order control's, for E2)."""
+def reading(
+    rows: list[Row],
+    scrambled: list[Row] | None = None,
+    k: int = 5,
+    phases_from: list[Row] | None = None,
+) -> Reading:
+    """Apply E1-E3 to a run's layer rows (and its scrambled-order control's, for E2).
+    ``phases_from``: take ``L_units`` from these rows instead (a tuned lens's reading uses the
+    logit lens's: a tuned lens is trained to reproduce the output, unit-dominated at unit
+    positions, so its own unit mass cannot place the phases)."""
     if scrambled is not None and [r["layer"] for r in scrambled] != [r["layer"] for r in rows]:
         raise ValueError("the scrambled control read other rows than the run")
-    l_units = units_overtake(rows)
+    l_units = units_overtake(phases_from if phases_from is not None else rows)
     cur_bars = [[r[f"recall@{k}_mismatched_hi"], r[f"recall@{k}_current_prior_hi"]] for r in rows]
     e1 = _above(rows, "current", cur_bars, k, l_units)
     last = _above(rows, "last_unit", cur_bars, k, l_units)
