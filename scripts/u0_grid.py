@@ -34,34 +34,38 @@ OUT = ROOT / "organisms"
 GRID = OUT / "u0"
 
 
-def lens(ckpt: Path, test: Path, out: Path, *extra: str) -> None:
-    if (out / "layers.csv").exists():
-        return
-    cli = [str(Path(sys.executable).with_name("speech-lens")), "lens", str(ckpt), str(test)]
-    prior = ["--prior-manifest", str(GRID / "train_sample.jsonl")]
-    args = ["--out", str(out), "--k", "10", "--match", "first", *prior, "--no-progress", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([*cli, *args], check=True, env=env)
-    for extra_file in ("report.html", "partial.jsonl"):  # the numbers: layers.csv, metrics.json
+def speech_lens_cli(*args: str) -> None:
+    """Run the installed ``speech-lens`` command (offline)."""
+    cli = str(Path(sys.executable).with_name("speech-lens"))
+    subprocess.run([cli, *args], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def lens(ckpt: Path, test: Path, out: Path, *extra: str, keep_words: bool = False) -> None:
+    """``speech-lens lens`` into ``out`` unless done; keep layers.csv and metrics.json, and
+    words.csv gzipped (a fifth of the size; report.grid reads either) if ``keep_words``."""
+    if not (out / "layers.csv").exists():
+        prior = ["--prior-manifest", str(GRID / "train_sample.jsonl")]
+        opts = ["--out", str(out), "--k", "10", "--match", "first", *prior, "--no-progress"]
+        speech_lens_cli("lens", str(ckpt), str(test), *opts, *extra)
+    for extra_file in ("report.html", "partial.jsonl"):
         (out / extra_file).unlink(missing_ok=True)
+    words = out / "words.csv"
+    if words.exists() and keep_words:
+        with words.open("rb") as src, gzip.open(words.with_suffix(".csv.gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    words.unlink(missing_ok=True)
 
 
-def tuned(ckpt: Path, name: str, test: Path, train: Path) -> dict:
+def tuned(ckpt: Path, name: str, test: Path, train: Path, logit: list[criteria.Row]) -> dict:
     """Tuned lens on the organism's own training clauses (the organisms' recipe,
     scripts/train_organism_lenses.sh), then the lens through it and its E1 reading."""
     lens_dir = GRID / name / "tuned_lens"
     if not (lens_dir / "params.pt").exists():
-        cli = [str(Path(sys.executable).with_name("speech-lens")), "tuned-lens", "train"]
         opts = ["--data-mode", "mix", "--steps", "40", "--tokens-per-step", "4096"]
         opts += ["--heldout", "0.1", "--save-dtype", "float16", "--no-progress"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        subprocess.run(
-            [*cli, str(ckpt), str(train), "--out", str(lens_dir), *opts], check=True, env=env
-        )
+        speech_lens_cli("tuned-lens", "train", str(ckpt), str(train), "--out", str(lens_dir), *opts)
     lens(ckpt, test, GRID / name / "lens_tuned", "--lens", f"tuned:{lens_dir}")
-    (GRID / name / "lens_tuned" / "words.csv").unlink(missing_ok=True)
     rows = criteria.read_layers(GRID / name / "lens_tuned" / "layers.csv")
-    logit = criteria.read_layers(GRID / name / "lens" / "layers.csv")
     # E1 only (no scrambled control); phases (L_units) from the logit lens, see criteria.reading,
     # and the literal reading (the tuned lens's own unit mass) beside it
     return {
@@ -70,32 +74,22 @@ def tuned(ckpt: Path, name: str, test: Path, train: Path) -> dict:
     }
 
 
-def compress(path: Path) -> None:
-    """words.csv -> words.csv.gz (a fifth of the size; report.grid reads either)."""
-    if path.exists():
-        with path.open("rb") as src, gzip.open(path.with_suffix(".csv.gz"), "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        path.unlink()
-
-
 def measure(name: str, data: Path, runs: Path, with_tuned: bool = False) -> dict:
     run = runs / name
     ckpt = run / "checkpoint"
     if not (ckpt / "model.safetensors").exists():
         export_run(run, ckpt, data, unit_rate(run, OUT))
     config = json.loads((ckpt / "organism.json").read_text())["config"]
-    test = manifests(config, data, OUT)[0]
-    lens(ckpt, test, GRID / name / "lens")
+    test, train, _ = manifests(config, data, OUT)
+    lens(ckpt, test, GRID / name / "lens", keep_words=True)
     lens(ckpt, test, GRID / name / "lens_scrambled", "--scramble-words", "1")
-    (GRID / name / "lens_scrambled" / "words.csv").unlink(missing_ok=True)
-    compress(GRID / name / "lens" / "words.csv")
     res = evaluate(name, data, OUT, 800, checkpoint=ckpt)
     rows = criteria.read_layers(GRID / name / "lens" / "layers.csv")
     scrambled = criteria.read_layers(GRID / name / "lens_scrambled" / "layers.csv")
     res["reading"] = dataclasses.asdict(criteria.reading(rows, scrambled))
     res["lens_dir"] = str((GRID / name / "lens").relative_to(ROOT))
     if with_tuned:
-        res["reading_tuned"] = tuned(ckpt, name, test, manifests(config, data, OUT)[1])
+        res["reading_tuned"] = tuned(ckpt, name, test, train, rows)
     return res
 
 

@@ -50,6 +50,13 @@ class Reading:
     peak_row: int
 
 
+def peak_index(rows: list[Row], key: str = "current", k: int = 5) -> int:
+    """Index of the candidate row (strictly between row 0 and the output row; any row when
+    there are fewer than three) with the highest ``recall@k_<key>``."""
+    cands = range(1, len(rows) - 1) if len(rows) > 2 else range(len(rows))
+    return max(cands, key=lambda i: rows[i][f"recall@{k}_{key}"])
+
+
 def units_overtake(rows: list[Row]) -> int | None:
     for r in rows[1:]:
         if r["unit_mass"] > r["text_mass"]:
@@ -113,8 +120,7 @@ def reading(
     else:
         kind = "pooled only" if e1.holds else "none"
     verdict = "shows the effect" if e1.holds and e2.holds else "partly" if e1.holds else "null"
-    cands = rows[1:-1] or rows
-    peak = max(cands, key=lambda r: r[f"recall@{k}_current"])
+    peak = rows[peak_index(rows, "current", k)]
     return Reading(
         l_units, e1, last, first, e2, e3, verdict, kind,
         peak[f"recall@{k}_current"], int(peak["layer"]),

@@ -18,7 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from jaxtyping import Bool
 
-from speech_lens.report.criteria import Row
+from speech_lens.report.criteria import Row, peak_index
 from speech_lens.report.lens import PALETTE
 
 
@@ -141,9 +141,8 @@ def dose_figure(runs: Sequence[tuple[float, str, list[Row]]], k: int = 5) -> go.
     for key, name, color, symbol in series:
         xs, ys, lo, hi, text = [], [], [], [], []
         for dose, label, rows in runs:
-            cands = list(range(1, len(rows) - 1)) or [0]
             src = "current" if key in ("current", "current_prior", "mismatched") else "next"
-            at = max(cands, key=lambda i: rows[i][f"recall@{k}_{src}"])
+            at = peak_index(rows, src, k)
             y, dn, up = _err(rows, f"recall@{k}_{key}", at)
             xs.append(dose)
             ys.append(y)
@@ -189,7 +188,7 @@ def knowledge_figure(
     per run, with the correlation in the title. ``points``: (label, per-item 0/1, rows)."""
     fig = go.Figure()
     for i, (label, items, rows) in enumerate(points):
-        at = max(range(1, len(rows) - 1), key=lambda j: rows[j][f"recall@{k}_current"])
+        at = peak_index(rows, "current", k)
         x, xl, xh = _err(rows, f"recall@{k}_current", at)
         n, acc = len(items), float(np.mean(items))
         z = 1.96
