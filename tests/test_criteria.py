@@ -83,3 +83,10 @@ def test_phases_can_come_from_another_lens() -> None:
     assert criteria.reading(tuned).l_units == 1 and not criteria.reading(tuned).e1.holds
     got = criteria.reading(tuned, phases_from=model())
     assert got.l_units == 6 and got.e1.rows == (1, 2, 3, 4, 5) and got.e1_kind == "transcription"
+
+
+def test_dose_response_is_read_only_with_every_registered_dose() -> None:
+    every = [0.0, 0.0, 0.1, 0.2, 0.35, 0.5]  # seeds repeat a dose
+    assert criteria.dose_verdict(every, hi=-0.2).startswith("confirmed")
+    assert criteria.dose_verdict(every, hi=0.1).startswith("not confirmed")
+    assert criteria.dose_verdict([0.0, 0.1, 0.2], hi=-0.9).startswith("incomplete (3 of 5")

@@ -93,6 +93,7 @@ def test_section_reads_the_grid_and_tests_the_dose(tmp_path: Path) -> None:
     rho = stats.spearmanr(list(doses.values()), peaks).statistic
     assert out["dose_response"]["estimate"] == pytest.approx(rho)
     assert out["dose_response"]["n_cells"] == 3  # the control is not a dose cell
+    assert out["dose_response"]["verdict"].startswith("incomplete (3 of 5")  # 0.1, 0.35 missing
     assert out["knowledge_vs_transcription"]["n_cells"] == 3
     assert len(rep.sections[0].figures) == 3
     (line,) = out["controls"]  # the planted control, at its planted row (3): 0.9 hit rate

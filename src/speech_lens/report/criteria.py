@@ -125,3 +125,16 @@ def reading(
         l_units, e1, last, first, e2, e3, verdict, kind,
         peak[f"recall@{k}_current"], int(peak["layer"]),
     )  # fmt: skip
+
+
+REGISTERED_DOSES = (0.0, 0.1, 0.2, 0.35, 0.5)  # organisms/README.md, "Dose-response"
+
+
+def dose_verdict(doses: list[float], hi: float) -> str:
+    """The pre-registered dose-response reading: confirmed only if every registered dose was
+    measured and the Spearman CI lies below 0; with doses missing it is not read at all."""
+    missing = [p for p in REGISTERED_DOSES if p not in doses]
+    if missing:
+        n = len(REGISTERED_DOSES)
+        return f"incomplete ({n - len(missing)} of {n} registered doses measured): not read"
+    return "confirmed (CI below 0)" if hi < 0 else "not confirmed (CI not below 0)"

@@ -130,7 +130,8 @@ def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str,
         dose = grid.dose_response(
             [cells[n].p for n in dose_cells], [hits[n].current for n in dose_cells]
         )
-        out["dose_response"] = asdict(dose)
+        doses = [cells[n].p for n in dose_cells]
+        out["dose_response"] = {**asdict(dose), "verdict": criteria.dose_verdict(doses, dose.hi)}
         figures.append(grid.dose_figure([(cells[n].p, n, rows[n]) for n in dose_cells], k=K))
     figures.append(grid.mass_figure([(n, rows[n]) for n in names if cells[n].p in (0.0, 0.5)]))
     if len(plain) > 2:
@@ -191,7 +192,7 @@ def grid_text(out: dict[str, Any], results: dict[str, Any], names: list[str]) ->
         text += (
             f"\n\nDose-response (pre-registered: Spearman of p vs peak current-word Recall@{K}, "
             f"text init, interleaved 0.6, every seed): rho = {d['estimate']:.2f} "
-            f"[{d['lo']:.2f}, {d['hi']:.2f}] over {d['n_cells']} organisms."
+            f"[{d['lo']:.2f}, {d['hi']:.2f}] over {d['n_cells']} organisms: {d['verdict']}."
         )
     if "knowledge_vs_transcription" in out:
         c = out["knowledge_vs_transcription"]
