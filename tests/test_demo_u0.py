@@ -58,6 +58,9 @@ def results(cells: dict[str, dict]) -> dict:
                 "init": "u0_text_lm",
                 "mix": {"interleaved": 0.6, "speech": 0.2, "text": 0.2},
                 "seed": 0,
+                "steps": 1000,
+                "batch": 16,
+                "seq_len": 128,
                 **cfg,
             },
             "gates": {"next_word_after_speech_prefix": 0.15, "next_word_after_text_prefix": 0.2},
@@ -74,8 +77,10 @@ def test_section_reads_the_grid_and_tests_the_dose(tmp_path: Path) -> None:
     doses = {"a_p0": 0.0, "b_p20": 0.2, "c_p50": 0.5}
     hits = {n: write_cell(root, n, r) for n, r in zip(doses, (0.6, 0.35, 0.1), strict=True)}
     write_cell(root, "d_planted", 0.9)
+    write_cell(root, "a_p0_long", 0.05)  # exploratory: 3x the tokens, outside the tests
     res = results({n: {"unit_noise": p} for n, p in doses.items()})
     res.update(results({"d_planted": {"aux_layer": 3, "aux_weight": 1.0}}))
+    res.update(results({"a_p0_long": {"steps": 3000}}))
     for name in res:
         rows = criteria.read_layers(root / name / "lens" / "layers.csv")
         res[name]["reading"] = json.loads(json.dumps(criteria.reading(rows, rows).__dict__,
@@ -84,10 +89,11 @@ def test_section_reads_the_grid_and_tests_the_dose(tmp_path: Path) -> None:
     rep = Report("t")
     said: list[str] = []
     out = demo_u0.u0_section(rep, demo_u0.U0Grid(root), said.append)
-    assert len(rep.sections) == 1 and "4 organisms" in said[0]
+    assert len(rep.sections) == 1 and "5 organisms" in said[0]
     table = out["cells"]
-    assert [r["organism"] for r in table] == list(res)
-    assert [r["p"] for r in table] == ["0", "0.2", "0.5", "0"]
+    assert [r["organism"] for r in table] == ["a_p0", "b_p20", "c_p50", "a_p0_long", "d_planted"]
+    assert [r["p"] for r in table] == ["0", "0.2", "0.5", "0", "0"]
+    assert table[3]["data"] == "interleaved 0.6, 6.1M tokens"
     assert table[0]["verdict"].startswith("partly") and table[2]["verdict"] == "null"
     peaks = [hits[n][:, 1:-1].mean(0).max() for n in doses]
     rho = stats.spearmanr(list(doses.values()), peaks).statistic

@@ -128,6 +128,7 @@ def reading(
 
 
 REGISTERED_DOSES = (0.0, 0.1, 0.2, 0.35, 0.5)  # organisms/README.md, "Dose-response"
+REGISTERED_STAGE2_TOKENS = 1000 * 16 * 128  # the grid's cells: ~2M stage-2 tokens (gate G2)
 
 
 def dose_verdict(doses: list[float], hi: float) -> str:

@@ -65,6 +65,12 @@ class Cell:
     p: float
     seed: int
     control: str  # "" | "planted" | "rotated" | "never heard speech"
+    tokens: int  # trained in this run (stage 2 for text init)
+
+    @property
+    def registered(self) -> bool:
+        """A cell of the pre-registered grid: not a control, ~2M stage-2 tokens."""
+        return not self.control and self.tokens == criteria.REGISTERED_STAGE2_TOKENS
 
 
 def cell_of(name: str, config: dict[str, Any]) -> Cell:
@@ -76,9 +82,11 @@ def cell_of(name: str, config: dict[str, Any]) -> Cell:
     elif config.get("aux_layer") is not None and config.get("aux_weight", 0) > 0:
         control = "rotated" if config.get("aux_rotation_seed") is not None else "planted"
     init = "random" if config.get("init", "random") == "random" else "text"
-    return Cell(
-        name, init, data, float(config.get("unit_noise", 0.0)), config.get("seed", 0), control
-    )
+    tokens = config["steps"] * config["batch"] * config["seq_len"]
+    if not control and tokens != criteria.REGISTERED_STAGE2_TOKENS:
+        data += f", {tokens / 1e6:.1f}M tokens"
+    p, seed = float(config.get("unit_noise", 0.0)), config.get("seed", 0)
+    return Cell(name, init, data, p, seed, control, tokens)
 
 
 def _ci(r: criteria.Row, key: str) -> str:
@@ -119,7 +127,7 @@ def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str,
     cells = {n: cell_of(n, results[n]["config"]) for n in names}
     rows = {n: u0.layers(n) for n in names}
     table = [table_row(cells[n], results[n], rows[n]) for n in names]
-    plain = [n for n in names if not cells[n].control]
+    plain = [n for n in names if cells[n].registered]
     dose_cells = [
         n for n in plain if cells[n].init == "text" and cells[n].data == "interleaved 0.6"
     ]
