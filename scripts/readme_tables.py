@@ -363,13 +363,14 @@ def minisims() -> str:
 
 def u0_grid() -> str:
     """Issue 17's U0 organisms, one row per measured organism (``organisms/u0/results.json``)."""
-    from speech_lens.runs.demo_u0 import U0Grid, cell_of, table_row
+    from speech_lens.report.html import Report
+    from speech_lens.runs.demo_u0 import U0Grid, u0_section
 
     grid = U0Grid.under(REPO / "organisms")
-    results, names = grid.results(), grid.names()
-    if not names:
+    if not grid.names():
         return "No U0 organism measured yet (`scripts/u0_grid.py`)."
-    table = [table_row(cell_of(n, results[n]["config"]), results[n], grid.layers(n)) for n in names]
+    out = u0_section(Report("README"), grid, lambda _: None)  # the demo's numbers, same code
+    table = out["cells"]
     cols = list(table[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in table]
@@ -381,7 +382,22 @@ def u0_grid() -> str:
         "written prefix; verdict by the pre-registered rule (`speech_lens.report.criteria`); "
         "spoken knowledge = answer vs counterfactual on 320 facts (chance 0.5 ± 0.055)."
     )
-    return "\n".join([note, "", *lines])
+    tests = []
+    if "dose_response" in out:
+        d = out["dose_response"]
+        tests.append(
+            f"Dose–response (Spearman of p vs peak current-word Recall@5 over the registered "
+            f"text-init interleaved 0.6 cells, every seed; word bootstrap): ρ = {d['estimate']:.2f} "
+            f"[{d['lo']:.2f}, {d['hi']:.2f}], {d['n_cells']} organisms: {d['verdict']}."
+        )
+    if "knowledge_vs_transcription" in out:
+        c = out["knowledge_vs_transcription"]
+        tests.append(
+            f"Spoken knowledge vs peak current-word Recall@5 (Pearson, item and word bootstrap, "
+            f"registered non-control cells): r = {c['estimate']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}], "
+            f"{c['n_cells']} organisms."
+        )
+    return "\n".join([note, "", *lines, "", "\n\n".join(tests)])
 
 
 def u0_rows() -> str:

@@ -42,8 +42,8 @@ def repo_copy(tmp_path: Path, monkeypatch):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
     shutil.copytree(REPO / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
-    # the U0 grid's tables read results.json and each organism's layers.csv
-    skip = shutil.ignore_patterns("*.jsonl", "words.csv.gz", "params.pt", "metrics.json")
+    # the U0 grid's tables read results.json, each organism's layers.csv and words.csv.gz
+    skip = shutil.ignore_patterns("*.jsonl", "params.pt", "metrics.json")
     shutil.copytree(REPO / "organisms" / "u0", tmp_path / "organisms" / "u0", ignore=skip)
     for cfg in REPO.glob("organisms/*/tuned_lens/config.json"):
         dest = tmp_path / cfg.relative_to(REPO)
