@@ -102,6 +102,10 @@ def test_section_reads_the_grid_and_tests_the_dose(tmp_path: Path) -> None:
     assert out["dose_response"]["verdict"].startswith("incomplete (3 of 5")  # 0.1, 0.35 missing
     assert out["knowledge_vs_transcription"]["n_cells"] == 3
     assert len(rep.sections[0].figures) == 3
+    mass = rep.sections[0].figures[1]  # every run drawn; p = 0.2 and the control start hidden
+    visible = {t.legendgroup: t.visible for t in mass.data}
+    assert visible == {"a_p0": True, "b_p20": "legendonly", "c_p50": True, "a_p0_long": True,
+                       "d_planted": "legendonly"}  # fmt: skip
     (line,) = out["controls"]  # the planted control, at its planted row (3): 0.9 hit rate
     rows = criteria.read_layers(root / "d_planted" / "lens" / "layers.csv")
     assert f"row 3 {rows[3]['recall@5_current']:.3f}" in line and "logit lens readout" in line

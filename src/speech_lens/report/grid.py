@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,9 +160,12 @@ def dose_figure(runs: Sequence[tuple[float, str, list[Row]]], k: int = 5) -> go.
     return fig
 
 
-def mass_figure(runs: Sequence[tuple[str, list[Row]]]) -> go.Figure:
+def mass_figure(
+    runs: Sequence[tuple[str, list[Row]]], shown: Collection[str] | None = None
+) -> go.Figure:
     """Text, unit and other-id mass at unit positions per lens row, one colour per run
-    (relative depth on x): the three-phase profile."""
+    (relative depth on x): the three-phase profile. Runs not in ``shown`` start hidden (a click
+    on the legend shows them)."""
     fig = go.Figure()
     dashes = {"text_mass": "solid", "unit_mass": "dash", "other_mass": "dot"}
     for i, (label, rows) in enumerate(runs):
@@ -172,7 +175,7 @@ def mass_figure(runs: Sequence[tuple[str, list[Row]]]) -> go.Figure:
             fig.add_trace(go.Scatter(
                 x=x, y=[r[key] for r in rows], mode="lines+markers", legendgroup=label,
                 name=f"{label}: {key.split('_')[0]}", line={"color": color, "dash": dash},
-                marker={"size": 4},
+                marker={"size": 4}, visible=True if shown is None or label in shown else "legendonly",
             ))  # fmt: skip
     fig.update_layout(
         title="Modality mass at unit positions (solid text, dashed units, dotted other ids)",

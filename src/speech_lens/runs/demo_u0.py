@@ -141,7 +141,7 @@ def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str,
         doses = [cells[n].p for n in dose_cells]
         out["dose_response"] = {**asdict(dose), "verdict": criteria.dose_verdict(doses, dose.hi)}
         figures.append(grid.dose_figure([(cells[n].p, n, rows[n]) for n in dose_cells], k=K))
-    figures.append(grid.mass_figure([(n, rows[n]) for n in names if cells[n].p in (0.0, 0.5)]))
+    figures.append(grid.mass_figure([(n, rows[n]) for n in names], shown=mass_shown(cells)))
     if len(plain) > 2:
         know = grid.knowledge_correlation(
             [results[n]["knowledge"]["speech_correct"] for n in plain],
@@ -161,6 +161,15 @@ def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str,
     )
     say(f"U0 grid: {len(names)} organisms read from {u0.root}")
     return out
+
+
+def mass_shown(cells: dict[str, Cell]) -> set[str]:
+    """The mass profiles drawn at first: the text LM and the seed-0 interleaved-0.6 organisms at
+    p = 0 and 0.5 (text and random init, any length); the others start hidden."""
+    return {
+        n for n, c in cells.items() if c.seed == 0 and c.p in (0.0, 0.5)
+        and (c.control == "never heard speech" or (not c.control and c.data.startswith("interleaved 0.6")))
+    }  # fmt: skip
 
 
 def control_line(u0: U0Grid, name: str, measured: dict[str, Any]) -> str:
