@@ -379,8 +379,9 @@ def u0_grid() -> str:
         "runs/u0` → `organisms/u0/results.json`, `organisms/u0/NAME/lens{,_scrambled}/`: "
         "speech-only prompts, 300 held-out clauses (1,698 words) at the organism's unit noise p, "
         "match first, k 5, utterance-bootstrap 95% CIs; G2 = next word (top-1) after a spoken vs a "
-        "written prefix; verdict by the pre-registered rule (`speech_lens.report.criteria`); "
-        "spoken knowledge = answer vs counterfactual on 320 facts (chance 0.5 ± 0.055)."
+        "written prefix; text probe = a ridge probe for the current word fit on text positions, "
+        "top-1 at each spoken word's last unit (best row; not part of the rule); verdict by the "
+        "pre-registered rule (`speech_lens.report.criteria`); spoken knowledge = answer vs counterfactual on 320 facts (chance 0.5 ± 0.055)."
     )
     tests = []
     if "dose_response" in out:

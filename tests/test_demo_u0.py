@@ -63,7 +63,11 @@ def results(cells: dict[str, dict]) -> dict:
                 "seq_len": 128,
                 **cfg,
             },
-            "gates": {"next_word_after_speech_prefix": 0.15, "next_word_after_text_prefix": 0.2},
+            "gates": {
+                "next_word_after_speech_prefix": 0.15,
+                "next_word_after_text_prefix": 0.2,
+                "probe": {"text_fit_on_speech": [0.0, 0.1, 0.3, 0.2]},
+            },
             "knowledge": {
                 "speech_acc": 0.5,
                 "speech_correct": [int(x) for x in RNG.random(320) < 0.5],
@@ -94,6 +98,7 @@ def test_section_reads_the_grid_and_tests_the_dose(tmp_path: Path) -> None:
     assert [r["organism"] for r in table] == ["a_p0", "b_p20", "c_p50", "a_p0_long", "d_planted"]
     assert [r["p"] for r in table] == ["0", "0.2", "0.5", "0", "0"]
     assert table[3]["data"] == "interleaved 0.6, 6.1M tokens"
+    assert table[0]["text probe at last unit (row)"] == "0.300 (2)"
     assert table[0]["verdict"].startswith("partly") and table[2]["verdict"] == "null"
     peaks = [hits[n][:, 1:-1].mean(0).max() for n in doses]
     rho = stats.spearmanr(list(doses.values()), peaks).statistic

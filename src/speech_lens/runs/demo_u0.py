@@ -93,6 +93,15 @@ def _ci(r: criteria.Row, key: str) -> str:
     return f"{r[key]:.3f} [{r[key + '_lo']:.3f}, {r[key + '_hi']:.3f}]"
 
 
+def _probe(gates: dict[str, Any]) -> str:
+    """Best row of the ridge probe fit on text positions, applied at spoken words' last units."""
+    acc = gates.get("probe", {}).get("text_fit_on_speech")
+    if not acc:
+        return "–"
+    best = max(range(len(acc)), key=acc.__getitem__)
+    return f"{acc[best]:.3f} ({best})"
+
+
 def table_row(cell: Cell, measured: dict[str, Any], rows: list[criteria.Row]) -> dict[str, Any]:
     rd = measured["reading"]
     kind = f"{cell.control} control; " if cell.control else ""
@@ -112,6 +121,7 @@ def table_row(cell: Cell, measured: dict[str, Any], rows: list[criteria.Row]) ->
         "last unit @ peak": f"{rows[at][f'recall@{K}_last_unit']:.3f}",
         "prior / mismatched @ peak": f"{rows[at][f'recall@{K}_current_prior']:.3f} / "
         f"{rows[at][f'recall@{K}_mismatched']:.3f}",
+        "text probe at last unit (row)": _probe(g),
         "verdict": kind + rd["verdict"] + (f" ({rd['e1_kind']})" if rd["e1"]["holds"] else ""),
         "spoken knowledge": f"{measured['knowledge']['speech_acc']:.3f}",
     }
