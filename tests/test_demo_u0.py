@@ -106,8 +106,10 @@ def test_section_reads_the_grid_and_tests_the_dose(tmp_path: Path) -> None:
     assert out["dose_response"]["n_cells"] == 3  # the control is not a dose cell
     assert out["dose_response"]["verdict"].startswith("incomplete (3 of 5")  # 0.1, 0.35 missing
     assert out["knowledge_vs_transcription"]["n_cells"] == 3
-    assert len(rep.sections[0].figures) == 3
-    mass = rep.sections[0].figures[1]  # every run drawn; p = 0.2 and the control start hidden
+    dose_fig, tokens_fig, mass, _ = rep.sections[0].figures
+    assert list(dose_fig.data[0].x) == [0.0, 0.2, 0.5]
+    assert list(tokens_fig.data[0].x) == [2.048, 6.144]  # a_p0 and a_p0_long, millions
+    # the mass figure: every run drawn; p = 0.2 and the control start hidden
     visible = {t.legendgroup: t.visible for t in mass.data}
     assert visible == {"a_p0": True, "b_p20": "legendonly", "c_p50": True, "a_p0_long": True,
                        "d_planted": "legendonly"}  # fmt: skip

@@ -127,9 +127,12 @@ def _err(rows: list[Row], key: str, at: int) -> tuple[float, float, float]:
     return r[key], r[key] - r[f"{key}_lo"], r[f"{key}_hi"] - r[key]
 
 
-def dose_figure(runs: Sequence[tuple[float, str, list[Row]]], k: int = 5) -> go.Figure:
-    """Peak current- and next-word Recall@k per run vs dose, with CIs (at the peak row) and the
-    baselines at that row: frequency prior, mismatched word. ``runs``: (dose, label, rows)."""
+def dose_figure(
+    runs: Sequence[tuple[float, str, list[Row]]], k: int = 5, axis: str = "unit noise p"
+) -> go.Figure:
+    """Peak current- and next-word Recall@k per run vs dose (or another axis: ``axis``), with CIs
+    (at the peak row) and the baselines at that row: frequency prior, mismatched word.
+    ``runs``: (x, label, rows)."""
     fig = go.Figure()
     series = [
         ("current", "current word", PALETTE[0], "circle"),
@@ -154,8 +157,8 @@ def dose_figure(runs: Sequence[tuple[float, str, list[Row]]], k: int = 5) -> go.
             "symbol": symbol, "size": 9}, error_y={"array": hi, "arrayminus": lo, "width": 3},
         ))  # fmt: skip
     fig.update_layout(
-        title=f"Peak mid-layer Recall@{k} vs unit noise p (95% CI; baselines at the peak row)",
-        xaxis_title="unit noise p", yaxis_title=f"Recall@{k}", template="plotly_white",
+        title=f"Peak mid-layer Recall@{k} vs {axis} (95% CI; baselines at the peak row)",
+        xaxis_title=axis, yaxis_title=f"Recall@{k}", template="plotly_white",
     )  # fmt: skip
     return fig
 

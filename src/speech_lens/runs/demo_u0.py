@@ -151,6 +151,13 @@ def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str,
         doses = [cells[n].p for n in dose_cells]
         out["dose_response"] = {**asdict(dose), "verdict": criteria.dose_verdict(doses, dose.hi)}
         figures.append(grid.dose_figure([(cells[n].p, n, rows[n]) for n in dose_cells], k=K))
+    lengths = [  # the headline cell at more stage-2 tokens (exploratory)
+        n for n in names if not cells[n].control and cells[n].init == "text"
+        and cells[n].data.startswith("interleaved 0.6") and (cells[n].p, cells[n].seed) == (0, 0)
+    ]  # fmt: skip
+    if len({cells[n].tokens for n in lengths}) > 1:
+        runs = [(cells[n].tokens / 1e6, n, rows[n]) for n in lengths]
+        figures.append(grid.dose_figure(runs, k=K, axis="stage-2 tokens (millions)"))
     figures.append(grid.mass_figure([(n, rows[n]) for n in names], shown=mass_shown(cells)))
     if len(plain) > 2:
         know = grid.knowledge_correlation(
