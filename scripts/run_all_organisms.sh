@@ -57,11 +57,11 @@ if [ "${ISSUE17_TRAIN:-0}" = 1 ]; then
   GRID="u0_textinit_interleaved u0_textinit_speechonly u0_random_interleaved u0_random_speechonly
     u0_textinit_interleaved_p10 u0_textinit_interleaved_p20 u0_textinit_interleaved_p35 u0_textinit_interleaved_p50
     u0_textinit_share20 u0_textinit_interleaved_s1 u0_textinit_interleaved_s2 u0_control_planted_l3 u0_control_rotated_l3"
-  # exploratory, outside the registered tests: the headline cell with 3x the stage-2 tokens
-  for n in $GRID u0_textinit_interleaved_6m; do
+  # exploratory, outside the registered tests: the headline cell with 3x and 6x the stage-2 tokens
+  for n in $GRID u0_textinit_interleaved_6m u0_textinit_interleaved_12m; do
     $PY scripts/train_organism.py $n $U0
     case $n in  # a tuned lens too where the README reads one
-      u0_textinit_interleaved|u0_control_planted_l3|u0_control_rotated_l3) TUNED=--tuned ;;
+      u0_textinit_interleaved|u0_textinit_interleaved_6m|u0_control_*) TUNED=--tuned ;;
       *) TUNED= ;;
     esac
     OMP_NUM_THREADS=1 $PY scripts/u0_grid.py $n --data runs/data_u0 --runs runs/u0 $TUNED
