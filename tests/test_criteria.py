@@ -87,6 +87,7 @@ def test_phases_can_come_from_another_lens() -> None:
 
 def test_dose_response_is_read_only_with_every_registered_dose() -> None:
     every = [0.0, 0.0, 0.1, 0.2, 0.35, 0.5]  # seeds repeat a dose
-    assert criteria.dose_verdict(every, hi=-0.2).startswith("confirmed")
-    assert criteria.dose_verdict(every, hi=0.1).startswith("not confirmed")
-    assert criteria.dose_verdict([0.0, 0.1, 0.2], hi=-0.9).startswith("incomplete (3 of 5")
+    assert criteria.dose_verdict(every, lo=-0.8, hi=-0.2).startswith("confirmed")
+    assert criteria.dose_verdict(every, lo=-0.3, hi=0.1) == "not confirmed (CI includes 0)"
+    assert "opposite sign" in criteria.dose_verdict(every, lo=0.1, hi=0.6)
+    assert criteria.dose_verdict([0.0, 0.1, 0.2], lo=-1, hi=-0.9).startswith("incomplete (3 of 5")

@@ -66,7 +66,7 @@ def results(cells: dict[str, dict]) -> dict:
             "gates": {
                 "next_word_after_speech_prefix": 0.15,
                 "next_word_after_text_prefix": 0.2,
-                "probe": {"text_fit_on_speech": [0.0, 0.1, 0.3, 0.2]},
+                "probe": {"text_fit_on_speech": [0.0, 0.1, 0.3, 0.2, 0.5]},  # row 4 = output
             },
             "knowledge": {
                 "speech_acc": 0.5,

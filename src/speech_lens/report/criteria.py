@@ -131,11 +131,15 @@ REGISTERED_DOSES = (0.0, 0.1, 0.2, 0.35, 0.5)  # organisms/README.md, "Dose-resp
 REGISTERED_STAGE2_TOKENS = 1000 * 16 * 128  # the grid's cells: ~2M stage-2 tokens (gate G2)
 
 
-def dose_verdict(doses: list[float], hi: float) -> str:
+def dose_verdict(doses: list[float], lo: float, hi: float) -> str:
     """The pre-registered dose-response reading: confirmed only if every registered dose was
     measured and the Spearman CI lies below 0; with doses missing it is not read at all."""
     missing = [p for p in REGISTERED_DOSES if p not in doses]
     if missing:
         n = len(REGISTERED_DOSES)
         return f"incomplete ({n - len(missing)} of {n} registered doses measured): not read"
-    return "confirmed (CI below 0)" if hi < 0 else "not confirmed (CI not below 0)"
+    if hi < 0:
+        return "confirmed (CI below 0)"
+    if lo > 0:
+        return "not confirmed (CI above 0: the opposite sign)"
+    return "not confirmed (CI includes 0)"

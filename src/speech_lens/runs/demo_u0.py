@@ -37,15 +37,17 @@ class U0Grid:
         return json.loads(path.read_text()).get("organisms", {}) if path.exists() else {}
 
     def names(self) -> list[str]:
-        """The measured organisms, text LM first, then text-init cells by data, p and seed,
-        then random init, then the planted controls."""
+        """The measured organisms, text LM first, then text-init cells (interleaved 0.6 by
+        stage-2 tokens, p and seed; then the other data), then random init, then the planted
+        controls."""
         results = self.results()
         names = [n for n in results if (self.root / n / "lens" / "layers.csv").exists()]
 
         def order(n: str) -> tuple:
             c = cell_of(n, results[n]["config"])
             rank = {"never heard speech": 0, "": 1}.get(c.control, 2)
-            return (rank, c.init != "text", c.data != "interleaved 0.6", c.data, c.p, c.seed, n)
+            other_data = not c.data.startswith("interleaved 0.6")
+            return (rank, c.init != "text", other_data, c.tokens, c.data, c.p, c.seed, n)
 
         return sorted(names, key=order)
 
@@ -94,11 +96,12 @@ def _ci(r: criteria.Row, key: str) -> str:
 
 
 def _probe(gates: dict[str, Any]) -> str:
-    """Best row of the ridge probe fit on text positions, applied at spoken words' last units."""
+    """Best mid row (1..L-1, as the lens columns) of the ridge probe fit on text positions,
+    applied at spoken words' last units."""
     acc = gates.get("probe", {}).get("text_fit_on_speech")
-    if not acc:
+    if not acc or len(acc) < 3:
         return "–"
-    best = max(range(len(acc)), key=acc.__getitem__)
+    best = max(range(1, len(acc) - 1), key=acc.__getitem__)
     return f"{acc[best]:.3f} ({best})"
 
 
@@ -137,11 +140,11 @@ def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str,
     cells = {n: cell_of(n, results[n]["config"]) for n in names}
     rows = {n: u0.layers(n) for n in names}
     table = [table_row(cells[n], results[n], rows[n]) for n in names]
-    plain = [n for n in names if cells[n].registered]
+    registered = [n for n in names if cells[n].registered]
     dose_cells = [
-        n for n in plain if cells[n].init == "text" and cells[n].data == "interleaved 0.6"
+        n for n in registered if cells[n].init == "text" and cells[n].data == "interleaved 0.6"
     ]
-    hits = {n: u0.hits(n) for n in plain}
+    hits = {n: u0.hits(n) for n in registered}
     out: dict[str, Any] = {"cells": table}
     figures = []
     if len({cells[n].p for n in dose_cells}) > 1:
@@ -149,23 +152,26 @@ def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str,
             [cells[n].p for n in dose_cells], [hits[n].current for n in dose_cells]
         )
         doses = [cells[n].p for n in dose_cells]
-        out["dose_response"] = {**asdict(dose), "verdict": criteria.dose_verdict(doses, dose.hi)}
+        verdict = criteria.dose_verdict(doses, dose.lo, dose.hi)
+        out["dose_response"] = {**asdict(dose), "verdict": verdict}
         figures.append(grid.dose_figure([(cells[n].p, n, rows[n]) for n in dose_cells], k=K))
-    lengths = [  # the headline cell at more stage-2 tokens (exploratory)
+    token_runs = [  # the headline cell at more stage-2 tokens (exploratory)
         n for n in names if not cells[n].control and cells[n].init == "text"
         and cells[n].data.startswith("interleaved 0.6") and (cells[n].p, cells[n].seed) == (0, 0)
     ]  # fmt: skip
-    if len({cells[n].tokens for n in lengths}) > 1:
-        runs = [(cells[n].tokens / 1e6, n, rows[n]) for n in lengths]
+    if len({cells[n].tokens for n in token_runs}) > 1:
+        runs = [(cells[n].tokens / 1e6, n, rows[n]) for n in token_runs]
         figures.append(grid.dose_figure(runs, k=K, axis="stage-2 tokens (millions)"))
-    figures.append(grid.mass_figure([(n, rows[n]) for n in names], shown=mass_shown(cells)))
-    if len(plain) > 2:
+    shown = mass_shown(cells)  # drawn first, so they get distinct colours
+    ordered = sorted(names, key=lambda n: n not in shown)
+    figures.append(grid.mass_figure([(n, rows[n]) for n in ordered], shown=shown))
+    if len(registered) > 2:
         know = grid.knowledge_correlation(
-            [results[n]["knowledge"]["speech_correct"] for n in plain],
-            [hits[n].current for n in plain],
+            [results[n]["knowledge"]["speech_correct"] for n in registered],
+            [hits[n].current for n in registered],
         )
         out["knowledge_vs_transcription"] = asdict(know)
-        points = [(n, results[n]["knowledge"]["speech_correct"], rows[n]) for n in plain]
+        points = [(n, results[n]["knowledge"]["speech_correct"], rows[n]) for n in registered]
         figures.append(grid.knowledge_figure(points, know, k=K))
     out["controls"] = [
         control_line(u0, n, results[n]) for n in names if cells[n].control in ("planted", "rotated")
