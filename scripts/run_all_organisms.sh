@@ -61,7 +61,7 @@ if [ "${ISSUE17_TRAIN:-0}" = 1 ]; then
   for n in $GRID u0_textinit_interleaved_6m u0_textinit_interleaved_12m; do
     $PY scripts/train_organism.py $n $U0
     case $n in  # a tuned lens too where the README reads one
-      u0_textinit_interleaved|u0_textinit_interleaved_6m|u0_control_*) TUNED=--tuned ;;
+      u0_textinit_interleaved|u0_textinit_interleaved_6m|u0_textinit_interleaved_12m|u0_control_*) TUNED=--tuned ;;
       *) TUNED= ;;
     esac
     OMP_NUM_THREADS=1 $PY scripts/u0_grid.py $n --data runs/data_u0 --runs runs/u0 $TUNED

@@ -89,6 +89,7 @@ def test_section_reads_the_grid_and_tests_the_dose(tmp_path: Path) -> None:
         rows = criteria.read_layers(root / name / "lens" / "layers.csv")
         res[name]["reading"] = json.loads(json.dumps(criteria.reading(rows, rows).__dict__,
                                                      default=lambda o: o.__dict__))  # fmt: skip
+    res["c_p50"]["reading"]["e2"]["holds"] = True  # E2 alone: still a null, said so
     (root / "results.json").write_text(json.dumps({"organisms": res}))
     rep = Report("t")
     said: list[str] = []
@@ -99,7 +100,8 @@ def test_section_reads_the_grid_and_tests_the_dose(tmp_path: Path) -> None:
     assert [r["p"] for r in table] == ["0", "0.2", "0.5", "0", "0"]
     assert table[3]["data"] == "interleaved 0.6, 6.1M tokens"
     assert table[0]["text probe at last unit (row)"] == "0.300 (2)"
-    assert table[0]["verdict"].startswith("partly") and table[2]["verdict"] == "null"
+    assert table[0]["verdict"].startswith("partly")
+    assert table[2]["verdict"] == "null (E2 holds, E1 fails)"
     peaks = [hits[n][:, 1:-1].mean(0).max() for n in doses]
     rho = stats.spearmanr(list(doses.values()), peaks).statistic
     assert out["dose_response"]["estimate"] == pytest.approx(rho)

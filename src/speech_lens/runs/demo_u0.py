@@ -105,6 +105,13 @@ def _probe(gates: dict[str, Any]) -> str:
     return f"{acc[best]:.3f} ({best})"
 
 
+def _verdict_detail(reading: dict[str, Any]) -> str:
+    """What holds behind the verdict: E1's kind, or E2 alone (which the rule calls a null)."""
+    if reading["e1"]["holds"]:
+        return f" ({reading['e1_kind']})"
+    return " (E2 holds, E1 fails)" if reading["e2"]["holds"] else ""
+
+
 def table_row(cell: Cell, measured: dict[str, Any], rows: list[criteria.Row]) -> dict[str, Any]:
     rd = measured["reading"]
     kind = f"{cell.control} control; " if cell.control else ""
@@ -125,7 +132,7 @@ def table_row(cell: Cell, measured: dict[str, Any], rows: list[criteria.Row]) ->
         "prior / mismatched @ peak": f"{rows[at][f'recall@{K}_current_prior']:.3f} / "
         f"{rows[at][f'recall@{K}_mismatched']:.3f}",
         "text probe at last unit (row)": _probe(g),
-        "verdict": kind + rd["verdict"] + (f" ({rd['e1_kind']})" if rd["e1"]["holds"] else ""),
+        "verdict": kind + rd["verdict"] + _verdict_detail(rd),
         "spoken knowledge": f"{measured['knowledge']['speech_acc']:.3f}",
     }
 
