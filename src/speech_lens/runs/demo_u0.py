@@ -232,7 +232,9 @@ def grid_text(out: dict[str, Any], results: dict[str, Any], names: list[str]) ->
         f"Recall@{K} with utterance-bootstrap 95% CIs (layers.csv of organisms/u0/NAME/lens). "
         "Verdicts by the pre-registered rule (E1: two adjacent rows below L_units whose lower "
         "CI clears the prior and the mismatched word; E2: the same for the next word and the "
-        f"scrambled-order control): {shown} of {len(names)} show the effect, {partly} partly."
+        f"scrambled-order control): {shown} of {len(names)} show the effect, {partly} partly. "
+        "Rows whose data names a token count are exploratory longer runs (declared in "
+        "organisms/README.md before training): they enter neither test below."
     )
     if "dose_response" in out:
         d = out["dose_response"]
