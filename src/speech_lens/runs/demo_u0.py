@@ -46,8 +46,16 @@ class U0Grid:
         def order(n: str) -> tuple:
             c = cell_of(n, results[n]["config"])
             rank = {"never heard speech": 0, "": 1}.get(c.control, 2)
-            other_data = not c.data.startswith("interleaved 0.6")
-            return (rank, c.init != "text", other_data, c.tokens, c.data, c.p, c.seed, n)
+            return (
+                rank,
+                c.init != "text",
+                c.data != "interleaved 0.6",
+                c.tokens,
+                c.data,
+                c.p,
+                c.seed,
+                n,
+            )
 
         return sorted(names, key=order)
 
@@ -74,6 +82,13 @@ class Cell:
         """A cell of the pre-registered grid: not a control, ~2M stage-2 tokens."""
         return not self.control and self.tokens == criteria.REGISTERED_STAGE2_TOKENS
 
+    @property
+    def data_label(self) -> str:
+        """``data``, with the token count where it differs from the grid's (exploratory runs)."""
+        if self.control or self.tokens == criteria.REGISTERED_STAGE2_TOKENS:
+            return self.data
+        return f"{self.data}, {self.tokens / 1e6:.1f}M tokens"
+
 
 def cell_of(name: str, config: dict[str, Any]) -> Cell:
     mix = config.get("mix", {})
@@ -85,8 +100,6 @@ def cell_of(name: str, config: dict[str, Any]) -> Cell:
         control = "rotated" if config.get("aux_rotation_seed") is not None else "planted"
     init = "random" if config.get("init", "random") == "random" else "text"
     tokens = config["steps"] * config["batch"] * config["seq_len"]
-    if not control and tokens != criteria.REGISTERED_STAGE2_TOKENS:
-        data += f", {tokens / 1e6:.1f}M tokens"
     p, seed = float(config.get("unit_noise", 0.0)), config.get("seed", 0)
     return Cell(name, init, data, p, seed, control, tokens)
 
@@ -122,7 +135,7 @@ def table_row(cell: Cell, measured: dict[str, Any], rows: list[criteria.Row]) ->
     return {
         "organism": cell.name,
         "init": cell.init,
-        "data": cell.data,
+        "data": cell.data_label,
         "p": f"{cell.p:g}",
         "seed": cell.seed,
         "G2 speech/text next word": f"{sp:.3f} / {tx:.3f} ({ratio})",
@@ -154,17 +167,15 @@ def u0_section(rep: Report, u0: U0Grid, say: Callable[[str], None]) -> dict[str,
     hits = {n: u0.hits(n) for n in registered}
     out: dict[str, Any] = {"cells": table}
     figures = []
-    if len({cells[n].p for n in dose_cells}) > 1:
-        dose = grid.dose_response(
-            [cells[n].p for n in dose_cells], [hits[n].current for n in dose_cells]
-        )
-        doses = [cells[n].p for n in dose_cells]
+    doses = [cells[n].p for n in dose_cells]
+    if len(set(doses)) > 1:
+        dose = grid.dose_response(doses, [hits[n].current for n in dose_cells])
         verdict = criteria.dose_verdict(doses, dose.lo, dose.hi)
         out["dose_response"] = {**asdict(dose), "verdict": verdict}
         figures.append(grid.dose_figure([(cells[n].p, n, rows[n]) for n in dose_cells], k=K))
     token_runs = [  # the headline cell at more stage-2 tokens (exploratory)
         n for n in names if not cells[n].control and cells[n].init == "text"
-        and cells[n].data.startswith("interleaved 0.6") and (cells[n].p, cells[n].seed) == (0, 0)
+        and cells[n].data == "interleaved 0.6" and (cells[n].p, cells[n].seed) == (0, 0)
     ]  # fmt: skip
     if len({cells[n].tokens for n in token_runs}) > 1:
         runs = [(cells[n].tokens / 1e6, n, rows[n]) for n in token_runs]
@@ -198,7 +209,7 @@ def mass_shown(cells: dict[str, Cell]) -> set[str]:
     p = 0 and 0.5 (text and random init, any length); the others start hidden."""
     return {
         n for n, c in cells.items() if c.seed == 0 and c.p in (0.0, 0.5)
-        and (c.control == "never heard speech" or (not c.control and c.data.startswith("interleaved 0.6")))
+        and (c.control == "never heard speech" or (not c.control and c.data == "interleaved 0.6"))
     }  # fmt: skip
 
 
