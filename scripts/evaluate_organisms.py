@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from speech_lens.files import atomic_write_text
 from speech_lens.organisms import gates
 from speech_lens.organisms.checkpoint import OrganismVocab
 from speech_lens.organisms.corpus import read_jsonl
@@ -54,9 +54,7 @@ def merge(path: Path, key: str, value: object) -> None:
             res["organisms"][key.split(".", 1)[1]] = value
         else:
             res[key] = value
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(res, indent=1))
 
 
 def manifests(config: dict, data: Path, out: Path) -> tuple[Path, Path, Path]:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+from speech_lens.files import atomic_write_text
 from speech_lens.organisms import u0
 from speech_lens.organisms.corpus import read_jsonl, word_units
 from speech_lens.organisms.unit_classifiers import BigramBayes, Example, NearestString, accuracy
@@ -123,9 +123,7 @@ def manifest_cell(train_path: Path, test_path: Path, n_units: int) -> dict:
 
 
 def write_atomic(path: Path, res: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(res, indent=1, ensure_ascii=False) + "\n")
 
 
 def relative(path: Path) -> str:
