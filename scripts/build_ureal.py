@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 import shutil
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from speech_lens.files import atomic_savez, atomic_write_text
 from speech_lens.organisms import corpus, knowledge, ureal
 from speech_lens.organisms.checkpoint import OrganismVocab
 
@@ -65,12 +65,6 @@ def piper_params(r: int, g: int) -> dict[str, float]:
 def espeak_params(r: int, g: int) -> tuple[str, int, int]:
     rng = random.Random(f"espeak-{r}-{g}")
     return rng.choice(ESPEAK_VOICES), rng.randint(*ESPEAK_RATE), rng.randint(*ESPEAK_PITCH)
-
-
-def save_npz(path: Path, **arrays: Any) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 Spoken = tuple[np.ndarray, list[tuple[str, float, float]], list[float]]
@@ -167,7 +161,7 @@ def synth(data: Path, words: list[str], rends: Renditions) -> None:
         if engine not in speakers:
             speakers[engine] = piper_speaker() if engine == "piper" else espeak_speaker()
         gs = groups_of(words, r)[c * CHUNK : (c + 1) * CHUNK]
-        save_npz(out / f"{name}.npz", **synth_shard(speakers[engine], gs, r, c * CHUNK))
+        atomic_savez(out / f"{name}.npz", **synth_shard(speakers[engine], gs, r, c * CHUNK))
 
 
 def clips_of(shard: Any) -> list[np.ndarray]:
@@ -188,7 +182,7 @@ def features(clips: Path, words: list[str], rends: Renditions) -> None:
     for name in tqdm(todo, desc="whisper shards"):
         sh = np.load(src / f"{name}.npz")
         pooled = enc.encode_clips(clips_of(sh))
-        save_npz(
+        atomic_savez(
             out / f"{name}.npz",
             pooled=np.concatenate(pooled).astype(np.float16),
             n=np.array([len(p) for p in pooled], dtype=np.int64),
@@ -270,9 +264,7 @@ def prepare(data: Path, source: Path, k: int) -> list[str]:
 
 
 def write_info(path: Path, info: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(info, indent=1))
     print(json.dumps(info))
 
 

@@ -17,7 +17,6 @@ inside a word merge (durations = run lengths in 40 ms frames).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from speech_lens.files import atomic_savez
 from speech_lens.organisms.corpus import manifest_record
 
 SR = 16000
@@ -133,10 +133,7 @@ class Codebook:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, centroids=self.centroids, features=np.array(FEATURES))
-        os.replace(tmp, path)
+        atomic_savez(path, centroids=self.centroids, features=np.array(FEATURES))
 
     @classmethod
     def load(cls, path: str | Path) -> Codebook:
